@@ -1,0 +1,23 @@
+"""Data modules: batches ``(x, y)`` with x float32 (B, C, S, S) in [-1, 1] and y int64 (B,) labels."""
+
+from difflab.data.base import ImageDataModule
+from difflab.data.cifar10 import CIFAR10DataModule
+from difflab.data.errors import CorruptImageError, DatasetNotFoundError
+from difflab.data.idx import read_idx, write_idx
+from difflab.data.image_folder import ImageFolderDataModule
+from difflab.data.mnist import FashionMNISTDataModule, MNISTDataModule
+from difflab.data.small import DigitsDataModule, MNIST5kDataModule
+
+__all__ = [
+    "CIFAR10DataModule",
+    "CorruptImageError",
+    "DatasetNotFoundError",
+    "DigitsDataModule",
+    "FashionMNISTDataModule",
+    "ImageDataModule",
+    "ImageFolderDataModule",
+    "MNIST5kDataModule",
+    "MNISTDataModule",
+    "read_idx",
+    "write_idx",
+]

@@ -1,0 +1,6 @@
+"""LightningModules (``*Module``) and checkpoint loading."""
+
+from difflab.modules.checkpoint import CheckpointError, load_module, read_run_record
+from difflab.modules.diffusion import DiffusionModule
+
+__all__ = ["CheckpointError", "DiffusionModule", "load_module", "read_run_record"]

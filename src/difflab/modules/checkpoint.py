@@ -1,0 +1,66 @@
+"""Reading difflab checkpoints: everything a sampler needs travels inside them (the resolved run config).
+
+A checkpoint written by ``src/train.py`` holds, next to Lightning's keys, ``checkpoint["difflab"]`` =
+``{"config": <resolved train config>, "loggers": [...], "version": ...}`` (see
+:class:`difflab.callbacks.RunRecord`). With EMA on, ``state_dict`` holds the EMA weights (Lightning's
+``EMAWeightAveraging`` puts the raw ones under ``current_model_state``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from difflab.modules.diffusion import DiffusionModule
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or was not written by difflab."""
+
+
+def _load(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"ckpt={str(path)!r}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises several types for a corrupt file
+        raise CheckpointError(f"ckpt={str(path)!r}: cannot be read as a PyTorch checkpoint ({err})") from err
+    if not isinstance(checkpoint, dict) or "difflab" not in checkpoint or "state_dict" not in checkpoint:
+        raise CheckpointError(
+            f"ckpt={str(path)!r}: not a difflab checkpoint (expected the keys 'state_dict' and 'difflab'; "
+            "checkpoints are written by src/train.py)"
+        )
+    return checkpoint
+
+
+def read_run_record(path: str | Path) -> dict[str, Any]:
+    """The ``difflab`` record of a checkpoint: ``config`` (dict), ``loggers`` (list), ``global_step``."""
+    checkpoint = _load(path)
+    return {**checkpoint["difflab"], "global_step": checkpoint.get("global_step", 0)}
+
+
+def load_module(
+    path: str | Path, sampler: DictConfig | dict | None = None, map_location: str | torch.device = "cpu"
+) -> tuple[DiffusionModule, dict[str, Any]]:
+    """Rebuild the trained module from a checkpoint alone, optionally with another sampler config.
+
+    Returns (module in eval mode with the EMA weights when EMA was on, the run record).
+    """
+    checkpoint = _load(path)
+    record = checkpoint["difflab"]
+    model_cfg = OmegaConf.create(record["config"]["model"])
+    if sampler is not None:
+        model_cfg.sampler = sampler
+    module = instantiate(model_cfg)
+    missing, unexpected = module.load_state_dict(checkpoint["state_dict"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"ckpt={str(path)!r}: weights do not match the model of its own config "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    return module.to(map_location).eval(), {**record, "global_step": checkpoint.get("global_step", 0)}

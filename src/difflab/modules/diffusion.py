@@ -1,0 +1,154 @@
+"""DiffusionModule: DDPM training (and, through config, the later methods) on top of the shared core."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from difflab.losses import SimpleLoss, TimestepSampler, UniformTimestepSampler
+from difflab.samplers import AncestralSampler, Sampler, sample_loop
+from difflab.schedules import GaussianDiffusion, Parameterization, VarianceType
+from difflab.utils.enums import parse_enum
+
+
+class DiffusionModule(pl.LightningModule):
+    """Trains f_θ(x_t, t) with L_simple (Ho et al. 2020, Algorithm 1) and samples with the configured sampler.
+
+    Args:
+        net: a factory (Hydra ``_partial_``) called as ``net(in_channels=, out_channels=, image_size=, num_classes=)``;
+            output channels follow from ``variance_type`` (2C when learned).
+        schedule: the :class:`GaussianDiffusion` process.
+        sampler: a factory for the :class:`Sampler` used for sample grids and ``sample()``.
+        optimizer: factory ``optimizer(params)``; lr_scheduler: optional factory ``lr_scheduler(optimizer)``,
+            stepped every optimizer step.
+        image_shape: (C, H, W) of the data (from the data config).
+        num_classes: class count for a class-conditional net, None for unconditional.
+        parameterization: ``eps`` | ``x0`` | ``v``.  variance_type: see :class:`VarianceType`.
+        loss: per-example loss on (output, target) → (B,); default :class:`SimpleLoss`.
+        timestep_sampler: factory ``timestep_sampler(num_timesteps)``; default uniform.
+        sample_batch_size: batch size of ``sample()``.
+    """
+
+    def __init__(
+        self,
+        net: Callable[..., nn.Module],
+        schedule: GaussianDiffusion,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        image_shape: Sequence[int],
+        sampler: Callable[..., Sampler] = AncestralSampler,
+        lr_scheduler: Callable[..., Any] | None = None,
+        num_classes: int | None = None,
+        parameterization: str | Parameterization = Parameterization.EPS,
+        variance_type: str | VarianceType = VarianceType.FIXED_SMALL,
+        loss: nn.Module | None = None,
+        timestep_sampler: Callable[[int], TimestepSampler] | None = None,
+        sample_batch_size: int = 256,
+    ) -> None:
+        super().__init__()
+        if len(image_shape) != 3:
+            raise ValueError(f"model.image_shape={list(image_shape)}: expected [channels, height, width]")
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.parameterization = parse_enum(Parameterization, parameterization, "model.parameterization")
+        self.variance_type = parse_enum(VarianceType, variance_type, "model.variance_type")
+        self.num_classes = num_classes
+        channels, height, _ = self.image_shape
+        out_channels = channels * (2 if self.variance_type.learned else 1)
+        self.net = net(in_channels=channels, out_channels=out_channels, image_size=height, num_classes=num_classes)
+        self.diffusion = schedule
+        self.loss_fn = loss if loss is not None else SimpleLoss()
+        self.timestep_sampler = (timestep_sampler or UniformTimestepSampler)(schedule.num_timesteps)
+        self.sampler = self.build_sampler(sampler)
+        self._optimizer, self._lr_scheduler = optimizer, lr_scheduler
+        self.sample_batch_size = sample_batch_size
+
+    def build_sampler(self, sampler: Callable[..., Sampler]) -> Sampler:
+        """Complete a sampler factory with what only the model knows."""
+        return sampler(
+            diffusion=self.diffusion,
+            parameterization=self.parameterization,
+            model_variance_type=self.variance_type,
+        )
+
+    # ------------------------------------------------------------------ training
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw network output for x_t (B, C, H, W) at timesteps t (B,)."""
+        return self.net(x_t, t, y if self.num_classes else None)
+
+    def diffusion_loss(
+        self, x_start: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-example loss (B,): x_t = q_sample(x_0, t, ε), regress the parameterised target (Algorithm 1)."""
+        x_t = self.diffusion.q_sample(x_start, t, noise)
+        mean_output, _ = self.diffusion.split_output(self(x_t, t, y), self.variance_type)
+        target = self.diffusion.training_target(self.parameterization, x_start, noise, t)
+        return self.loss_fn(mean_output, target)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        t, weights = self.timestep_sampler.sample(x.shape[0], x.device)
+        losses = self.diffusion_loss(x, y, t, torch.randn_like(x))
+        self.timestep_sampler.update(t, losses.detach())
+        loss = (losses * weights).mean()
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def _eval_loss(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """L_simple with t and ε drawn from a generator seeded by the batch index, so curves are comparable."""
+        x, y = batch
+        generator = torch.Generator(device=x.device).manual_seed(batch_idx)
+        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), generator=generator, device=x.device)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return self.diffusion_loss(x, y, t, noise).mean()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        loss = self._eval_loss(batch, batch_idx)
+        self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=batch[0].shape[0])
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        loss = self._eval_loss(batch, batch_idx)
+        self.log("test/loss", loss, on_epoch=True, sync_dist=True, batch_size=batch[0].shape[0])
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self._optimizer(self.parameters())
+        if self._lr_scheduler is None:
+            return optimizer
+        scheduler = self._lr_scheduler(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int,
+        generator: torch.Generator | None = None,
+        sampler: Sampler | None = None,
+        num_steps: int | None = None,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Generate (num_samples, C, H, W) images in [-1, 1], in batches of ``sample_batch_size``.
+
+        ``generator`` (on ``self.device``) makes the result reproducible; ``y`` (num_samples,) class labels.
+        """
+        sampler = sampler or self.sampler
+        was_training = self.training
+        self.eval()
+        chunks = []
+        for start in range(0, num_samples, self.sample_batch_size):
+            n = min(self.sample_batch_size, num_samples - start)
+            labels = None if y is None else y[start : start + n].to(self.device)
+            chunks.append(
+                sample_loop(
+                    lambda x, t: self(x, t, labels),
+                    sampler,
+                    (n, *self.image_shape),
+                    generator=generator,
+                    device=self.device,
+                    num_steps=num_steps,
+                )
+            )
+        self.train(was_training)
+        return torch.cat(chunks).clamp(-1.0, 1.0)

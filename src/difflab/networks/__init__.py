@@ -1,0 +1,6 @@
+"""Plain ``nn.Module`` networks (never import Lightning)."""
+
+from difflab.networks.embeddings import timestep_embedding
+from difflab.networks.unet import UNet
+
+__all__ = ["UNet", "timestep_embedding"]

@@ -1,0 +1,153 @@
+"""One configurable ADM-style UNet (Ho et al. 2020 Appendix B; Dhariwal & Nichol 2021).
+
+Presets live in ``conf/net/``: ``unet_s`` (tiny, for CPU) and ``unet_m`` (the DDPM CIFAR-10 shape).
+Conditioning hooks: ``num_classes`` adds a learned class embedding (index ``num_classes`` is the null class
+used by classifier-free guidance) to the time embedding; context (cross-attention) arrives with latent diffusion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from difflab.networks.blocks import AttentionBlock, Downsample, ResBlock, Upsample, group_norm, zero_module
+from difflab.networks.embeddings import timestep_embedding
+
+
+class EmbedSequential(nn.Sequential):
+    """A sequence of blocks where ``ResBlock``s also receive the embedding."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """ε/x0/v-prediction UNet.
+
+    Args:
+        in_channels, out_channels: image channels in and out (out = 2·in for learned variances; set by the model).
+        image_size: input height = width; must be divisible by 2^(len(channel_mult) − 1).
+        model_channels: channels at the first level; level i has ``model_channels · channel_mult[i]``.
+        num_res_blocks: residual blocks per level (the decoder has one more, ADM).
+        attention_resolutions: spatial sizes (e.g. 16 for 16x16) at which self-attention follows each block.
+        num_heads / num_head_channels: attention heads (num_head_channels > 0 overrides num_heads).
+        dropout, num_groups, use_scale_shift_norm: see :class:`ResBlock`.
+        num_classes: if set, a class embedding (+1 null class) is added to the time embedding.
+    Shapes: x (B, in_channels, H, W), t (B,) long, y (B,) long or None → (B, out_channels, H, W).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        image_size: int,
+        model_channels: int = 128,
+        channel_mult: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (16,),
+        num_heads: int = 1,
+        num_head_channels: int = -1,
+        dropout: float = 0.0,
+        num_groups: int = 32,
+        use_scale_shift_norm: bool = True,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        channel_mult = tuple(channel_mult)
+        _validate(image_size, channel_mult, attention_resolutions, num_res_blocks, model_channels)
+        self.in_channels, self.out_channels, self.image_size = in_channels, out_channels, image_size
+        self.model_channels, self.num_classes = model_channels, num_classes
+        emb_dim = 4 * model_channels
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+        self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+
+        def res(cin: int, cout: int) -> ResBlock:
+            return ResBlock(cin, cout, emb_dim, dropout, use_scale_shift_norm, num_groups)
+
+        def attn(ch: int) -> AttentionBlock:
+            return AttentionBlock(ch, num_heads, num_head_channels, num_groups)
+
+        attention_resolutions = set(attention_resolutions)
+        self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+        skip_channels, ch, resolution = [model_channels], model_channels, image_size
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers: list[nn.Module] = [res(ch, model_channels * mult)]
+                ch = model_channels * mult
+                if resolution in attention_resolutions:
+                    layers.append(attn(ch))
+                self.input_blocks.append(EmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(channel_mult) - 1:
+                self.input_blocks.append(EmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+                resolution //= 2
+        self.middle_block = EmbedSequential(res(ch, ch), attn(ch), res(ch, ch))
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                layers = [res(ch + skip_channels.pop(), model_channels * mult)]
+                ch = model_channels * mult
+                if resolution in attention_resolutions:
+                    layers.append(attn(ch))
+                if level and i == num_res_blocks:
+                    layers.append(Upsample(ch))
+                    resolution *= 2
+                self.output_blocks.append(EmbedSequential(*layers))
+        self.out = nn.Sequential(
+            group_norm(ch, num_groups), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1))
+        )
+
+    def embed(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """Time embedding (B, 4·model_channels), plus the class embedding when the net is class-conditional."""
+        emb = self.time_embed(timestep_embedding(t, self.model_channels))
+        if self.class_embed is not None:
+            if y is None:  # unconditional call of a conditional net: the null class
+                y = torch.full_like(t, self.num_classes, dtype=torch.long)
+            emb = emb + self.class_embed(y)
+        return emb
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.embed(t, y)
+        h, skips = x, []
+        for block in self.input_blocks:
+            h = block(h, emb)
+            skips.append(h)
+        h = self.middle_block(h, emb)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h)
+
+
+def _validate(
+    image_size: int,
+    channel_mult: tuple[int, ...],
+    attention_resolutions: Sequence[int],
+    num_res_blocks: int,
+    model_channels: int,
+) -> None:
+    """Fail at construction, naming the key, for shapes the UNet cannot take."""
+    if not channel_mult or min(channel_mult) < 1:
+        raise ValueError(f"net.channel_mult={list(channel_mult)}: expected a non-empty list of positive integers")
+    if num_res_blocks < 1 or model_channels < 1:
+        raise ValueError("net.num_res_blocks and net.model_channels must be >= 1")
+    factor = 2 ** (len(channel_mult) - 1)
+    if image_size < factor or image_size % factor:
+        raise ValueError(
+            f"image_size={image_size}: the UNet with net.channel_mult={list(channel_mult)} downsamples "
+            f"{len(channel_mult) - 1} times, so the image size must be a multiple of {factor} (e.g. 32 or 64); "
+            "set data.image_size accordingly"
+        )
+    reachable = {image_size // 2**i for i in range(len(channel_mult))}
+    bad = sorted(set(attention_resolutions) - reachable)
+    if bad:
+        raise ValueError(
+            f"net.attention_resolutions={list(attention_resolutions)}: {bad} never occur; "
+            f"this UNet works at resolutions {sorted(reachable, reverse=True)}"
+        )

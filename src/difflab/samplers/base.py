@@ -1,0 +1,121 @@
+"""The contract every sampler keeps (modelled on diffusers' schedulers).
+
+    sampler.set_timesteps(num_steps)
+    for t in sampler.timesteps:                      # descending, values in [0, T)
+        model_output = net(x, t)                      # in the model's parameterisation
+        x = sampler.step(model_output, t, x, generator=g).prev_sample
+
+Samplers read the schedule (a :class:`GaussianDiffusion`) and never own a copy of it.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+
+from difflab.schedules import GaussianDiffusion, Parameterization, VarianceType
+from difflab.utils.enums import parse_enum
+
+
+@dataclass
+class SamplerOutput:
+    """``prev_sample``: x at the next (earlier) timestep, (B, C, H, W); ``pred_x0``: the x̂_0 used for it."""
+
+    prev_sample: torch.Tensor
+    pred_x0: torch.Tensor
+
+
+def spaced_timesteps(num_timesteps: int, num_steps: int) -> torch.Tensor:
+    """K evenly spaced indices in [0, T) that include 0 and T−1 (improved-diffusion's "K" spacing); ascending."""
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"sampler.steps={num_steps}: expected 1 <= steps <= T={num_timesteps}")
+    if num_steps == 1:
+        return torch.tensor([num_timesteps - 1])
+    stride = (num_timesteps - 1) / (num_steps - 1)
+    return torch.tensor([round(i * stride) for i in range(num_steps)], dtype=torch.long)
+
+
+class Sampler(abc.ABC):
+    """Base class: holds the schedule reference, the parameterisation and the current timestep sequence.
+
+    Args:
+        diffusion: the process whose ᾱ the sampler reads.
+        parameterization: what the network outputs (``eps`` | ``x0`` | ``v``); set by the model.
+        model_variance_type: the model's variance (``fixed_small`` | ``fixed_large`` | ``learned_range``); set by
+            the model.
+        variance_type: optional override from the sampler config (only between the two fixed variances).
+        clip_denoised: clamp x̂_0 to [-1, 1] before it is used.
+        steps: default number of sampling steps K (None: T); K < T respaces.
+    """
+
+    def __init__(
+        self,
+        diffusion: GaussianDiffusion,
+        parameterization: str | Parameterization = Parameterization.EPS,
+        model_variance_type: str | VarianceType = VarianceType.FIXED_SMALL,
+        variance_type: str | VarianceType | None = None,
+        clip_denoised: bool = True,
+        steps: int | None = None,
+    ) -> None:
+        self.diffusion = diffusion
+        self.parameterization = parse_enum(Parameterization, parameterization, "model.parameterization")
+        model_variance = parse_enum(VarianceType, model_variance_type, "model.variance_type")
+        self.variance_type = model_variance
+        if variance_type is not None:
+            self.variance_type = parse_enum(VarianceType, variance_type, "sampler.variance_type")
+            if model_variance.learned or self.variance_type.learned:
+                raise ValueError(
+                    f"sampler.variance_type={self.variance_type.value!r}: a model trained with "
+                    f"model.variance_type={model_variance.value!r} must sample with its own variance; "
+                    "only fixed_small and fixed_large can replace each other"
+                )
+        self.clip_denoised = clip_denoised
+        self.num_steps = steps or diffusion.num_timesteps
+        self.timesteps = torch.empty(0, dtype=torch.long)
+        self.set_timesteps(self.num_steps)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.diffusion.num_timesteps
+
+    def set_timesteps(self, num_steps: int | None = None) -> None:
+        """Choose the sub-sequence of [0, T) to visit; ``self.timesteps`` becomes it in descending order."""
+        num_steps = num_steps or self.num_steps
+        ascending = spaced_timesteps(self.num_timesteps, num_steps)
+        self.timesteps = ascending.flip(0)
+        self._index = {int(t): i for i, t in enumerate(ascending.tolist())}
+        self._on_set_timesteps(ascending)
+
+    def step_index(self, t: int | torch.Tensor) -> int:
+        """Position of ``t`` in the ascending sequence (0 is the last denoising step)."""
+        try:
+            return self._index[int(t)]
+        except KeyError:
+            raise ValueError(f"timestep {int(t)} is not in this sampler's sequence; call set_timesteps first") from None
+
+    def predict(
+        self, model_output: torch.Tensor, t: int | torch.Tensor, x_t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(x̂_0, ε̂, variance output or None) from a raw network output at timestep ``t``."""
+        mean_output, var_output = self.diffusion.split_output(model_output, self.variance_type)
+        t_batch = torch.full((x_t.shape[0],), int(t), device=x_t.device, dtype=torch.long)
+        x0, eps = self.diffusion.predict_x0_eps(
+            self.parameterization, mean_output.float(), x_t.float(), t_batch, self.clip_denoised
+        )
+        return x0, eps, var_output
+
+    @abc.abstractmethod
+    def _on_set_timesteps(self, ascending: torch.Tensor) -> None:
+        """Precompute the per-step coefficients for ``ascending`` (K,) timesteps."""
+
+    @abc.abstractmethod
+    def step(
+        self,
+        model_output: torch.Tensor,
+        t: int | torch.Tensor,
+        x_t: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> SamplerOutput:
+        """One reverse step from x_t (B, C, H, W) at timestep ``t`` to the previous timestep of the sequence."""

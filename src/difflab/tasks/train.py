@@ -1,0 +1,75 @@
+"""Training: build data, model, callbacks, loggers and trainer from the config, fit, then write samples."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from difflab.callbacks import RunRecord
+from difflab.modules import read_run_record
+from difflab.utils.config import instantiate_group
+from difflab.utils.images import save_grid, save_npz
+from difflab.utils.loggers import finish_loggers, resume_logger_kwargs
+
+log = logging.getLogger(__name__)
+
+
+def _resume_overrides(cfg: DictConfig, ckpt_path: str | None) -> dict[str, dict[str, Any]]:
+    """Logger kwargs that continue the logger runs recorded in ``ckpt_path`` (validates the file early)."""
+    if not ckpt_path:
+        return {}
+    record = read_run_record(ckpt_path)
+    return {
+        entry._target_: resume_logger_kwargs(entry._target_, record.get("loggers", []))
+        for entry in (cfg.get("logger") or {}).values()
+        if entry is not None
+    }
+
+
+def write_samples(module: Any, cfg: DictConfig, out_dir: Path) -> dict[str, Path]:
+    """Sample ``cfg.samples.num_samples`` images with a seeded generator; write a PNG grid and a .npz."""
+    generator = torch.Generator(device=module.device).manual_seed(int(cfg.samples.seed))
+    images = module.sample(int(cfg.samples.num_samples), generator=generator)
+    return {
+        "grid": save_grid(images, out_dir / "samples.png", nrow=cfg.samples.get("nrow")),
+        "npz": save_npz(images, out_dir / "samples.npz"),
+    }
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit the configured model; returns the final metrics (floats) and the paths written."""
+    pl.seed_everything(cfg.seed, workers=True)
+    ckpt_path = cfg.get("ckpt_path")
+    logger_overrides = _resume_overrides(cfg, ckpt_path)
+    datamodule: pl.LightningDataModule = instantiate(cfg.data)
+    model: pl.LightningModule = instantiate(cfg.model)
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks = [*instantiate_group(cfg.get("callbacks")), RunRecord(run_config)]
+    loggers = instantiate_group(cfg.get("logger"), logger_overrides)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(run_config)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if cfg.get("test"):
+        trainer.test(model, datamodule=datamodule, verbose=False)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    result: dict[str, Any] = {"metrics": metrics, "output_dir": cfg.paths.output_dir}
+    checkpoint_cb = trainer.checkpoint_callback
+    if checkpoint_cb is not None and trainer.is_global_zero:
+        result["checkpoint"] = checkpoint_cb.last_model_path or checkpoint_cb.best_model_path
+        log.info("Checkpoint: %s", result["checkpoint"])
+    if trainer.is_global_zero and cfg.samples.num_samples > 0:
+        # After fit, EMAWeightAveraging has copied the EMA weights into the model: samples use them.
+        # Lightning moves the model back to the CPU at teardown; sample on the training device.
+        model.to(trainer.strategy.root_device)
+        result.update(write_samples(model, cfg, Path(cfg.paths.output_dir) / "samples"))
+        log.info("Samples: %s and %s", result["grid"], result["npz"])
+    finish_loggers(loggers)
+    return result

@@ -1,0 +1,18 @@
+"""Sample from a checkpoint: ``python src/sample.py ckpt=PATH num_samples=64 [sampler=ddpm sampler.steps=250]``."""
+
+import hydra
+from omegaconf import DictConfig
+
+from difflab.tasks.sample import sample
+from difflab.utils.config import register_resolvers
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
+def main(cfg: DictConfig) -> None:
+    sample(cfg)
+
+
+if __name__ == "__main__":
+    main()
