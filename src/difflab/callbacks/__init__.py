@@ -1,6 +1,7 @@
-"""Lightning callbacks: the run record in checkpoints and sample grids (EMA is Lightning's own)."""
+"""Lightning callbacks: the run record in checkpoints, per-rank seeds, sample grids (EMA is Lightning's own)."""
 
 from difflab.callbacks.run_record import RunRecord
 from difflab.callbacks.sample_grid import SampleGridCallback
+from difflab.callbacks.seeding import RankSeedCallback
 
-__all__ = ["RunRecord", "SampleGridCallback"]
+__all__ = ["RankSeedCallback", "RunRecord", "SampleGridCallback"]

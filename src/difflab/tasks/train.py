@@ -7,15 +7,16 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import LearningRateMonitor
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from difflab.callbacks import RunRecord
+from difflab.callbacks import RankSeedCallback, RunRecord
 from difflab.modules import read_run_record
 from difflab.utils.config import instantiate_group
-from difflab.utils.images import save_grid, save_npz
-from difflab.utils.loggers import finish_loggers, resume_logger_kwargs
+from difflab.utils.images import image_grid, save_grid, save_npz
+from difflab.utils.loggers import finish_loggers, log_image, resume_logger_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,11 @@ def _resume_overrides(cfg: DictConfig, ckpt_path: str | None) -> dict[str, dict[
     }
 
 
-def write_samples(module: Any, cfg: DictConfig, out_dir: Path) -> dict[str, Path]:
-    """Sample ``cfg.samples.num_samples`` images with a seeded generator; write a PNG grid and a .npz."""
+def write_samples(module: Any, cfg: DictConfig, out_dir: Path, loggers: list[Any]) -> dict[str, Path]:
+    """Sample ``cfg.samples.num_samples`` images with a seeded generator; write a PNG grid and a .npz, log the grid."""
     generator = torch.Generator(device=module.device).manual_seed(int(cfg.samples.seed))
     images = module.sample(int(cfg.samples.num_samples), generator=generator)
+    log_image(loggers, "samples/final", image_grid(images, cfg.samples.get("nrow")), module.global_step)
     return {
         "grid": save_grid(images, out_dir / "samples.png", nrow=cfg.samples.get("nrow")),
         "npz": save_npz(images, out_dir / "samples.npz"),
@@ -50,8 +52,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     model: pl.LightningModule = instantiate(cfg.model)
     run_config = OmegaConf.to_container(cfg, resolve=True)
-    callbacks = [*instantiate_group(cfg.get("callbacks")), RunRecord(run_config)]
+    callbacks = [*instantiate_group(cfg.get("callbacks")), RunRecord(run_config), RankSeedCallback(cfg.seed)]
     loggers = instantiate_group(cfg.get("logger"), logger_overrides)
+    if not loggers:  # LearningRateMonitor refuses to run without a logger; `logger=none` is a valid choice
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams(run_config)
@@ -62,14 +66,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     result: dict[str, Any] = {"metrics": metrics, "output_dir": cfg.paths.output_dir}
     checkpoint_cb = trainer.checkpoint_callback
-    if checkpoint_cb is not None and trainer.is_global_zero:
-        result["checkpoint"] = checkpoint_cb.last_model_path or checkpoint_cb.best_model_path
-        log.info("Checkpoint: %s", result["checkpoint"])
+    ckpt_written = checkpoint_cb and (checkpoint_cb.last_model_path or checkpoint_cb.best_model_path)
+    if ckpt_written and trainer.is_global_zero and Path(ckpt_written).is_file():  # none under fast_dev_run
+        result["checkpoint"] = ckpt_written
+        log.info("Checkpoint: %s", ckpt_written)
     if trainer.is_global_zero and cfg.samples.num_samples > 0:
         # After fit, EMAWeightAveraging has copied the EMA weights into the model: samples use them.
         # Lightning moves the model back to the CPU at teardown; sample on the training device.
         model.to(trainer.strategy.root_device)
-        result.update(write_samples(model, cfg, Path(cfg.paths.output_dir) / "samples"))
+        result.update(write_samples(model, cfg, Path(cfg.paths.output_dir) / "samples", loggers))
         log.info("Samples: %s and %s", result["grid"], result["npz"])
     finish_loggers(loggers)
     return result

@@ -1,0 +1,267 @@
+"""Throughput benchmark of a UNet preset: training (bare loop and Lightning) and sampling.
+
+Usage (``make bench`` runs the first line)::
+
+    python experiments/bench.py --net unet_s --device cpu
+    python experiments/bench.py --net unet_m --device cuda --precision bf16 --batch-size 128 --train-steps 50
+
+Measurements, each printed to stdout as one JSON line:
+
+* ``train_bare``: a plain PyTorch loop (q_sample of :class:`GaussianDiffusion`, MSE on ε, AdamW step) on a
+  device-resident batch; images/s after ``--warmup-steps`` untimed steps.
+* ``train_lightning``: ``Trainer.fit`` of :class:`DiffusionModule` on the same net config (AdamW, no LR schedule)
+  over an in-memory synthetic dataset; timed by a callback from the start of step ``warmup`` to the end of the
+  last step. The summary line gives the Lightning overhead over the bare loop in % of time per step.
+* ``sample``: ``--sample-steps`` UNet forwards under ``torch.inference_mode`` plus one
+  :meth:`AncestralSampler.step` each; image-steps/s (one forward at batch B = B image-steps).
+
+On CUDA the clock is read only at the timing boundaries, after ``torch.cuda.synchronize()``. Lightning's own
+messages go to stderr, so stdout holds only the JSON lines. This is a benchmark, not a test; the performance
+issue will extend it (e.g. ``--peer diffusers`` to time a reference implementation on the same shapes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import platform
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from difflab.modules import DiffusionModule
+from difflab.samplers import AncestralSampler
+from difflab.schedules import GaussianDiffusion
+
+CONF_NET = Path(__file__).resolve().parents[1] / "conf" / "net"
+LR = 2e-4
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--net", default="unet_s", help="preset in conf/net/ (unet_s | unet_m)")
+    p.add_argument("--batch-size", type=int, default=16, help="training batch size")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: bfloat16 autocast")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
+    p.add_argument("--train-steps", type=int, default=20, help="timed training steps (after warm-up)")
+    p.add_argument("--warmup-steps", type=int, default=3, help="untimed steps before each measurement")
+    p.add_argument("--sample-batch-size", type=int, default=16)
+    p.add_argument("--sample-steps", type=int, default=20, help="timed sampler steps (UNet forwards)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+    return torch.device(name)
+
+
+def net_factory(name: str) -> Any:
+    """The ``_partial_`` UNet factory of conf/net/<name>.yaml."""
+    path = CONF_NET / f"{name}.yaml"
+    if not path.is_file():
+        presets = sorted(p.stem for p in CONF_NET.glob("*.yaml"))
+        raise SystemExit(f"--net {name}: no {path}; presets: {presets}")
+    return instantiate(OmegaConf.load(path))
+
+
+def build_net(args: argparse.Namespace) -> nn.Module:
+    factory = net_factory(args.net)
+    return factory(in_channels=args.channels, out_channels=args.channels, image_size=args.image_size, num_classes=None)
+
+
+def autocast(args: argparse.Namespace, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def record(args: argparse.Namespace, device: torch.device, bench: str, params: int, **fields: Any) -> dict:
+    """One measurement as a JSON-ready dict (printed by ``main``)."""
+    out = {
+        "bench": bench,
+        "net": args.net,
+        "params": params,
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "precision": args.precision,
+        "image_size": args.image_size,
+        "channels": args.channels,
+        **fields,
+    }
+    if device.type == "cuda":
+        out["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
+    out["torch"] = torch.__version__
+    return out
+
+
+def cpu_name() -> str:
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def count_params(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def bench_train_bare(args: argparse.Namespace, device: torch.device) -> dict:
+    torch.manual_seed(args.seed)
+    net = build_net(args).to(device).train()
+    diffusion = GaussianDiffusion().to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=LR)
+    x0 = torch.rand(args.batch_size, args.channels, args.image_size, args.image_size, device=device) * 2 - 1
+
+    def step() -> None:
+        t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=device)
+        noise = torch.randn_like(x0)
+        with autocast(args, device):
+            loss = nn.functional.mse_loss(net(diffusion.q_sample(x0, t, noise), t).float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    reset_peak(device)
+    for _ in range(args.warmup_steps):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.train_steps):
+        step()
+    sync(device)
+    seconds = time.perf_counter() - start
+    return record(args, device, "train_bare", count_params(net), batch_size=args.batch_size,
+                  steps=args.train_steps, seconds=seconds, images_per_s=args.batch_size * args.train_steps / seconds)
+
+
+class StepTimer(pl.Callback):
+    """Clock at the start of batch ``warmup`` and at the end of the last batch (after a device sync)."""
+
+    def __init__(self, warmup: int, total: int) -> None:
+        self.warmup, self.total = warmup, total
+        self.start = self.end = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.warmup:
+            sync(pl_module.device)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.total - 1:
+            sync(pl_module.device)
+            self.end = time.perf_counter()
+
+
+def bench_train_lightning(args: argparse.Namespace, device: torch.device) -> dict:
+    torch.manual_seed(args.seed)
+    total = args.warmup_steps + args.train_steps
+    module = DiffusionModule(
+        net=net_factory(args.net),
+        schedule=GaussianDiffusion(),
+        optimizer=functools.partial(torch.optim.AdamW, lr=LR),
+        image_shape=(args.channels, args.image_size, args.image_size),
+    )
+    images = torch.rand(total * args.batch_size, args.channels, args.image_size, args.image_size) * 2 - 1
+    loader = DataLoader(TensorDataset(images, torch.zeros(len(images), dtype=torch.long)), batch_size=args.batch_size)
+    timer = StepTimer(args.warmup_steps, total)
+    trainer = pl.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=total, max_epochs=1,
+        precision="bf16-mixed" if args.precision == "bf16" else "32-true", callbacks=[timer],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0,
+    )
+    reset_peak(device)
+    with warnings.catch_warnings():
+        for message in (".*does not have many workers.*", ".*Skipping val loop.*", ".*LeafSpec.*"):
+            warnings.filterwarnings("ignore", message=message)
+        trainer.fit(module, train_dataloaders=loader)
+    seconds = timer.end - timer.start
+    return record(args, device, "train_lightning", count_params(module.net), batch_size=args.batch_size,
+                  steps=args.train_steps, seconds=seconds, images_per_s=args.batch_size * args.train_steps / seconds)
+
+
+@torch.inference_mode()
+def bench_sample(args: argparse.Namespace, device: torch.device) -> dict:
+    torch.manual_seed(args.seed)
+    net = build_net(args).to(device).eval()
+    diffusion = GaussianDiffusion().to(device)
+    sampler = AncestralSampler(diffusion, steps=args.sample_steps)
+    shape = (args.sample_batch_size, args.channels, args.image_size, args.image_size)
+
+    def run(timesteps: list[int]) -> None:
+        x = torch.randn(shape, device=device)
+        for t in timesteps:
+            t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
+            with autocast(args, device):
+                out = net(x, t_batch)
+            x = sampler.step(out.float(), t, x).prev_sample
+
+    timesteps = sampler.timesteps.tolist()
+    reset_peak(device)
+    run(timesteps[: args.warmup_steps])
+    sync(device)
+    start = time.perf_counter()
+    run(timesteps)
+    sync(device)
+    seconds = time.perf_counter() - start
+    return record(args, device, "sample", count_params(net), batch_size=args.sample_batch_size,
+                  steps=args.sample_steps, seconds=seconds,
+                  image_steps_per_s=args.sample_batch_size * args.sample_steps / seconds)
+
+
+def summary(records: list[dict]) -> dict:
+    by = {r["bench"]: r for r in records}
+    bare, light = by["train_bare"]["images_per_s"], by["train_lightning"]["images_per_s"]
+    return {
+        "bench": "summary",
+        "net": records[0]["net"],
+        "device": records[0]["device"],
+        "precision": records[0]["precision"],
+        "train_bare_images_per_s": bare,
+        "train_lightning_images_per_s": light,
+        "sample_image_steps_per_s": by["sample"]["image_steps_per_s"],
+        # extra time per training step under Lightning, relative to the bare loop
+        "lightning_gap_pct": round((bare / light - 1.0) * 100.0, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the three measurements and print one JSON line each, then the summary; returns all the lines."""
+    args = parse_args(argv)
+    if args.train_steps < 1 or args.sample_steps < 1 or args.warmup_steps < 0:
+        raise SystemExit("--train-steps and --sample-steps must be >= 1, --warmup-steps >= 0")
+    device = resolve_device(args.device)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    records = []
+    for bench in (bench_train_bare, bench_train_lightning, bench_sample):
+        records.append(bench(args, device))
+        print(json.dumps(records[-1]), flush=True)
+    records.append(summary(records))
+    print(json.dumps(records[-1]), flush=True)
+    return records
+
+
+if __name__ == "__main__":
+    main()

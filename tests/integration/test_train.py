@@ -1,0 +1,129 @@
+"""Training end to end on CPU: fast_dev_run, checkpoints with EMA, exact resume, sampling from a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from difflab.data import DatasetNotFoundError
+from difflab.modules import CheckpointError, load_module, read_run_record
+from difflab.tasks.sample import sample
+from difflab.tasks.train import train
+from tests.conftest import compose_config
+
+
+def test_fast_dev_run_ddpm(tiny_cfg):
+    result = train(tiny_cfg("debug=fast", "samples.num_samples=0"))
+    assert np.isfinite(result["metrics"]["train/loss"])
+    assert "grid" not in result  # samples.num_samples=0: nothing sampled after fit
+
+
+@pytest.mark.parametrize("parameterization", ["x0", "v"])
+def test_other_parameterisations_train(tiny_cfg, parameterization):
+    result = train(tiny_cfg("debug=fast", f"model.parameterization={parameterization}"))
+    assert np.isfinite(result["metrics"]["train/loss"])
+
+
+def short_run(tiny_cfg, out: Path, max_steps: int, *extra: str):
+    cfg = tiny_cfg(
+        f"trainer.max_steps={max_steps}", "trainer.limit_train_batches=3", "logger=csv", *extra, output_dir=out
+    )
+    return cfg, train(cfg)
+
+
+@pytest.fixture
+def trained(tiny_cfg, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    return short_run(tiny_cfg, out, 3)
+
+
+def test_train_writes_checkpoint_samples_and_record(trained):
+    cfg, result = trained
+    ckpt = Path(result["checkpoint"])
+    assert ckpt.name == "last.ckpt" and ckpt.is_file()
+    assert Path(result["grid"]).is_file()
+    npz = np.load(result["npz"])
+    assert npz["arr_0"].shape == (4, 16, 16, 1) and npz["arr_0"].dtype == np.uint8
+    checkpoint = torch.load(ckpt, weights_only=False)
+    assert checkpoint["global_step"] == 3
+    # EMAWeightAveraging: EMA weights in state_dict, raw weights beside them, 3 updates averaged
+    assert "current_model_state" in checkpoint and int(checkpoint["averaging_state"]["n_averaged"]) == 3
+    assert checkpoint["difflab"]["config"]["model"]["_target_"] == "difflab.modules.DiffusionModule"
+    assert checkpoint["difflab"]["loggers"][0]["class"] == "CSVLogger"
+    ema, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema)
+
+
+def test_resume_continues_step_ema_optimizer_and_logger_run(trained, tiny_cfg, tmp_path):
+    cfg, first = trained
+    saved = torch.load(first["checkpoint"], weights_only=False)
+    _, second = short_run(tiny_cfg, tmp_path / "resumed", 6, f"ckpt_path={first['checkpoint']}")
+    resumed = torch.load(second["checkpoint"], weights_only=False)
+    assert resumed["global_step"] == 6
+    assert int(resumed["averaging_state"]["n_averaged"]) == 6  # EMA continued, not restarted
+    step_saved = saved["optimizer_states"][0]["state"][0]["step"]
+    assert float(resumed["optimizer_states"][0]["state"][0]["step"]) == float(step_saved) + 3
+    # the same CSV logger run (save_dir and version) continues
+    assert resumed["difflab"]["loggers"] == saved["difflab"]["loggers"]
+    metrics = Path(saved["difflab"]["loggers"][0]["save_dir"]) / "csv" / "version_0" / "metrics.csv"
+    steps = [int(line.split(",")[1]) for line in metrics.read_text().splitlines()[1:] if line.split(",")[1]]
+    assert max(steps) >= 3
+
+
+def test_sample_from_checkpoint_is_reproducible(trained, tmp_path):
+    _, result = trained
+    outs = []
+    for name in ("a", "b"):
+        cfg = compose_config([f"ckpt={result['checkpoint']}", "num_samples=6", "seed=7"], tmp_path / name, "sample")
+        outs.append(sample(cfg))
+    a, b = (np.load(o["npz"])["arr_0"] for o in outs)
+    assert a.shape == (6, 16, 16, 1)
+    np.testing.assert_array_equal(a, b)
+    assert outs[0]["global_step"] == 3
+
+
+def test_sample_with_another_sampler_config(trained, tmp_path):
+    _, result = trained
+    cfg = compose_config(
+        [f"ckpt={result['checkpoint']}", "num_samples=2", "sampler=ddpm", "sampler.steps=5"], tmp_path, "sample"
+    )
+    assert np.load(sample(cfg)["npz"])["arr_0"].shape[0] == 2
+
+
+def test_loaded_module_uses_ema_weights(trained):
+    _, result = trained
+    module, record = load_module(result["checkpoint"])
+    checkpoint = torch.load(result["checkpoint"], weights_only=False)
+    for name, value in module.state_dict().items():
+        torch.testing.assert_close(value, checkpoint["state_dict"][name])
+    assert record["config"]["data"]["_target_"].endswith("DigitsDataModule")
+
+
+def test_bad_checkpoints_fail_clearly(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        read_run_record(tmp_path / "missing.ckpt")
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        read_run_record(tmp_path / "junk.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
+    with pytest.raises(CheckpointError, match="not a difflab checkpoint"):
+        load_module(tmp_path / "foreign.ckpt")
+
+
+def test_missing_dataset_fails_at_setup_listing_locations(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("data=mnist", "data.image_size=16", f"data.data_dir={tmp_path / 'nowhere'}", "debug=fast")
+    with pytest.raises(DatasetNotFoundError) as info:
+        train(cfg)
+    message = str(info.value)
+    assert str(tmp_path / "nowhere") in message and "download" in message
+
+
+def test_run_config_in_checkpoint_is_resolved(trained):
+    cfg, result = trained
+    config = read_run_record(result["checkpoint"])["config"]
+    assert config["model"]["image_shape"] == [1, 16, 16]
+    assert OmegaConf.create(config).model.net.model_channels == cfg.net.model_channels
