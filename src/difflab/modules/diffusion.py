@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from difflab.losses import SimpleLoss, TimestepSampler, UniformTimestepSampler
+from difflab.losses import DiffusionLoss, TimestepSampler, UniformTimestepSampler, full_chain_bpd
 from difflab.samplers import AncestralSampler, Sampler, sample_loop
 from difflab.schedules import GaussianDiffusion, Parameterization, VarianceType
 from difflab.utils.enums import parse_enum
@@ -28,8 +28,9 @@ class DiffusionModule(pl.LightningModule):
         image_shape: (C, H, W) of the data (from the data config).
         num_classes: class count for a class-conditional net, None for unconditional.
         parameterization: ``eps`` | ``x0`` | ``v``.  variance_type: see :class:`VarianceType`.
-        loss: per-example loss on (output, target) → (B,); default :class:`SimpleLoss`.
-        timestep_sampler: factory ``timestep_sampler(num_timesteps)``; default uniform.
+        loss: a :class:`DiffusionLoss` (simple | hybrid | vlb); default L_simple.
+        timestep_sampler: factory ``timestep_sampler(num_timesteps)``; default uniform. Its state (the
+            importance sampler's loss history) is saved in checkpoints under ``timestep_sampler``.
         sample_batch_size: batch size of ``sample()``.
     """
 
@@ -44,7 +45,7 @@ class DiffusionModule(pl.LightningModule):
         num_classes: int | None = None,
         parameterization: str | Parameterization = Parameterization.EPS,
         variance_type: str | VarianceType = VarianceType.FIXED_SMALL,
-        loss: nn.Module | None = None,
+        loss: DiffusionLoss | None = None,
         timestep_sampler: Callable[[int], TimestepSampler] | None = None,
         sample_batch_size: int = 256,
     ) -> None:
@@ -59,7 +60,8 @@ class DiffusionModule(pl.LightningModule):
         out_channels = channels * (2 if self.variance_type.learned else 1)
         self.net = net(in_channels=channels, out_channels=out_channels, image_size=height, num_classes=num_classes)
         self.diffusion = schedule
-        self.loss_fn = loss if loss is not None else SimpleLoss()
+        self.loss_fn = loss if loss is not None else DiffusionLoss()
+        self.loss_fn.check(self.variance_type)
         self.timestep_sampler = (timestep_sampler or UniformTimestepSampler)(schedule.num_timesteps)
         self.sampler = self.build_sampler(sampler)
         self._optimizer, self._lr_scheduler = optimizer, lr_scheduler
@@ -80,20 +82,23 @@ class DiffusionModule(pl.LightningModule):
 
     def diffusion_loss(
         self, x_start: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, noise: torch.Tensor
-    ) -> torch.Tensor:
-        """Per-example loss (B,): x_t = q_sample(x_0, t, ε), regress the parameterised target (Algorithm 1)."""
+    ) -> dict[str, torch.Tensor]:
+        """Per-example terms (B,) at x_t = q_sample(x_0, t, ε): ``loss`` and ``mse``/``vb`` (Algorithm 1)."""
         x_t = self.diffusion.q_sample(x_start, t, noise)
-        mean_output, _ = self.diffusion.split_output(self(x_t, t, y), self.variance_type)
-        target = self.diffusion.training_target(self.parameterization, x_start, noise, t)
-        return self.loss_fn(mean_output, target)
+        return self.loss_fn(
+            self.diffusion, self.parameterization, self.variance_type, self(x_t, t, y), x_start, x_t, noise, t
+        )
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         t, weights = self.timestep_sampler.sample(x.shape[0], x.device)
-        losses = self.diffusion_loss(x, y, t, torch.randn_like(x))
-        self.timestep_sampler.update(t, losses.detach())
-        loss = (losses * weights).mean()
+        terms = self.diffusion_loss(x, y, t, torch.randn_like(x))
+        self.timestep_sampler.update(t, terms["loss"].detach())
+        loss = (terms["loss"] * weights).mean()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        for name in ("mse", "vb"):
+            if name in terms and len(terms) > 2:
+                self.log(f"train/{name}", terms[name].detach().mean(), on_step=True, on_epoch=False)
         return loss
 
     def _eval_loss(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -102,7 +107,7 @@ class DiffusionModule(pl.LightningModule):
         generator = torch.Generator(device=x.device).manual_seed(batch_idx)
         t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), generator=generator, device=x.device)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return self.diffusion_loss(x, y, t, noise).mean()
+        return self.diffusion_loss(x, y, t, noise)["loss"].mean()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss = self._eval_loss(batch, batch_idx)
@@ -112,12 +117,27 @@ class DiffusionModule(pl.LightningModule):
         loss = self._eval_loss(batch, batch_idx)
         self.log("test/loss", loss, on_epoch=True, sync_dist=True, batch_size=batch[0].shape[0])
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "timestep_sampler" in checkpoint:
+            self.timestep_sampler.load_state_dict(checkpoint["timestep_sampler"])
+
     def configure_optimizers(self) -> Any:
         optimizer = self._optimizer(self.parameters())
         if self._lr_scheduler is None:
             return optimizer
         scheduler = self._lr_scheduler(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ likelihood
+    @torch.no_grad()
+    def nll(self, x_start: torch.Tensor, y: torch.Tensor | None = None, generator: torch.Generator | None = None):
+        """Full-chain VLB of x_start (B, C, H, W) in bits/dim (see :func:`difflab.losses.full_chain_bpd`)."""
+        return full_chain_bpd(
+            lambda x, t: self(x, t, y), self.diffusion, self.parameterization, self.variance_type, x_start, generator
+        )
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from difflab.samplers.base import Sampler, SamplerOutput
-from difflab.schedules import VarianceType, posterior_terms
+from difflab.schedules import model_log_variance, posterior_terms
 
 
 class AncestralSampler(Sampler):
@@ -35,17 +35,13 @@ class AncestralSampler(Sampler):
         }
 
     def log_variance(self, index: int, var_output: torch.Tensor | None) -> torch.Tensor:
-        """log σ² at step ``index``; for LEARNED_RANGE interpolate with v = (output + 1)/2 (Nichol & Dhariwal eq. 15)."""
-        small = self._table["log_variance_small"][index]
-        large = self._table["log_variance_large"][index]
-        if self.variance_type is VarianceType.FIXED_SMALL:
-            return small
-        if self.variance_type is VarianceType.FIXED_LARGE:
-            return large
-        if var_output is None:
-            raise ValueError("variance_type=learned_range needs a network with 2C output channels")
-        frac = (var_output.float() + 1.0) / 2.0
-        return frac * large + (1.0 - frac) * small
+        """log σ² at step ``index`` (the respaced β̃ and β, see :func:`model_log_variance`)."""
+        return model_log_variance(
+            self.variance_type,
+            self._table["log_variance_small"][index],
+            self._table["log_variance_large"][index],
+            var_output,
+        )
 
     def step(
         self,

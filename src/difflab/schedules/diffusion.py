@@ -43,6 +43,24 @@ def posterior_terms(alphas_cumprod: torch.Tensor, alphas_cumprod_prev: torch.Ten
     }
 
 
+def model_log_variance(
+    variance_type: VarianceType,
+    log_variance_small: torch.Tensor,
+    log_variance_large: torch.Tensor,
+    var_output: torch.Tensor | None,
+) -> torch.Tensor:
+    """log Σ_θ of the reverse step: log β̃ (FIXED_SMALL), log β (FIXED_LARGE), or for LEARNED_RANGE
+    v log β + (1 − v) log β̃ with v = (output + 1)/2 (Nichol & Dhariwal eq. 15), computed in fp32."""
+    if variance_type is VarianceType.FIXED_SMALL:
+        return log_variance_small
+    if variance_type is VarianceType.FIXED_LARGE:
+        return log_variance_large
+    if var_output is None:
+        raise ValueError("variance_type=learned_range needs a network with 2C output channels")
+    frac = (var_output.float() + 1.0) / 2.0
+    return frac * log_variance_large + (1.0 - frac) * log_variance_small
+
+
 class GaussianDiffusion(nn.Module):
     """The forward process and every conversion between parameterisations.
 
@@ -81,6 +99,10 @@ class GaussianDiffusion(nn.Module):
             "posterior_log_variance_clipped": post["log_variance_clipped"],
             "posterior_mean_coef1": post["coef_x0"],
             "posterior_mean_coef2": post["coef_xt"],
+            # σ² = β for FIXED_LARGE; at t = 0 use β̃_1 so that its log is finite (as ADM)
+            "log_betas_clipped": torch.log(torch.cat([post["variance"][1:2], betas[1:]]))
+            if num_timesteps > 1
+            else torch.log(betas),
         }
         for name, value in buffers.items():
             self.register_buffer(name, value.float(), persistent=False)
@@ -188,6 +210,30 @@ class GaussianDiffusion(nn.Module):
             return model_output, None
         mean_part, var_part = model_output.chunk(2, dim=1)
         return mean_part, var_part
+
+    def p_mean_variance(
+        self,
+        parameterization: Parameterization,
+        variance_type: VarianceType,
+        model_output: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        clip_denoised: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """p_θ(x_{t−1} | x_t) = N(μ_θ, Σ_θ): the posterior mean at x̂_0 and the model's variance (fp32).
+
+        model_output: (B, C or 2C, H, W). Returns ``mean``, ``log_variance``, ``pred_x0``, ``pred_eps``.
+        """
+        mean_output, var_output = self.split_output(model_output, variance_type)
+        x0, eps = self.predict_x0_eps(parameterization, mean_output.float(), x_t.float(), t, clip_denoised)
+        mean, _, _ = self.q_posterior_mean_variance(x0, x_t.float(), t)
+        log_variance = model_log_variance(
+            variance_type,
+            self.extract(self.posterior_log_variance_clipped, t, x_t),
+            self.extract(self.log_betas_clipped, t, x_t),
+            var_output,
+        )
+        return {"mean": mean, "log_variance": log_variance.expand_as(mean), "pred_x0": x0, "pred_eps": eps}
 
     def extra_repr(self) -> str:
         return f"beta_schedule={self.beta_schedule.value}, num_timesteps={self.num_timesteps}"
