@@ -54,3 +54,15 @@ def test_full_chain_vlb_equals_the_sum_of_training_terms(tiny_cfg):
     torch.testing.assert_close(chain["total_bpd"], total + chain["prior_bpd"])
     torch.testing.assert_close(chain["decoder_bpd"], chain["vb"][:, 0])
     assert torch.all(chain["total_bpd"] > 0)
+
+
+def test_nll_callback_logs_bits_per_dim(tiny_cfg):
+    result = train(
+        tiny_cfg(
+            "model=iddpm", "+callbacks.nll._target_=difflab.callbacks.NLLCallback", "+callbacks.nll.every_n_epochs=1",
+            "+callbacks.nll.num_images=4", "trainer.max_steps=2", "trainer.limit_train_batches=2",
+        )
+    )
+    metrics = result["metrics"]
+    assert metrics["val/nll_bpd"] > metrics["val/nll_decoder_bpd"] > 0
+    assert 0 < metrics["val/nll_prior_bpd"] < metrics["val/nll_bpd"]

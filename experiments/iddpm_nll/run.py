@@ -1,0 +1,103 @@
+"""Improved DDPM study: L_simple (fixed variance) vs L_hybrid (learned variance) on the same data and budget.
+
+    python experiments/iddpm_nll/run.py --scale cpu     # the scaled-down CPU run (16x16, unet_s, ~20 min)
+    python experiments/iddpm_nll/run.py --scale gpu     # the real one (32x32, unet_m, trainer=gpu)
+
+Stage 1 trains both models with src/train.py (same seed, data, steps, schedule=cosine). Stage 2 evaluates
+each: test NLL in bits/dim (full chain, with its prior term L_T and decoder term L_0 reported separately; the
+fixed-variance model with both σ² = β̃ and σ² = β), and samples at 50 and 1000 ancestral steps saved as .npz.
+Stage 3 (`--fid`) computes the FID proxy of the samples with the metrics issue's feature net when it exists.
+Everything lands in logs/iddpm_nll/ (not committed) and the table in experiments/iddpm_nll/RESULTS.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+OUT = ROOT / "logs" / "iddpm_nll"
+SCALES = {
+    # the `make train` setup (16x16 Fashion-MNIST, unet_s, CPU), trained a little longer
+    "cpu": ["experiment=quickstart", "trainer.max_steps=1500"],
+    "gpu": ["data=fashion_mnist", "net=unet_m", "trainer=gpu", "trainer.max_steps=100000", "callbacks.ema.decay=0.9999"],
+}
+MODELS = {"simple": ["model=ddpm"], "hybrid": ["model=iddpm"]}
+EVAL = {"cpu": {"nll_images": 128, "samples": 256}, "gpu": {"nll_images": 10000, "samples": 10000}}
+
+
+def train(scale: str) -> dict[str, Path]:
+    ckpts = {}
+    for name, overrides in MODELS.items():
+        run_dir = OUT / scale / name
+        ckpt = run_dir / "checkpoints" / "last.ckpt"
+        if not ckpt.is_file():
+            cmd = [sys.executable, str(ROOT / "src" / "train.py"), *SCALES[scale], *overrides, "schedule=cosine",
+                   "task_name=iddpm_nll", f"hydra.run.dir={run_dir}"]
+            print("+", " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True, cwd=ROOT)
+        ckpts[name] = ckpt
+    return ckpts
+
+
+def test_images(record: dict, n: int) -> torch.Tensor:
+    from hydra.utils import instantiate
+
+    datamodule = instantiate(record["config"]["data"])
+    datamodule.setup("test")
+    images = [x for x, _ in datamodule.test_dataloader()]
+    return torch.cat(images)[:n]
+
+
+def evaluate(ckpt: Path, name: str, scale: str, device: torch.device) -> list[dict]:
+    from difflab.modules import load_module
+    from difflab.schedules import VarianceType
+    from difflab.utils.images import save_npz
+
+    module, record = load_module(ckpt, map_location=device)
+    x = test_images(record, EVAL[scale]["nll_images"]).to(device)
+    variants = [module.variance_type] if module.variance_type.learned else [VarianceType.FIXED_SMALL, VarianceType.FIXED_LARGE]
+    rows = []
+    for variance in variants:
+        module.variance_type = variance
+        sampler = module.build_sampler(lambda **kw: type(module.sampler)(**kw))
+        row = {"model": name, "variance": variance.value, "step": record["global_step"]}
+        start = time.time()
+        nll = [module.nll(chunk, generator=torch.Generator(device).manual_seed(i)) for i, chunk in enumerate(x.split(256))]
+        for key in ("total_bpd", "prior_bpd", "decoder_bpd", "terms_bpd"):
+            row[key] = torch.cat([r[key] for r in nll]).mean().item()
+        row["nll_seconds"] = round(time.time() - start, 1)
+        for steps in (50, 1000):
+            samples = module.sample(EVAL[scale]["samples"], generator=torch.Generator(device).manual_seed(0),
+                                    sampler=sampler, num_steps=steps)
+            path = OUT / scale / "samples" / f"{name}_{variance.value}_{steps}.npz"
+            save_npz(samples, path)
+            row[f"samples_{steps}"] = str(path.relative_to(ROOT))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    ckpts = train(args.scale)
+    rows = [row for name, ckpt in ckpts.items() for row in evaluate(ckpt, name, args.scale, torch.device(args.device))]
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    result = {"scale": args.scale, "device": device_name, "torch": torch.__version__, "rows": rows,
+              "train_overrides": SCALES[args.scale], "eval": EVAL[args.scale]}
+    out = Path(__file__).with_name(f"RESULTS_{args.scale}.json")
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
