@@ -11,6 +11,7 @@ from torch import nn
 
 from difflab.losses import DiffusionLoss, TimestepSampler, UniformTimestepSampler, full_chain_bpd
 from difflab.samplers import AncestralSampler, Sampler, sample_loop
+from difflab.samplers.guidance import classifier_free_guidance
 from difflab.schedules import GaussianDiffusion, Parameterization, VarianceType
 from difflab.utils.enums import parse_enum
 
@@ -26,7 +27,11 @@ class DiffusionModule(pl.LightningModule):
         optimizer: factory ``optimizer(params)``; lr_scheduler: optional factory ``lr_scheduler(optimizer)``,
             stepped every optimizer step.
         image_shape: (C, H, W) of the data (from the data config).
-        num_classes: class count for a class-conditional net, None for unconditional.
+        num_classes: class count for a class-conditional net (the net adds a null class ``num_classes``), None for
+            unconditional.
+        p_uncond: probability of replacing a training label by the null class (classifier-free guidance; 0.1 in
+            Ho & Salimans).
+        guidance_scale: default w of ε̃ = (1 + w) ε(x, c) − w ε(x, ∅) when sampling (0: conditional sampling).
         parameterization: ``eps`` | ``x0`` | ``v``.  variance_type: see :class:`VarianceType`.
         loss: a :class:`DiffusionLoss` (simple | hybrid | vlb); default L_simple.
         timestep_sampler: factory ``timestep_sampler(num_timesteps)``; default uniform. Its state (the
@@ -43,6 +48,8 @@ class DiffusionModule(pl.LightningModule):
         sampler: Callable[..., Sampler] = AncestralSampler,
         lr_scheduler: Callable[..., Any] | None = None,
         num_classes: int | None = None,
+        p_uncond: float = 0.0,
+        guidance_scale: float = 0.0,
         parameterization: str | Parameterization = Parameterization.EPS,
         variance_type: str | VarianceType = VarianceType.FIXED_SMALL,
         loss: DiffusionLoss | None = None,
@@ -56,6 +63,13 @@ class DiffusionModule(pl.LightningModule):
         self.parameterization = parse_enum(Parameterization, parameterization, "model.parameterization")
         self.variance_type = parse_enum(VarianceType, variance_type, "model.variance_type")
         self.num_classes = num_classes
+        if not 0.0 <= p_uncond <= 1.0:
+            raise ValueError(f"model.p_uncond={p_uncond}: expected a probability in [0, 1]")
+        if p_uncond and not num_classes:
+            raise ValueError("model.p_uncond > 0 needs a class-conditional model (model.num_classes)")
+        if guidance_scale < 0:
+            raise ValueError(f"model.guidance_scale={guidance_scale}: expected >= 0")
+        self.p_uncond, self.guidance_scale = p_uncond, guidance_scale
         channels, height, _ = self.image_shape
         out_channels = channels * (2 if self.variance_type.learned else 1)
         self.net = net(in_channels=channels, out_channels=out_channels, image_size=height, num_classes=num_classes)
@@ -91,6 +105,9 @@ class DiffusionModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
+        if self.num_classes and self.p_uncond:  # classifier-free guidance: drop labels to the null class
+            drop = torch.rand(y.shape, device=y.device) < self.p_uncond
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
         t, weights = self.timestep_sampler.sample(x.shape[0], x.device)
         terms = self.diffusion_loss(x, y, t, torch.randn_like(x))
         self.timestep_sampler.update(t, terms["loss"].detach())
@@ -148,27 +165,32 @@ class DiffusionModule(pl.LightningModule):
         sampler: Sampler | None = None,
         num_steps: int | None = None,
         y: torch.Tensor | None = None,
+        guidance_scale: float | None = None,
     ) -> torch.Tensor:
         """Generate (num_samples, C, H, W) images in [-1, 1], in batches of ``sample_batch_size``.
 
-        ``generator`` (on ``self.device``) makes the result reproducible; ``y`` (num_samples,) class labels.
+        ``generator`` (on ``self.device``) makes the result reproducible. For a class-conditional model ``y``
+        (num_samples,) gives the labels (default: all classes in turn) and ``guidance_scale`` the CFG weight w
+        (default: the model's).
         """
         sampler = sampler or self.sampler
+        if self.num_classes and y is None:
+            y = torch.arange(num_samples) % self.num_classes
+        w = self.guidance_scale if guidance_scale is None else guidance_scale
         was_training = self.training
         self.eval()
         chunks = []
         for start in range(0, num_samples, self.sample_batch_size):
             n = min(self.sample_batch_size, num_samples - start)
             labels = None if y is None else y[start : start + n].to(self.device)
-            chunks.append(
-                sample_loop(
-                    lambda x, t: self(x, t, labels),
-                    sampler,
-                    (n, *self.image_shape),
-                    generator=generator,
-                    device=self.device,
-                    num_steps=num_steps,
-                )
-            )
+            model_fn = self.model_fn(labels, w)
+            shape = (n, *self.image_shape)
+            chunks.append(sample_loop(model_fn, sampler, shape, generator, self.device, num_steps=num_steps))
         self.train(was_training)
         return torch.cat(chunks).clamp(-1.0, 1.0)
+
+    def model_fn(self, y: torch.Tensor | None, guidance_scale: float = 0.0) -> Callable[..., torch.Tensor]:
+        """``fn(x_t, t)`` for samplers: the network with labels ``y`` bound, guided when w > 0."""
+        if not self.num_classes or y is None:
+            return lambda x, t: self(x, t, None)
+        return classifier_free_guidance(self.forward, y, self.num_classes, guidance_scale, self.image_shape[0])

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from difflab.samplers.thresholding import dynamic_threshold
 from difflab.schedules import GaussianDiffusion, Parameterization, VarianceType
 from difflab.utils.enums import parse_enum
 
@@ -46,7 +47,9 @@ class Sampler(abc.ABC):
         model_variance_type: the model's variance (``fixed_small`` | ``fixed_large`` | ``learned_range``); set by
             the model.
         variance_type: optional override from the sampler config (only between the two fixed variances).
-        clip_denoised: clamp x̂_0 to [-1, 1] before it is used.
+        clip_denoised: clamp x̂_0 to [-1, 1] before it is used (static thresholding).
+        dynamic_threshold: if set, Imagen's dynamic thresholding of x̂_0 at this percentile (e.g. 0.995), applied
+            instead of the static clip.
         steps: default number of sampling steps K (None: T); K < T respaces.
     """
 
@@ -58,6 +61,7 @@ class Sampler(abc.ABC):
         variance_type: str | VarianceType | None = None,
         clip_denoised: bool = True,
         steps: int | None = None,
+        dynamic_threshold: float | None = None,
     ) -> None:
         self.diffusion = diffusion
         self.parameterization = parse_enum(Parameterization, parameterization, "model.parameterization")
@@ -72,6 +76,9 @@ class Sampler(abc.ABC):
                     "only fixed_small and fixed_large can replace each other"
                 )
         self.clip_denoised = clip_denoised
+        self.dynamic_threshold = dynamic_threshold
+        if dynamic_threshold is not None and not 0.0 < dynamic_threshold <= 1.0:
+            raise ValueError(f"sampler.dynamic_threshold={dynamic_threshold}: expected a percentile in (0, 1]")
         self.num_steps = steps or diffusion.num_timesteps
         self.timesteps = torch.empty(0, dtype=torch.long)
         self.set_timesteps(self.num_steps)
@@ -101,9 +108,11 @@ class Sampler(abc.ABC):
         """(x̂_0, ε̂, variance output or None) from a raw network output at timestep ``t``."""
         mean_output, var_output = self.diffusion.split_output(model_output, self.variance_type)
         t_batch = torch.full((x_t.shape[0],), int(t), device=x_t.device, dtype=torch.long)
-        x0, eps = self.diffusion.predict_x0_eps(
-            self.parameterization, mean_output.float(), x_t.float(), t_batch, self.clip_denoised
-        )
+        static = self.clip_denoised and self.dynamic_threshold is None
+        x0, eps = self.diffusion.predict_x0_eps(self.parameterization, mean_output.float(), x_t.float(), t_batch, static)
+        if self.dynamic_threshold is not None:
+            x0 = dynamic_threshold(x0, self.dynamic_threshold)
+            eps = self.diffusion.predict_eps_from_x0(x_t.float(), t_batch, x0)
         return x0, eps, var_output
 
     @abc.abstractmethod

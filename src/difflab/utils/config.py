@@ -4,16 +4,30 @@ from __future__ import annotations
 
 from typing import Any
 
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from difflab.utils.loggers import wandb_offline
 
 
+def data_num_classes(*, _root_: DictConfig) -> int:
+    """``${data_num_classes:}``: the class count of the configured data module (``data``), so class-conditional
+    models take it from the data rather than from a hand-set number."""
+    data_cfg = _root_.data
+    count = getattr(get_class(data_cfg._target_), "num_classes", None)
+    if not isinstance(count, int):  # computed per instance (image folders): build the (cheap) module
+        count = instantiate(data_cfg).num_classes
+    if not count:
+        raise ValueError(f"data={data_cfg._target_} has no class labels: a class-conditional model needs them")
+    return count
+
+
 def register_resolvers() -> None:
-    """Register difflab's OmegaConf resolvers (idempotent): ``${wandb_offline:}``."""
+    """Register difflab's OmegaConf resolvers (idempotent): ``${wandb_offline:}``, ``${data_num_classes:}``."""
     if not OmegaConf.has_resolver("wandb_offline"):
         OmegaConf.register_new_resolver("wandb_offline", wandb_offline)
+    if not OmegaConf.has_resolver("data_num_classes"):
+        OmegaConf.register_new_resolver("data_num_classes", data_num_classes)
 
 
 def instantiate_group(cfg: DictConfig | None, overrides: dict[str, dict[str, Any]] | None = None) -> list[Any]:

@@ -1,0 +1,65 @@
+"""Classifier-free guidance through the model: label dropping, num_classes from the data, sampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from difflab.tasks.train import train
+
+
+class LabelSpy(torch.nn.Module):
+    """Wraps the net and records the labels it is called with."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.seen = net, []
+
+    def forward(self, x, t, y=None):
+        self.seen.append(y.clone())
+        return self.net(x, t, y)
+
+
+@pytest.mark.parametrize("p_uncond, expect", [(1.0, "all_null"), (0.0, "no_null")])
+def test_p_uncond_controls_the_labels_the_net_sees(tiny_cfg, p_uncond, expect):
+    module = instantiate(tiny_cfg("model=cfg", f"model.p_uncond={p_uncond}").model)
+    module.net = LabelSpy(module.net)
+    x, y = torch.rand(64, *module.image_shape) * 2 - 1, torch.randint(0, 10, (64,))
+    module.training_step((x, y), 0)
+    seen = module.net.seen[0]
+    assert module.num_classes == 10  # from the data module (digits)
+    if expect == "all_null":
+        assert torch.all(seen == 10)
+    else:
+        assert torch.equal(seen, y)
+
+
+def test_p_uncond_drops_about_the_right_fraction(tiny_cfg):
+    module = instantiate(tiny_cfg("model=cfg", "model.p_uncond=0.2").model)
+    module.net = LabelSpy(module.net)
+    torch.manual_seed(0)
+    module.net.forward = lambda x, t, y=None: module.net.seen.append(y.clone()) or torch.zeros_like(x)
+    module.training_step((torch.rand(4000, *module.image_shape), torch.randint(0, 10, (4000,))), 0)
+    assert (module.net.seen[0] == 10).float().mean().item() == pytest.approx(0.2, abs=0.02)
+
+
+def test_fast_dev_run_cfg_and_guided_sampling(tiny_cfg):
+    result = train(tiny_cfg("model=cfg", "debug=fast", "samples.num_samples=4"))
+    assert np.isfinite(result["metrics"]["train/loss"])
+
+
+def test_guided_samples_are_reproducible_and_w_matters(tiny_cfg):
+    module = instantiate(tiny_cfg("model=cfg").model)
+    for p in module.net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    y = torch.tensor([0, 1, 2, 3])
+    draw = lambda w: module.sample(4, torch.Generator().manual_seed(0), y=y, guidance_scale=w)  # noqa: E731
+    torch.testing.assert_close(draw(2.0), draw(2.0), rtol=0, atol=0)
+    assert not torch.allclose(draw(0.0), draw(4.0))
+
+
+def test_unconditional_model_refuses_p_uncond(tiny_cfg):
+    with pytest.raises(Exception, match="class-conditional"):
+        instantiate(tiny_cfg("model.p_uncond=0.1").model)
