@@ -105,3 +105,27 @@ def test_learned_range_interpolates_log_variances():
     for v, expected in ((-1.0, small), (1.0, large), (0.0, (small + large) / 2)):
         got = sampler.log_variance(i, torch.full((1, 1, 1, 1), v))
         assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "spacing, expected",
+    [
+        ("even", [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]),
+        ("leading", [0, 100, 200, 300, 400, 500, 600, 700, 800, 900]),
+        ("trailing", [99, 199, 299, 399, 499, 599, 699, 799, 899, 999]),
+        ("quadratic", [0, 9, 39, 88, 158, 246, 355, 483, 632, 800]),  # as the DDIM code (numpy) gives
+    ],
+)
+def test_spacing_reference_values(spacing, expected):
+    steps = spaced_timesteps(1000, 10, spacing)
+    assert steps.tolist() == expected
+    sampler = AncestralSampler(GaussianDiffusion(num_timesteps=1000), steps=10, spacing=spacing)
+    assert torch.all(sampler.timesteps[1:] < sampler.timesteps[:-1])  # strictly decreasing
+
+
+def test_ddimK_spacing_matches_improved_diffusion():
+    assert spaced_timesteps(1000, 50, "leading").tolist() == list(range(0, 1000, 20))
+    with pytest.raises(ValueError, match="sampler.spacing=quadratic"):
+        spaced_timesteps(100, 100, "quadratic")
+    with pytest.raises(ValueError, match="sampler.spacing"):
+        spaced_timesteps(100, 10, "cubic")

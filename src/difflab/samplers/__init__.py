@@ -1,7 +1,7 @@
 """Samplers of the reverse process, sharing the diffusers-style ``set_timesteps`` / ``step`` contract."""
 
 from difflab.samplers.ancestral import AncestralSampler
-from difflab.samplers.base import Sampler, SamplerOutput, spaced_timesteps
+from difflab.samplers.base import Sampler, SamplerOutput, Spacing, spaced_timesteps
 from difflab.samplers.loop import sample_loop
 
-__all__ = ["AncestralSampler", "Sampler", "SamplerOutput", "sample_loop", "spaced_timesteps"]
+__all__ = ["AncestralSampler", "Sampler", "SamplerOutput", "Spacing", "sample_loop", "spaced_timesteps"]

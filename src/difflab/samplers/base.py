@@ -17,7 +17,7 @@ import torch
 
 from difflab.samplers.thresholding import dynamic_threshold
 from difflab.schedules import GaussianDiffusion, Parameterization, VarianceType
-from difflab.utils.enums import parse_enum
+from difflab.utils.enums import StrEnumChoice, parse_enum
 
 
 @dataclass
@@ -28,14 +28,35 @@ class SamplerOutput:
     pred_x0: torch.Tensor
 
 
-def spaced_timesteps(num_timesteps: int, num_steps: int) -> torch.Tensor:
-    """K evenly spaced indices in [0, T) that include 0 and T−1 (improved-diffusion's "K" spacing); ascending."""
-    if not 1 <= num_steps <= num_timesteps:
-        raise ValueError(f"sampler.steps={num_steps}: expected 1 <= steps <= T={num_timesteps}")
-    if num_steps == 1:
-        return torch.tensor([num_timesteps - 1])
-    stride = (num_timesteps - 1) / (num_steps - 1)
-    return torch.tensor([round(i * stride) for i in range(num_steps)], dtype=torch.long)
+class Spacing(StrEnumChoice):
+    """How K sampling steps are picked from [0, T) (indices; index T−1 is the paper's t = T)."""
+
+    EVEN = "even"  # K evenly spaced, both 0 and T−1 included (improved-diffusion's "K")
+    LEADING = "leading"  # 0, T//K, 2·T//K, … (the DDIM paper's uniform τ; improved-diffusion's "ddimK")
+    TRAILING = "trailing"  # T−1, T−1−T/K, … (starts at t = T; diffusers' "trailing")
+    QUADRATIC = "quadratic"  # ⌊(linspace(0, sqrt(0.8 T), K))²⌋ (the DDIM paper's CIFAR-10 setting)
+
+
+def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: Spacing | str = Spacing.EVEN) -> torch.Tensor:
+    """K distinct indices in [0, T), ascending, chosen by ``spacing``."""
+    spacing = parse_enum(Spacing, spacing, "sampler.spacing")
+    T, K = num_timesteps, num_steps
+    if not 1 <= K <= T:
+        raise ValueError(f"sampler.steps={K}: expected 1 <= steps <= T={T}")
+    if spacing is Spacing.EVEN:
+        steps = [T - 1] if K == 1 else [round(i * (T - 1) / (K - 1)) for i in range(K)]
+    elif spacing is Spacing.LEADING:
+        steps = list(range(0, T, T // K))[:K]
+    elif spacing is Spacing.TRAILING:
+        steps = sorted(round(T - i * T / K) - 1 for i in range(K))
+    else:
+        steps = sorted({int(v) for v in torch.linspace(0, (0.8 * T) ** 0.5, K, dtype=torch.float64) ** 2})
+        if len(steps) < K:
+            raise ValueError(
+                f"sampler.spacing=quadratic gives only {len(steps)} distinct steps for steps={K}, T={T}; "
+                "use fewer steps or another spacing"
+            )
+    return torch.tensor(steps, dtype=torch.long)
 
 
 class Sampler(abc.ABC):
@@ -51,6 +72,7 @@ class Sampler(abc.ABC):
         dynamic_threshold: if set, Imagen's dynamic thresholding of x̂_0 at this percentile (e.g. 0.995), applied
             instead of the static clip.
         steps: default number of sampling steps K (None: T); K < T respaces.
+        spacing: which K steps (:class:`Spacing`: even | leading | trailing | quadratic).
     """
 
     def __init__(
@@ -62,6 +84,7 @@ class Sampler(abc.ABC):
         clip_denoised: bool = True,
         steps: int | None = None,
         dynamic_threshold: float | None = None,
+        spacing: str | Spacing = Spacing.EVEN,
     ) -> None:
         self.diffusion = diffusion
         self.parameterization = parse_enum(Parameterization, parameterization, "model.parameterization")
@@ -76,6 +99,7 @@ class Sampler(abc.ABC):
                     "only fixed_small and fixed_large can replace each other"
                 )
         self.clip_denoised = clip_denoised
+        self.spacing = parse_enum(Spacing, spacing, "sampler.spacing")
         self.dynamic_threshold = dynamic_threshold
         if dynamic_threshold is not None and not 0.0 < dynamic_threshold <= 1.0:
             raise ValueError(f"sampler.dynamic_threshold={dynamic_threshold}: expected a percentile in (0, 1]")
@@ -90,7 +114,7 @@ class Sampler(abc.ABC):
     def set_timesteps(self, num_steps: int | None = None) -> None:
         """Choose the sub-sequence of [0, T) to visit; ``self.timesteps`` becomes it in descending order."""
         num_steps = num_steps or self.num_steps
-        ascending = spaced_timesteps(self.num_timesteps, num_steps)
+        ascending = spaced_timesteps(self.num_timesteps, num_steps, self.spacing)
         self.timesteps = ascending.flip(0)
         self._index = {int(t): i for i, t in enumerate(ascending.tolist())}
         self._on_set_timesteps(ascending)
