@@ -55,10 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels", type=int, default=3)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: bfloat16 autocast")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
-    p.add_argument("--train-steps", type=int, default=20, help="timed training steps (after warm-up)")
-    p.add_argument("--warmup-steps", type=int, default=3, help="untimed steps before each measurement")
+    p.add_argument("--train-steps", type=int, default=10, help="timed training steps (after warm-up)")
+    p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps before each measurement")
     p.add_argument("--sample-batch-size", type=int, default=16)
-    p.add_argument("--sample-steps", type=int, default=20, help="timed sampler steps (UNet forwards)")
+    p.add_argument("--sample-steps", type=int, default=10, help="timed sampler steps (UNet forwards)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
