@@ -63,3 +63,23 @@ def test_guided_samples_are_reproducible_and_w_matters(tiny_cfg):
 def test_unconditional_model_refuses_p_uncond(tiny_cfg):
     with pytest.raises(Exception, match="class-conditional"):
         instantiate(tiny_cfg("model.p_uncond=0.1").model)
+
+
+@pytest.fixture
+def cfg_checkpoint(tiny_cfg, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cfg_run")
+    return train(tiny_cfg("model=cfg", "trainer.max_steps=2", "trainer.limit_train_batches=2", output_dir=out))
+
+
+def test_sample_all_classes_grid_and_listed_classes(cfg_checkpoint, tmp_path):
+    from difflab.tasks.sample import sample
+    from tests.conftest import compose_config
+
+    ckpt = cfg_checkpoint["checkpoint"]
+    grid = sample(compose_config([f"ckpt={ckpt}", "classes=all", "num_samples=20", "guidance_scale=3"], tmp_path / "a", "sample"))
+    npz = np.load(grid["npz"])
+    assert npz["arr_0"].shape[0] == 20 and npz["labels"].tolist() == [c for c in range(10) for _ in range(2)]
+    listed = sample(compose_config([f"ckpt={ckpt}", "classes=[0,3,7]", "num_samples=5"], tmp_path / "b", "sample"))
+    assert np.load(listed["npz"])["labels"].tolist() == [0, 3, 7, 0, 3]
+    with pytest.raises(ValueError, match="expected indices"):
+        sample(compose_config([f"ckpt={ckpt}", "classes=[12]"], tmp_path / "c", "sample"))

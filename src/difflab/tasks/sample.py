@@ -22,19 +22,42 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def class_labels(classes: Any, num_classes: int | None, num_samples: int) -> tuple[torch.Tensor | None, int | None]:
+    """Labels (num_samples,) and the grid row length for ``classes``: null (all classes in turn), ``all`` (one row
+    per class), or a list of class indices (cycled). Unconditional models take no labels."""
+    if not num_classes:
+        if classes is not None:
+            raise ValueError(f"classes={classes}: this checkpoint's model is not class-conditional")
+        return None, None
+    if classes is None:
+        return torch.arange(num_samples) % num_classes, None
+    if classes == "all":
+        per_class = max(1, num_samples // num_classes)
+        return torch.arange(num_classes).repeat_interleave(per_class), per_class
+    labels = torch.as_tensor(list(classes), dtype=torch.long)
+    if labels.numel() == 0 or labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"classes={list(classes)}: expected indices in [0, {num_classes})")
+    return labels.repeat(num_samples // labels.numel() + 1)[:num_samples], None
+
+
 def sample(cfg: DictConfig) -> dict[str, Any]:
-    """Load ``cfg.ckpt`` (optionally with another ``cfg.sampler``), draw ``cfg.num_samples`` seeded samples."""
+    """Load ``cfg.ckpt`` (optionally with another ``cfg.sampler``), draw ``cfg.num_samples`` seeded samples.
+
+    Class-conditional checkpoints take ``classes`` and ``guidance_scale`` (w of classifier-free guidance).
+    """
     if cfg.num_samples < 1:
         raise ValueError(f"num_samples={cfg.num_samples}: expected >= 1")
     device = resolve_device(cfg.device)
     module, record = load_module(cfg.ckpt, sampler=cfg.get("sampler"), map_location=device)
     module.sample_batch_size = int(cfg.batch_size)
+    labels, row = class_labels(cfg.get("classes"), module.num_classes, int(cfg.num_samples))
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    images = module.sample(int(cfg.num_samples), generator=generator)
+    num = int(cfg.num_samples) if labels is None else labels.numel()
+    images = module.sample(num, generator=generator, y=labels, guidance_scale=cfg.get("guidance_scale"))
     out_dir = Path(cfg.out_dir)
     result = {
-        "grid": save_grid(images, out_dir / "samples.png", nrow=cfg.get("nrow")),
-        "npz": save_npz(images, out_dir / "samples.npz"),
+        "grid": save_grid(images, out_dir / "samples.png", nrow=cfg.get("nrow") or row),
+        "npz": save_npz(images, out_dir / "samples.npz", labels=labels),
         "global_step": record["global_step"],
     }
     log.info("Wrote %s and %s (checkpoint step %d)", result["grid"], result["npz"], record["global_step"])
