@@ -127,14 +127,16 @@ class Sampler(abc.ABC):
             raise ValueError(f"timestep {int(t)} is not in this sampler's sequence; call set_timesteps first") from None
 
     def predict(
-        self, model_output: torch.Tensor, t: int | torch.Tensor, x_t: torch.Tensor
+        self, model_output: torch.Tensor, t: int | torch.Tensor, x_t: torch.Tensor, clip: bool | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(x̂_0, ε̂, variance output or None) from a raw network output at timestep ``t``."""
+        """(x̂_0, ε̂, variance output or None) from a raw network output at timestep ``t``; ``clip`` overrides
+        the sampler's thresholding (False: none, as inversion needs)."""
         mean_output, var_output = self.diffusion.split_output(model_output, self.variance_type)
         t_batch = torch.full((x_t.shape[0],), int(t), device=x_t.device, dtype=torch.long)
-        static = self.clip_denoised and self.dynamic_threshold is None
+        clip = self.clip_denoised if clip is None else clip
+        static = clip and self.dynamic_threshold is None
         x0, eps = self.diffusion.predict_x0_eps(self.parameterization, mean_output.float(), x_t.float(), t_batch, static)
-        if self.dynamic_threshold is not None:
+        if clip and self.dynamic_threshold is not None:
             x0 = dynamic_threshold(x0, self.dynamic_threshold)
             eps = self.diffusion.predict_eps_from_x0(x_t.float(), t_batch, x0)
         return x0, eps, var_output

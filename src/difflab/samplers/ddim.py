@@ -1,0 +1,90 @@
+"""DDIM (Song et al. 2021; survey Method 5.8, Remark 5.9): a non-Markovian reverse process that reuses any
+ε/x0/v model trained for DDPM, on a sub-sequence τ_1 < … < τ_S of the T steps.
+
+x_{τ_{i−1}} = sqrt(ᾱ_{τ_{i−1}}) x̂_0 + sqrt(1 − ᾱ_{τ_{i−1}} − σ_{τ_i}²) ε̂ + σ_{τ_i} z              (eq. 12)
+σ_{τ_i}(η) = η sqrt((1 − ᾱ_{τ_{i−1}})/(1 − ᾱ_{τ_i})) sqrt(1 − ᾱ_{τ_i}/ᾱ_{τ_{i−1}})              (eq. 16)
+η = 0 is deterministic (the probability-flow ODE discretised); η = 1 at S = T is DDPM with σ² = β̃.
+``sigma="hat"`` uses σ̂_{τ_i} = sqrt(1 − ᾱ_{τ_i}/ᾱ_{τ_{i−1}}) (DDPM's β of the jump; the σ̂ row of the
+paper's Table 1); then 1 − ᾱ_{τ_{i−1}} − σ̂² can be negative and the ε̂ coefficient is clamped at 0.
+Indices are 0-based: τ = T−1 is the paper's t = T; before τ_1 comes ᾱ = 1 and no noise is added.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from difflab.samplers.base import Sampler, SamplerOutput
+from difflab.utils.enums import StrEnumChoice, parse_enum
+
+
+class DDIMSigma(StrEnumChoice):
+    ETA = "eta"  # σ(η), eq. 16
+    HAT = "hat"  # σ̂ = sqrt(1 − ᾱ_t/ᾱ_prev)
+
+
+class DDIMSampler(Sampler):
+    """DDIM with ``eta`` (η ≥ 0) and ``sigma`` (``eta`` | ``hat``); the other arguments as :class:`Sampler`."""
+
+    def __init__(self, *args, eta: float = 0.0, sigma: str | DDIMSigma = DDIMSigma.ETA, **kwargs) -> None:
+        if eta < 0:
+            raise ValueError(f"sampler.eta={eta}: expected >= 0")
+        self.eta = float(eta)
+        self.sigma_type = parse_enum(DDIMSigma, sigma, "sampler.sigma")
+        super().__init__(*args, **kwargs)
+
+    def _on_set_timesteps(self, ascending: torch.Tensor) -> None:
+        ab = self.diffusion.alphas_cumprod_64[ascending]
+        ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+        jump = 1.0 - ab / ab_prev
+        if self.sigma_type is DDIMSigma.HAT:
+            sigma = jump.sqrt()
+        else:
+            sigma = self.eta * ((1.0 - ab_prev) / (1.0 - ab)).sqrt() * jump.sqrt()
+        sigma[0] = 0.0  # the last step adds no noise
+        self._table = {
+            "sqrt_ab": ab.sqrt().float(),
+            "sqrt_ab_prev": ab_prev.sqrt().float(),
+            "sqrt_one_minus_ab": (1.0 - ab).sqrt().float(),
+            "dir_coef": (1.0 - ab_prev - sigma**2).clamp(min=0.0).sqrt().float(),
+            "sigma": sigma.float(),
+        }
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        t: int | torch.Tensor,
+        x_t: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> SamplerOutput:
+        i = self.step_index(t)
+        x0, eps, _ = self.predict(model_output, t, x_t)
+        prev = self._table["sqrt_ab_prev"][i] * x0 + self._table["dir_coef"][i] * eps  # eq. 12 without noise
+        sigma = self._table["sigma"][i]
+        if sigma > 0:
+            prev = prev + sigma * torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=prev.dtype)
+        return SamplerOutput(prev_sample=prev.to(x_t.dtype), pred_x0=x0)
+
+    @torch.no_grad()
+    def encode(
+        self,
+        model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        x_start: torch.Tensor,
+        num_steps: int | None = None,
+    ) -> torch.Tensor:
+        """Deterministic inversion x_0 → x_{τ_S}: the η = 0 update run forwards (Song et al. §4.3, eq. 13).
+
+        From level τ_{i−1} to τ_i: ε̂ = ε_θ(x_{τ_{i−1}}, τ_i) (the usual first-order approximation of the ODE),
+        x̂_0 = (x_{τ_{i−1}} − sqrt(1 − ᾱ_{τ_{i−1}}) ε̂)/sqrt(ᾱ_{τ_{i−1}}),  x_{τ_i} = sqrt(ᾱ_{τ_i}) x̂_0 + sqrt(1 − ᾱ_{τ_i}) ε̂.
+        The model output is read as ε through :meth:`Sampler.predict` (any parameterisation), without clipping.
+        """
+        self.set_timesteps(num_steps)
+        x = x_start.float()
+        for i, t in enumerate(self.timesteps.flip(0).tolist()):
+            t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+            _, eps, _ = self.predict(model_fn(x, t_batch), t, x, clip=False)
+            sqrt_ab_prev = self._table["sqrt_ab_prev"][i]
+            x0 = (x - (1.0 - sqrt_ab_prev**2).sqrt() * eps) / sqrt_ab_prev
+            x = self._table["sqrt_ab"][i] * x0 + self._table["sqrt_one_minus_ab"][i] * eps
+        return x
