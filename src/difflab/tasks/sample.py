@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig
 
 from difflab.modules import load_module
+from difflab.tasks.sample_modes import interpolate, reconstruct
 from difflab.utils.images import save_grid, save_npz
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,13 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     module, record = load_module(cfg.ckpt, sampler=cfg.get("sampler"), map_location=device)
     module.sample_batch_size = int(cfg.batch_size)
+    mode = cfg.get("mode", "generate")
+    if mode == "reconstruct":
+        return reconstruct(cfg, module, record, device)
+    if mode == "interpolate":
+        return interpolate(cfg, module, device)
+    if mode != "generate":
+        raise ValueError(f"mode={mode!r}: expected one of [generate, reconstruct, interpolate]")
     labels, row = class_labels(cfg.get("classes"), module.num_classes, int(cfg.num_samples))
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
     num = int(cfg.num_samples) if labels is None else labels.numel()
