@@ -1,8 +1,9 @@
 """Lightning callbacks: the run record in checkpoints, per-rank seeds, sample grids (EMA is Lightning's own)."""
 
+from difflab.callbacks.generative_metrics import GenerativeMetricsCallback
 from difflab.callbacks.nll import NLLCallback
 from difflab.callbacks.run_record import RunRecord
 from difflab.callbacks.sample_grid import SampleGridCallback
 from difflab.callbacks.seeding import RankSeedCallback
 
-__all__ = ["NLLCallback", "RankSeedCallback", "RunRecord", "SampleGridCallback"]
+__all__ = ["GenerativeMetricsCallback", "NLLCallback", "RankSeedCallback", "RunRecord", "SampleGridCallback"]

@@ -1,6 +1,7 @@
 """Plain ``nn.Module`` networks (never import Lightning)."""
 
+from difflab.networks.classifier import ClassifierNet
 from difflab.networks.embeddings import timestep_embedding
 from difflab.networks.unet import UNet
 
-__all__ = ["UNet", "timestep_embedding"]
+__all__ = ["ClassifierNet", "UNet", "timestep_embedding"]

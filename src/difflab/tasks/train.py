@@ -70,7 +70,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if ckpt_written and trainer.is_global_zero and Path(ckpt_written).is_file():  # none under fast_dev_run
         result["checkpoint"] = ckpt_written
         log.info("Checkpoint: %s", ckpt_written)
-    if trainer.is_global_zero and cfg.samples.num_samples > 0:
+    if trainer.is_global_zero and cfg.samples.num_samples > 0 and hasattr(model, "sample"):
         # After fit, EMAWeightAveraging has copied the EMA weights into the model: samples use them.
         # Lightning moves the model back to the CPU at teardown; sample on the training device.
         model.to(trainer.strategy.root_device)

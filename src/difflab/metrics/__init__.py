@@ -1,0 +1,6 @@
+"""Sample-quality metrics on torchmetrics: FID / KID / IS with a named feature network, real-statistics cache."""
+
+from difflab.metrics.feature_nets import FEATURE_NETS, FeatureNetUnavailable, load_classifier, make_metric
+from difflab.metrics.generative import GenerativeMetrics
+
+__all__ = ["FEATURE_NETS", "FeatureNetUnavailable", "GenerativeMetrics", "load_classifier", "make_metric"]

@@ -1,0 +1,57 @@
+"""ClassifierModule: trains the small CNN whose features and logits serve as offline FID/KID/IS networks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ClassifierModule(pl.LightningModule):
+    """Cross-entropy training of ``net(in_channels=, num_classes=, image_size=)``; logs loss and accuracy."""
+
+    def __init__(
+        self,
+        net: Callable[..., nn.Module],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        image_shape: Sequence[int],
+        num_classes: int,
+        lr_scheduler: Callable[..., Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.num_classes = num_classes
+        self.net = net(in_channels=self.image_shape[0], num_classes=num_classes, image_size=self.image_shape[1])
+        self._optimizer, self._lr_scheduler = optimizer, lr_scheduler
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        accuracy = (logits.argmax(dim=1) == y).float().mean()
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
+        self.log(f"{stage}/acc", accuracy, prog_bar=True, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self._optimizer(self.parameters())
+        if self._lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._lr_scheduler(optimizer), "interval": "step"}}

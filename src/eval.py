@@ -1,0 +1,18 @@
+"""Evaluate a checkpoint: ``python src/eval.py ckpt=PATH metrics=[fid,is,kid,nll] num_samples=10000``."""
+
+import hydra
+from omegaconf import DictConfig
+
+from difflab.tasks.eval import evaluate
+from difflab.utils.config import register_resolvers
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()
