@@ -8,7 +8,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from difflab.modules import DiffusionModule
+from difflab.modules import ClassifierModule, DiffusionModule
 from tests.conftest import CONF_DIR, compose_config
 
 GROUPS = ["data", "model", "net", "schedule", "sampler", "trainer", "logger", "callbacks"]
@@ -53,7 +53,8 @@ def test_group_option_instantiates(group, option, tmp_path, monkeypatch):
 def test_experiment_and_debug_configs_compose(option, tmp_path):
     group = "experiment" if option in options("experiment") else "debug"
     cfg = compose_config([f"{group}={option}"], tmp_path)
-    assert isinstance(instantiate(cfg.model), DiffusionModule)
+    model = instantiate(cfg.model)
+    assert isinstance(model, DiffusionModule if "classifier" not in option else ClassifierModule)
 
 
 def test_hparams_search_composes_a_sweep(tmp_path):

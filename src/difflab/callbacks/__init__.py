@@ -1,9 +1,17 @@
-"""Lightning callbacks: the run record in checkpoints, per-rank seeds, sample grids (EMA is Lightning's own)."""
+"""Lightning callbacks: run record, per-rank seeds, sample grids, metrics (EMA is Lightning's own)."""
 
 from difflab.callbacks.generative_metrics import GenerativeMetricsCallback
 from difflab.callbacks.nll import NLLCallback
+from difflab.callbacks.reconstruction_metrics import ReconstructionMetricsCallback
 from difflab.callbacks.run_record import RunRecord
 from difflab.callbacks.sample_grid import SampleGridCallback
 from difflab.callbacks.seeding import RankSeedCallback
 
-__all__ = ["GenerativeMetricsCallback", "NLLCallback", "RankSeedCallback", "RunRecord", "SampleGridCallback"]
+__all__ = [
+    "GenerativeMetricsCallback",
+    "NLLCallback",
+    "RankSeedCallback",
+    "ReconstructionMetricsCallback",
+    "RunRecord",
+    "SampleGridCallback",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -14,6 +15,12 @@ from difflab.utils.images import image_grid
 from difflab.utils.loggers import log_image
 
 log = logging.getLogger(__name__)
+
+
+def _plain(config: Any) -> Any:
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
 
 
 class GenerativeMetricsCallback(pl.Callback):
@@ -53,7 +60,8 @@ class GenerativeMetricsCallback(pl.Callback):
         self.every_n_epochs, self.num_samples, self.num_real = every_n_epochs, num_samples, num_real
         self.batch_size, self.real_split, self.cache_dir = batch_size, real_split, cache_dir
         self.seed, self.at_fit_end = seed, at_fit_end
-        self.data_config = dict(data_config) if data_config is not None else None  # the cache key of the real stats
+        # the cache key of the real statistics (a plain dict: Hydra passes a DictConfig with _recursive_: false)
+        self.data_config = None if data_config is None else json.loads(json.dumps(_plain(data_config), default=str))
         self.metrics: GenerativeMetrics | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

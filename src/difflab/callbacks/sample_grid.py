@@ -39,6 +39,8 @@ class SampleGridCallback(pl.Callback):
     ) -> None:
         if batch_idx or dataloader_idx or trainer.sanity_checking or not trainer.is_global_zero:
             return
+        if not hasattr(pl_module, "sample"):  # e.g. model=classifier with the default callbacks
+            return
         if (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)

@@ -1,7 +1,8 @@
 """Feature networks for FID/KID/IS, and the torchmetrics objects built on them.
 
 - ``inception``: the standard Inception-v3 of the published FID/IS numbers (torchmetrics + torch-fidelity).
-  Its weights come by download, or from ``inception_weights`` (a local ``pt_inception-2015-12-05-6726825d.pth``).
+  Its weights come by download into ``$TORCH_HOME/hub/checkpoints/``, or from ``inception_weights`` (a local
+  ``weights-inception-2015-12-05-6726825d.pth``).
 - ``fmnist_cls`` / ``mnist_cls``: difflab's own small classifiers (:class:`difflab.networks.ClassifierNet`),
   trained on Fashion-MNIST / MNIST and shipped in ``difflab/metrics/weights/`` so evaluation works offline.
   Their penultimate features feed FID/KID and their logits IS. Numbers computed with them are NOT comparable to
@@ -20,7 +21,7 @@ from difflab.networks import ClassifierNet
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 FEATURE_NETS = ("inception", "fmnist_cls", "mnist_cls")
-INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception-v3
 
 
 class FeatureNetUnavailable(RuntimeError):
@@ -86,12 +87,14 @@ def make_metric(kind: str, feature_net: str, inception_weights: str | None = Non
         extra = _inception_kwargs(inception_weights) if kind == "fid" else {}
         try:
             return classes[kind](feature=feature, **extra, **kwargs)
+        except ModuleNotFoundError as err:
+            raise FeatureNetUnavailable(f"feature_net=inception needs torch-fidelity: pip install torch-fidelity ({err})") from err
         except Exception as err:  # no network and no local file: torch-fidelity's download fails
             raise FeatureNetUnavailable(
-                f"metrics.feature_net=inception: the standard Inception-v3 weights could not be loaded ({err}). "
-                f"Offline, download {INCEPTION_FILE} where you have a network and pass "
-                f"metrics.inception_weights=/path/to/{INCEPTION_FILE} (FID), or place it in "
-                "$TORCH_HOME/hub/checkpoints/; or use an offline net: metrics.feature_net=fmnist_cls | mnist_cls"
+                f"feature_net=inception: the standard Inception-v3 weights could not be loaded ({err}). "
+                f"Offline: download {INCEPTION_FILE} (torch-fidelity's release files) where you have a network and "
+                f"put it in $TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch/hub/checkpoints/), or pass its path "
+                "as inception_weights=/path/to/file (FID); or use an offline net: feature_net=fmnist_cls | mnist_cls"
             ) from err
     net, _ = load_classifier(feature_net)
     output = "logits" if kind == "is" else "features"

@@ -48,6 +48,7 @@ class GenerativeMetrics(nn.Module):
         self.metrics = nn.ModuleDict(
             {name: make_metric(name, feature_net, inception_weights, **extra[name]) for name in self.names}
         )
+        self._real_ready = False  # on ranks > 0 the FID real sums are zero by design: track readiness here
 
     @property
     def needs_real(self) -> bool:
@@ -77,10 +78,13 @@ class GenerativeMetrics(nn.Module):
         """All metrics (call on every rank), then reset the generated-image states (the real ones are kept)."""
         out: dict[str, float] = {}
         for name, metric in self.metrics.items():
-            value = metric.compute()
+            with torch.random.fork_rng(devices=[]):  # KID and IS draw random subsets: same draw on every rank
+                torch.manual_seed(0)
+                value = metric.compute()
             if isinstance(value, tuple):  # KID and IS return (mean, std)
                 out[f"{name}_{self.feature_net}"] = float(value[0])
-                out[f"{name}_std_{self.feature_net}"] = float(value[1])
+                if torch.isfinite(value[1]):  # undefined with a single IS split
+                    out[f"{name}_std_{self.feature_net}"] = float(value[1])
             else:
                 out[f"{name}_{self.feature_net}"] = float(value)
             metric.reset()
@@ -105,9 +109,10 @@ class GenerativeMetrics(nn.Module):
             for key in ("real_features_sum", "real_features_cov_sum", "real_features_num_samples"):
                 value = state[f"fid.{key}"].to(getattr(fid, key).device)
                 setattr(fid, key, value if rank == 0 else torch.zeros_like(value))
-        if "kid" in self.metrics:
-            features = state["kid.real_features"][rank::world]
+        if "kid" in self.metrics:  # contiguous blocks: all_gather's concatenation restores the original order
+            features = state["kid.real_features"].tensor_split(world)[rank]
             self.metrics["kid"].real_features = [features.to(self.metrics["kid"].device)]
+        self._real_ready = True
 
     def fill_real(self, batches: Iterable[torch.Tensor], num_real: int, cache_key: dict[str, Any] | None,
                   cache_dir: str | Path | None) -> bool:
@@ -117,7 +122,7 @@ class GenerativeMetrics(nn.Module):
         Under DDP every rank must pass the same, full ``batches`` (no distributed sampler): each computes the whole
         statistics, then keeps its share (see :meth:`load_real_state`) so the all-reduce in ``compute`` is exact.
         """
-        if not self.needs_real or self.num_real():
+        if not self.needs_real or self._real_ready:
             return False
         path = None
         if cache_dir is not None and cache_key is not None:

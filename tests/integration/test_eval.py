@@ -1,0 +1,79 @@
+"""Metrics in training and the eval CLI, on tiny checkpoints and a seeded stand-in feature network."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from difflab.callbacks import ReconstructionMetricsCallback
+from difflab.tasks.eval import evaluate
+from difflab.tasks.train import train
+from tests.conftest import compose_config
+from tests.unit.test_metrics import weights_dir  # noqa: F401  (fixture)
+
+
+def test_generative_metrics_callback_logs_named_metrics(tiny_cfg, weights_dir, tmp_path):  # noqa: F811
+    cfg = tiny_cfg(
+        "callbacks=[default,generative_metrics]",
+        "callbacks.generative_metrics.every_n_epochs=1", "callbacks.generative_metrics.num_samples=8",
+        "callbacks.generative_metrics.num_real=16", "callbacks.generative_metrics.batch_size=8",
+        "callbacks.generative_metrics.kid_subset_size=4", "trainer.max_steps=2", "trainer.limit_train_batches=2",
+    )
+    metrics = train(cfg)["metrics"]
+    assert {"val/fid_fmnist_cls", "val/kid_fmnist_cls", "val/is_fmnist_cls"} <= set(metrics)
+    assert metrics["val/fid_fmnist_cls"] > 0 and metrics["val/is_fmnist_cls"] >= 1
+    assert list((tmp_path / "data" / ".cache" / "fid_stats").glob("*.pt"))  # real statistics cached
+
+
+def test_eval_cli_writes_json_with_fid_and_nll(tiny_cfg, weights_dir, tmp_path):  # noqa: F811
+    run = train(tiny_cfg("trainer.max_steps=2", "trainer.limit_train_batches=2", output_dir=tmp_path / "run"))
+    cfg = compose_config(
+        [f"ckpt={run['checkpoint']}", "metrics=[fid,kid,is,nll]", "num_samples=8", "num_real=16", "batch_size=8",
+         "nll_images=4", "sampler=ddim", "sampler.steps=5"],
+        tmp_path / "eval", "eval",
+    )
+    report = evaluate(cfg)
+    saved = json.loads((tmp_path / "run" / "checkpoints" / "last_eval.json").read_text())
+    assert saved["results"] == pytest.approx(report["results"])
+    results = saved["results"]
+    assert results["nll_total_bpd"] > results["nll_decoder_bpd"] > 0 and results["nll_images"] == 4
+    assert {"fid_fmnist_cls", "kid_fmnist_cls", "is_fmnist_cls"} <= set(results)
+    assert saved["sampler"]["_target_"].endswith("DDIMSampler")
+
+
+class Reconstructor(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(1, 1)
+
+    def reconstruct(self, x):
+        return x + 0.1 * torch.randn_like(x)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0].mean(dim=(1, 2, 3))[:, None]).sum()
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_reconstruction_metrics_and_lpips_skip_logged_once(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    data = DataLoader(TensorDataset(torch.rand(32, 1, 16, 16) * 2 - 1, torch.zeros(32)), batch_size=8)
+    callback = ReconstructionMetricsCallback(lpips_net="alex", max_batches=2)
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         callbacks=[callback], default_root_dir=tmp_path, num_sanity_val_steps=0)
+    with caplog.at_level(logging.WARNING):
+        trainer.fit(Reconstructor(), data, data)
+    assert sum("LPIPS skipped" in r.message for r in caplog.records) == 1
+    assert "alexnet-owt-7be5be79.pth" in callback.skip_reason
+    metrics = trainer.callback_metrics
+    assert 10 < float(metrics["val/psnr"]) < 40 and 0 < float(metrics["val/ssim"]) < 1
+    assert "val/lpips_alex" not in metrics
