@@ -1,0 +1,57 @@
+"""Shared by the experiment scripts: load a checkpoint, real images of its data, FID/IS on a feature net."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from torch.utils.data import DataLoader
+
+from difflab.metrics import GenerativeMetrics
+from difflab.modules import load_module
+from difflab.utils.config import register_resolvers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ensure_checkpoint(run_dir: Path, overrides: list[str]) -> Path:
+    """Train with src/train.py into ``run_dir`` unless its last.ckpt exists; return the checkpoint path."""
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        cmd = [sys.executable, str(ROOT / "src" / "train.py"), *overrides, f"hydra.run.dir={run_dir}"]
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    return ckpt
+
+
+def load(ckpt: Path, device: torch.device) -> tuple[Any, dict[str, Any], Any]:
+    """(module, run record, test dataset of the checkpoint's own data)."""
+    register_resolvers()
+    module, record = load_module(ckpt, map_location=device)
+    datamodule = instantiate(record["config"]["data"])
+    datamodule.setup("test")
+    return module, record, datamodule.test
+
+
+def real_metrics(dataset: Any, num_real: int, metrics: tuple[str, ...], feature_net: str, device: torch.device,
+                 cache_key: dict[str, Any]) -> GenerativeMetrics:
+    """GenerativeMetrics with the real statistics of ``num_real`` test images filled (cached under logs/)."""
+    gm = GenerativeMetrics(metrics, feature_net, kid_subset_size=min(100, num_real)).to(device)
+    batches = (x.to(device) for x, _ in DataLoader(dataset, batch_size=500))
+    gm.fill_real(batches, num_real, cache_key, ROOT / "logs" / "fid_stats")
+    return gm
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.write_text(json.dumps(payload, indent=2, default=str))

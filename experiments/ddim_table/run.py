@@ -1,0 +1,75 @@
+"""The DDIM paper's Table 1 (FID vs η and S) for a model trained with this platform.
+
+    python experiments/ddim_table/run.py                    # the CPU run recorded in RESULTS.md
+    python experiments/ddim_table/run.py --num-samples 10000 --num-real 10000 --steps 10 20 50 100 1000 \\
+        --train "data=fashion_mnist trainer=gpu"            # the full-size run on a GPU
+
+One model (trained by src/train.py if its checkpoint is missing), DDIM with η ∈ {0, 0.2, 0.5, 1} and σ̂, S sampling
+steps on the DDIM paper's uniform (leading) spacing, the same initial noise for every cell. FID is the offline
+proxy FID on the penultimate features of difflab's Fashion-MNIST classifier (fid_fmnist_cls), NOT comparable to
+Inception FIDs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from pathlib import Path
+
+import torch
+
+from difflab.samplers import DDIMSampler
+from experiments.common import ROOT, ensure_checkpoint, hardware, load, real_metrics, write_json
+
+ROWS = [("0.0", dict(eta=0.0)), ("0.2", dict(eta=0.2)), ("0.5", dict(eta=0.5)), ("1.0", dict(eta=1.0)),
+        ("σ̂", dict(sigma="hat"))]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train", default="experiment=quickstart trainer.max_steps=1500", help="src/train.py overrides")
+    p.add_argument("--run-dir", default=str(ROOT / "logs" / "ddim_table" / "model"))
+    p.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50, 100])
+    p.add_argument("--num-samples", type=int, default=500)
+    p.add_argument("--num-real", type=int, default=1000)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    ckpt = ensure_checkpoint(Path(args.run_dir), args.train.split())
+    module, record, test = load(ckpt, device)
+    module.sample_batch_size = 500
+    gm = real_metrics(test, args.num_real, ("fid",), "fmnist_cls", device, {"data": record["config"]["data"]})
+    table: dict[str, dict[int, float]] = {}
+    for name, kwargs in ROWS:
+        sampler = module.build_sampler(functools.partial(DDIMSampler, spacing="leading", **kwargs))
+        for steps in args.steps:
+            start = time.time()
+            images = module.sample(args.num_samples, torch.Generator(device).manual_seed(0), sampler, steps)
+            gm.update_fake(images)
+            table.setdefault(name, {})[steps] = gm.compute()["fid_fmnist_cls"]
+            print(f"eta={name} S={steps} fid_fmnist_cls={table[name][steps]:.3f} ({time.time() - start:.0f}s)", flush=True)
+    out = Path(__file__).parent
+    write_json(out / "results.json", {"table": table, "ckpt": str(ckpt), "global_step": record["global_step"],
+               "num_samples": args.num_samples, "num_real": args.num_real, "hardware": hardware(),
+               "train": args.train, "steps": args.steps})
+    plot(table, args.steps, out / "fid_vs_steps.png")
+
+
+def plot(table: dict[str, dict[int, float]], steps: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, row in table.items():
+        ax.plot(steps, [row[s] for s in steps], marker="o", label=f"η = {name}" if name != "σ̂" else "σ̂")
+    ax.set(xscale="log", yscale="log", xlabel="sampling steps S", ylabel="FID (fmnist_cls features)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
