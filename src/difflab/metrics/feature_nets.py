@@ -65,8 +65,16 @@ def load_classifier(name: str, weights_dir: Path | None = None) -> tuple[Classif
     return net.eval(), blob["meta"]
 
 
-def _inception_kwargs(inception_weights: str | None) -> dict[str, Any]:
-    return {"feature_extractor_weights_path": inception_weights} if inception_weights else {}
+def _inception_feature(kind: str, inception_weights: str | None) -> Any:
+    """torchmetrics' default Inception feature for ``kind``, or — with a local weights file — the same network
+    (``NoTrainInceptionV3``) built from that file, so FID, KID and IS all work offline."""
+    if not inception_weights:
+        return "logits_unbiased" if kind == "is" else 2048
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    layer = "logits_unbiased" if kind == "is" else "2048"
+    return NoTrainInceptionV3(name="inception-v3-compat", features_list=[layer],
+                              feature_extractor_weights_path=inception_weights)
 
 
 def make_metric(kind: str, feature_net: str, inception_weights: str | None = None, **kwargs: Any) -> Any:
@@ -83,10 +91,9 @@ def make_metric(kind: str, feature_net: str, inception_weights: str | None = Non
     if feature_net not in FEATURE_NETS:
         raise ValueError(f"metrics.feature_net={feature_net!r}: expected one of {list(FEATURE_NETS)}")
     if feature_net == "inception":
-        feature: Any = "logits_unbiased" if kind == "is" else 2048
-        extra = _inception_kwargs(inception_weights) if kind == "fid" else {}
         try:
-            return classes[kind](feature=feature, **extra, **kwargs)
+            feature = _inception_feature(kind, inception_weights)
+            return classes[kind](feature=feature, **kwargs)
         except ModuleNotFoundError as err:
             raise FeatureNetUnavailable(f"feature_net=inception needs torch-fidelity: pip install torch-fidelity ({err})") from err
         except Exception as err:  # no network and no local file: torch-fidelity's download fails
@@ -94,7 +101,7 @@ def make_metric(kind: str, feature_net: str, inception_weights: str | None = Non
                 f"feature_net=inception: the standard Inception-v3 weights could not be loaded ({err}). "
                 f"Offline: download {INCEPTION_FILE} (torch-fidelity's release files) where you have a network and "
                 f"put it in $TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch/hub/checkpoints/), or pass its path "
-                "as inception_weights=/path/to/file (FID); or use an offline net: feature_net=fmnist_cls | mnist_cls"
+                "as inception_weights=/path/to/file; or use an offline net: feature_net=fmnist_cls | mnist_cls"
             ) from err
     net, _ = load_classifier(feature_net)
     output = "logits" if kind == "is" else "features"
