@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
 from difflab.metrics import load_classifier
 from difflab.samplers import DDIMSampler

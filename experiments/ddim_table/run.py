@@ -13,11 +13,14 @@ Inception FIDs.
 from __future__ import annotations
 
 import argparse
+import sys
 import functools
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
 from difflab.samplers import DDIMSampler
 from experiments.common import ROOT, ensure_checkpoint, hardware, load, real_metrics, write_json
