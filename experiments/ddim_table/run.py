@@ -13,8 +13,8 @@ Inception FIDs.
 from __future__ import annotations
 
 import argparse
-import sys
 import functools
+import sys
 import time
 from pathlib import Path
 
