@@ -152,8 +152,16 @@ def bench_train_bare(args: argparse.Namespace, device: torch.device) -> dict:
         step()
     sync(device)
     seconds = time.perf_counter() - start
-    return record(args, device, "train_bare", count_params(net), batch_size=args.batch_size,
-                  steps=args.train_steps, seconds=seconds, images_per_s=args.batch_size * args.train_steps / seconds)
+    return record(
+        args,
+        device,
+        "train_bare",
+        count_params(net),
+        batch_size=args.batch_size,
+        steps=args.train_steps,
+        seconds=seconds,
+        images_per_s=args.batch_size * args.train_steps / seconds,
+    )
 
 
 class StepTimer(pl.Callback):
@@ -187,10 +195,18 @@ def bench_train_lightning(args: argparse.Namespace, device: torch.device) -> dic
     loader = DataLoader(TensorDataset(images, torch.zeros(len(images), dtype=torch.long)), batch_size=args.batch_size)
     timer = StepTimer(args.warmup_steps, total)
     trainer = pl.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=total, max_epochs=1,
-        precision="bf16-mixed" if args.precision == "bf16" else "32-true", callbacks=[timer],
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, num_sanity_val_steps=0,
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        max_steps=total,
+        max_epochs=1,
+        precision="bf16-mixed" if args.precision == "bf16" else "32-true",
+        callbacks=[timer],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
     )
     reset_peak(device)
     with warnings.catch_warnings():
@@ -198,8 +214,16 @@ def bench_train_lightning(args: argparse.Namespace, device: torch.device) -> dic
             warnings.filterwarnings("ignore", message=message)
         trainer.fit(module, train_dataloaders=loader)
     seconds = timer.end - timer.start
-    return record(args, device, "train_lightning", count_params(module.net), batch_size=args.batch_size,
-                  steps=args.train_steps, seconds=seconds, images_per_s=args.batch_size * args.train_steps / seconds)
+    return record(
+        args,
+        device,
+        "train_lightning",
+        count_params(module.net),
+        batch_size=args.batch_size,
+        steps=args.train_steps,
+        seconds=seconds,
+        images_per_s=args.batch_size * args.train_steps / seconds,
+    )
 
 
 @torch.inference_mode()
@@ -226,9 +250,16 @@ def bench_sample(args: argparse.Namespace, device: torch.device) -> dict:
     run(timesteps)
     sync(device)
     seconds = time.perf_counter() - start
-    return record(args, device, "sample", count_params(net), batch_size=args.sample_batch_size,
-                  steps=args.sample_steps, seconds=seconds,
-                  image_steps_per_s=args.sample_batch_size * args.sample_steps / seconds)
+    return record(
+        args,
+        device,
+        "sample",
+        count_params(net),
+        batch_size=args.sample_batch_size,
+        steps=args.sample_steps,
+        seconds=seconds,
+        image_steps_per_s=args.sample_batch_size * args.sample_steps / seconds,
+    )
 
 
 def summary(records: list[dict]) -> dict:

@@ -38,8 +38,14 @@ def load(ckpt: Path, device: torch.device) -> tuple[Any, dict[str, Any], Any]:
     return module, record, datamodule.test
 
 
-def real_metrics(dataset: Any, num_real: int, metrics: tuple[str, ...], feature_net: str, device: torch.device,
-                 cache_key: dict[str, Any]) -> GenerativeMetrics:
+def real_metrics(
+    dataset: Any,
+    num_real: int,
+    metrics: tuple[str, ...],
+    feature_net: str,
+    device: torch.device,
+    cache_key: dict[str, Any],
+) -> GenerativeMetrics:
     """GenerativeMetrics with the real statistics of ``num_real`` test images filled (cached under logs/)."""
     gm = GenerativeMetrics(metrics, feature_net, kid_subset_size=min(100, num_real)).to(device)
     batches = (x.to(device) for x, _ in DataLoader(dataset, batch_size=500))

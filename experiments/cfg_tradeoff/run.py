@@ -30,8 +30,11 @@ WEIGHTS = [0.0, 0.1, 0.3, 0.5, 1.0, 2.0, 4.0]
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train", default="experiment=quickstart model=cfg net.use_scale_shift_norm=true "
-                   "trainer.max_steps=1500 task_name=cfg_tradeoff")
+    p.add_argument(
+        "--train",
+        default="experiment=quickstart model=cfg net.use_scale_shift_norm=true "
+        "trainer.max_steps=1500 task_name=cfg_tradeoff",
+    )
     p.add_argument("--run-dir", default=str(ROOT / "logs" / "cfg_tradeoff" / "model"))
     p.add_argument("--weights", type=float, nargs="+", default=WEIGHTS)
     p.add_argument("--num-samples", type=int, default=500)
@@ -51,19 +54,37 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for w in args.weights:
         start = time.time()
-        images = module.sample(args.num_samples, torch.Generator(device).manual_seed(0), sampler, y=labels,
-                               guidance_scale=w)
+        images = module.sample(
+            args.num_samples, torch.Generator(device).manual_seed(0), sampler, y=labels, guidance_scale=w
+        )
         gm.update_fake(images)
         values = gm.compute()
         with torch.no_grad():
             accuracy = (classifier(images).argmax(1).cpu() == labels).float().mean().item()
-        rows.append({"w": w, "fid_fmnist_cls": values["fid_fmnist_cls"], "is_fmnist_cls": values["is_fmnist_cls"],
-                     "class_accuracy": accuracy})
+        rows.append(
+            {
+                "w": w,
+                "fid_fmnist_cls": values["fid_fmnist_cls"],
+                "is_fmnist_cls": values["is_fmnist_cls"],
+                "class_accuracy": accuracy,
+            }
+        )
         print(rows[-1], f"({time.time() - start:.0f}s)", flush=True)
     out = Path(__file__).parent
-    write_json(out / "results.json", {"rows": rows, "ckpt": str(ckpt), "global_step": record["global_step"],
-               "num_samples": args.num_samples, "num_real": args.num_real, "sampler": f"DDIM eta=0, {args.steps} steps",
-               "classifier_test_accuracy": meta.get("test_accuracy"), "hardware": hardware(), "train": args.train})
+    write_json(
+        out / "results.json",
+        {
+            "rows": rows,
+            "ckpt": str(ckpt),
+            "global_step": record["global_step"],
+            "num_samples": args.num_samples,
+            "num_real": args.num_real,
+            "sampler": f"DDIM eta=0, {args.steps} steps",
+            "classifier_test_accuracy": meta.get("test_accuracy"),
+            "hardware": hardware(),
+            "train": args.train,
+        },
+    )
     plot(rows, out / "fid_vs_is.png")
 
 

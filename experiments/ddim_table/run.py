@@ -25,8 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script 
 from difflab.samplers import DDIMSampler
 from experiments.common import ROOT, ensure_checkpoint, hardware, load, real_metrics, write_json
 
-ROWS = [("0.0", dict(eta=0.0)), ("0.2", dict(eta=0.2)), ("0.5", dict(eta=0.5)), ("1.0", dict(eta=1.0)),
-        ("σ̂", dict(sigma="hat"))]
+ROWS = [
+    ("0.0", dict(eta=0.0)),
+    ("0.2", dict(eta=0.2)),
+    ("0.5", dict(eta=0.5)),
+    ("1.0", dict(eta=1.0)),
+    ("σ̂", dict(sigma="hat")),
+]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,11 +56,23 @@ def main(argv: list[str] | None = None) -> None:
             images = module.sample(args.num_samples, torch.Generator(device).manual_seed(0), sampler, steps)
             gm.update_fake(images)
             table.setdefault(name, {})[steps] = gm.compute()["fid_fmnist_cls"]
-            print(f"eta={name} S={steps} fid_fmnist_cls={table[name][steps]:.3f} ({time.time() - start:.0f}s)", flush=True)
+            print(
+                f"eta={name} S={steps} fid_fmnist_cls={table[name][steps]:.3f} ({time.time() - start:.0f}s)", flush=True
+            )
     out = Path(__file__).parent
-    write_json(out / "results.json", {"table": table, "ckpt": str(ckpt), "global_step": record["global_step"],
-               "num_samples": args.num_samples, "num_real": args.num_real, "hardware": hardware(),
-               "train": args.train, "steps": args.steps})
+    write_json(
+        out / "results.json",
+        {
+            "table": table,
+            "ckpt": str(ckpt),
+            "global_step": record["global_step"],
+            "num_samples": args.num_samples,
+            "num_real": args.num_real,
+            "hardware": hardware(),
+            "train": args.train,
+            "steps": args.steps,
+        },
+    )
     plot(table, args.steps, out / "fid_vs_steps.png")
 
 

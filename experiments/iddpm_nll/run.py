@@ -26,7 +26,13 @@ OUT = ROOT / "logs" / "iddpm_nll"
 SCALES = {
     # the `make train` setup (16x16 Fashion-MNIST, unet_s, CPU), trained a little longer
     "cpu": ["experiment=quickstart", "trainer.max_steps=1500"],
-    "gpu": ["data=fashion_mnist", "net=unet_m", "trainer=gpu", "trainer.max_steps=100000", "callbacks.ema.decay=0.9999"],
+    "gpu": [
+        "data=fashion_mnist",
+        "net=unet_m",
+        "trainer=gpu",
+        "trainer.max_steps=100000",
+        "callbacks.ema.decay=0.9999",
+    ],
 }
 MODELS = {"simple": ["model=ddpm"], "hybrid": ["model=iddpm"]}
 EVAL = {"cpu": {"nll_images": 128, "samples": 256}, "gpu": {"nll_images": 10000, "samples": 10000}}
@@ -38,8 +44,15 @@ def train(scale: str) -> dict[str, Path]:
         run_dir = OUT / scale / name
         ckpt = run_dir / "checkpoints" / "last.ckpt"
         if not ckpt.is_file():
-            cmd = [sys.executable, str(ROOT / "src" / "train.py"), *SCALES[scale], *overrides, "schedule=cosine",
-                   "task_name=iddpm_nll", f"hydra.run.dir={run_dir}"]
+            cmd = [
+                sys.executable,
+                str(ROOT / "src" / "train.py"),
+                *SCALES[scale],
+                *overrides,
+                "schedule=cosine",
+                "task_name=iddpm_nll",
+                f"hydra.run.dir={run_dir}",
+            ]
             print("+", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True, cwd=ROOT)
         ckpts[name] = ckpt
@@ -62,20 +75,28 @@ def evaluate(ckpt: Path, name: str, scale: str, device: torch.device) -> list[di
 
     module, record = load_module(ckpt, map_location=device)
     x = test_images(record, EVAL[scale]["nll_images"]).to(device)
-    variants = [module.variance_type] if module.variance_type.learned else [VarianceType.FIXED_SMALL, VarianceType.FIXED_LARGE]
+    variants = (
+        [module.variance_type] if module.variance_type.learned else [VarianceType.FIXED_SMALL, VarianceType.FIXED_LARGE]
+    )
     rows = []
     for variance in variants:
         module.variance_type = variance
         sampler = module.build_sampler(lambda **kw: type(module.sampler)(**kw))
         row = {"model": name, "variance": variance.value, "step": record["global_step"]}
         start = time.time()
-        nll = [module.nll(chunk, generator=torch.Generator(device).manual_seed(i)) for i, chunk in enumerate(x.split(256))]
+        nll = [
+            module.nll(chunk, generator=torch.Generator(device).manual_seed(i)) for i, chunk in enumerate(x.split(256))
+        ]
         for key in ("total_bpd", "prior_bpd", "decoder_bpd", "terms_bpd"):
             row[key] = torch.cat([r[key] for r in nll]).mean().item()
         row["nll_seconds"] = round(time.time() - start, 1)
         for steps in (50, 1000):
-            samples = module.sample(EVAL[scale]["samples"], generator=torch.Generator(device).manual_seed(0),
-                                    sampler=sampler, num_steps=steps)
+            samples = module.sample(
+                EVAL[scale]["samples"],
+                generator=torch.Generator(device).manual_seed(0),
+                sampler=sampler,
+                num_steps=steps,
+            )
             path = OUT / scale / "samples" / f"{name}_{variance.value}_{steps}.npz"
             save_npz(samples, path)
             row[f"samples_{steps}"] = str(path.relative_to(ROOT))
@@ -92,8 +113,14 @@ def main(argv: list[str] | None = None) -> None:
     ckpts = train(args.scale)
     rows = [row for name, ckpt in ckpts.items() for row in evaluate(ckpt, name, args.scale, torch.device(args.device))]
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    result = {"scale": args.scale, "device": device_name, "torch": torch.__version__, "rows": rows,
-              "train_overrides": SCALES[args.scale], "eval": EVAL[args.scale]}
+    result = {
+        "scale": args.scale,
+        "device": device_name,
+        "torch": torch.__version__,
+        "rows": rows,
+        "train_overrides": SCALES[args.scale],
+        "eval": EVAL[args.scale],
+    }
     out = Path(__file__).with_name(f"RESULTS_{args.scale}.json")
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")

@@ -11,8 +11,26 @@ def test_bench_script_runs_on_cpu(capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     bench.main(
-        ["--net", "unet_s", "--device", "cpu", "--batch-size", "2", "--image-size", "16", "--channels", "1",
-         "--train-steps", "2", "--warmup-steps", "1", "--sample-steps", "2", "--sample-batch-size", "2"]
+        [
+            "--net",
+            "unet_s",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "2",
+            "--image-size",
+            "16",
+            "--channels",
+            "1",
+            "--train-steps",
+            "2",
+            "--warmup-steps",
+            "1",
+            "--sample-steps",
+            "2",
+            "--sample-batch-size",
+            "2",
+        ]
     )
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     kinds = {line["bench"]: line for line in lines}

@@ -76,7 +76,9 @@ def test_sample_all_classes_grid_and_listed_classes(cfg_checkpoint, tmp_path):
     from tests.conftest import compose_config
 
     ckpt = cfg_checkpoint["checkpoint"]
-    grid = sample(compose_config([f"ckpt={ckpt}", "classes=all", "num_samples=20", "guidance_scale=3"], tmp_path / "a", "sample"))
+    grid = sample(
+        compose_config([f"ckpt={ckpt}", "classes=all", "num_samples=20", "guidance_scale=3"], tmp_path / "a", "sample")
+    )
     npz = np.load(grid["npz"])
     assert npz["arr_0"].shape[0] == 20 and npz["labels"].tolist() == [c for c in range(10) for _ in range(2)]
     listed = sample(compose_config([f"ckpt={ckpt}", "classes=[0,3,7]", "num_samples=5"], tmp_path / "b", "sample"))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -12,7 +10,9 @@ from tests.conftest import TINY, run_cli
 
 
 def _ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+    )
     return proc
 
 
@@ -27,8 +27,15 @@ def test_ddp_cpu_two_processes_one_checkpoint_and_one_log_dir(tmp_path):
     run_dir = tmp_path / "ddp"
     _ok(
         run_cli(
-            "train.py", *TINY, "trainer=ddp_cpu", "trainer.max_steps=4", "trainer.limit_train_batches=2",
-            "logger=csv", f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=400,
+            "train.py",
+            *TINY,
+            "trainer=ddp_cpu",
+            "trainer.max_steps=4",
+            "trainer.limit_train_batches=2",
+            "logger=csv",
+            f"hydra.run.dir={run_dir}",
+            cwd=tmp_path,
+            timeout=400,
         )
     )
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt", "step0000004.ckpt"]
@@ -43,8 +50,16 @@ def test_multirun_two_jobs_with_wandb_offline(tmp_path):
     sweep_dir = tmp_path / "sweep"
     proc = _ok(
         run_cli(
-            "train.py", "-m", *TINY, "schedule=linear,cosine", "trainer.max_steps=2", "trainer.limit_train_batches=2",
-            "logger=wandb", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, timeout=400,
+            "train.py",
+            "-m",
+            *TINY,
+            "schedule=linear,cosine",
+            "trainer.max_steps=2",
+            "trainer.limit_train_batches=2",
+            "logger=wandb",
+            f"hydra.sweep.dir={sweep_dir}",
+            cwd=tmp_path,
+            timeout=400,
             env={"WANDB_MODE": "", "WANDB_SILENT": "true"},
         )
     )
@@ -58,7 +73,9 @@ def test_multirun_two_jobs_with_wandb_offline(tmp_path):
         debug_log = (runs[0] / "logs" / "debug.log").read_text()
         assert debug_log.count("finishing run") == 1, "each job's wandb run is finished exactly once"
     schedules = {
-        torch.load(job / "checkpoints" / "last.ckpt", weights_only=False)["difflab"]["config"]["schedule"]["beta_schedule"]
+        torch.load(job / "checkpoints" / "last.ckpt", weights_only=False)["difflab"]["config"]["schedule"][
+            "beta_schedule"
+        ]
         for job in jobs
     }
     assert schedules == {"linear", "cosine"}
@@ -70,8 +87,12 @@ def test_sample_cli_writes_grid_and_npz(tmp_path):
     out = tmp_path / "samples"
     _ok(
         run_cli(
-            "sample.py", f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", "num_samples=5", "seed=1",
-            f"hydra.run.dir={out}", cwd=tmp_path,
+            "sample.py",
+            f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}",
+            "num_samples=5",
+            "seed=1",
+            f"hydra.run.dir={out}",
+            cwd=tmp_path,
         )
     )
     assert (out / "samples.png").is_file()
@@ -80,7 +101,12 @@ def test_sample_cli_writes_grid_and_npz(tmp_path):
 
 def test_missing_dataset_message_on_the_cli(tmp_path):
     proc = run_cli(
-        "train.py", *TINY, "data=mnist", "data.image_size=16", f"data.data_dir={tmp_path / 'none'}", "debug=fast",
+        "train.py",
+        *TINY,
+        "data=mnist",
+        "data.image_size=16",
+        f"data.data_dir={tmp_path / 'none'}",
+        "debug=fast",
         cwd=tmp_path,
     )
     assert proc.returncode != 0

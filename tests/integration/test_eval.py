@@ -20,9 +20,13 @@ from tests.unit.test_metrics import weights_dir  # noqa: F401  (fixture)
 def test_generative_metrics_callback_logs_named_metrics(tiny_cfg, weights_dir, tmp_path):  # noqa: F811
     cfg = tiny_cfg(
         "callbacks=[default,generative_metrics]",
-        "callbacks.generative_metrics.every_n_epochs=1", "callbacks.generative_metrics.num_samples=8",
-        "callbacks.generative_metrics.num_real=16", "callbacks.generative_metrics.batch_size=8",
-        "callbacks.generative_metrics.kid_subset_size=4", "trainer.max_steps=2", "trainer.limit_train_batches=2",
+        "callbacks.generative_metrics.every_n_epochs=1",
+        "callbacks.generative_metrics.num_samples=8",
+        "callbacks.generative_metrics.num_real=16",
+        "callbacks.generative_metrics.batch_size=8",
+        "callbacks.generative_metrics.kid_subset_size=4",
+        "trainer.max_steps=2",
+        "trainer.limit_train_batches=2",
     )
     metrics = train(cfg)["metrics"]
     assert {"val/fid_fmnist_cls", "val/kid_fmnist_cls", "val/is_fmnist_cls"} <= set(metrics)
@@ -33,9 +37,18 @@ def test_generative_metrics_callback_logs_named_metrics(tiny_cfg, weights_dir, t
 def test_eval_cli_writes_json_with_fid_and_nll(tiny_cfg, weights_dir, tmp_path):  # noqa: F811
     run = train(tiny_cfg("trainer.max_steps=2", "trainer.limit_train_batches=2", output_dir=tmp_path / "run"))
     cfg = compose_config(
-        [f"ckpt={run['checkpoint']}", "metrics=[fid,kid,is,nll]", "num_samples=8", "num_real=16", "batch_size=8",
-         "nll_images=4", "sampler=ddim", "sampler.steps=5"],
-        tmp_path / "eval", "eval",
+        [
+            f"ckpt={run['checkpoint']}",
+            "metrics=[fid,kid,is,nll]",
+            "num_samples=8",
+            "num_real=16",
+            "batch_size=8",
+            "nll_images=4",
+            "sampler=ddim",
+            "sampler.steps=5",
+        ],
+        tmp_path / "eval",
+        "eval",
     )
     report = evaluate(cfg)
     saved = json.loads((tmp_path / "run" / "checkpoints" / "last_eval.json").read_text())
@@ -68,8 +81,15 @@ def test_reconstruction_metrics_and_lpips_skip_logged_once(tmp_path, monkeypatch
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     data = DataLoader(TensorDataset(torch.rand(32, 1, 16, 16) * 2 - 1, torch.zeros(32)), batch_size=8)
     callback = ReconstructionMetricsCallback(lpips_net="alex", max_batches=2)
-    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         callbacks=[callback], default_root_dir=tmp_path, num_sanity_val_steps=0)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[callback],
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+    )
     with caplog.at_level(logging.WARNING):
         trainer.fit(Reconstructor(), data, data)
     assert sum("LPIPS skipped" in r.message for r in caplog.records) == 1

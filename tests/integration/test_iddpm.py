@@ -29,7 +29,9 @@ def test_importance_sampler_state_survives_checkpoint_and_resume(tiny_cfg, tmp_p
     first = train(tiny_cfg(*common, "trainer.max_steps=3", output_dir=tmp_path / "a"))
     saved = torch.load(first["checkpoint"], weights_only=False)["timestep_sampler"]
     assert int(saved["loss_counts"].sum()) == 3 * 16
-    second = train(tiny_cfg(*common, "trainer.max_steps=6", f"ckpt_path={first['checkpoint']}", output_dir=tmp_path / "b"))
+    second = train(
+        tiny_cfg(*common, "trainer.max_steps=6", f"ckpt_path={first['checkpoint']}", output_dir=tmp_path / "b")
+    )
     resumed = torch.load(second["checkpoint"], weights_only=False)["timestep_sampler"]
     assert int(resumed["loss_counts"].sum()) == 6 * 16  # continued from the saved history, not from zero
     sampler = LossAwareTimestepSampler(20, history=1)
@@ -59,8 +61,12 @@ def test_full_chain_vlb_equals_the_sum_of_training_terms(tiny_cfg):
 def test_nll_callback_logs_bits_per_dim(tiny_cfg):
     result = train(
         tiny_cfg(
-            "model=iddpm", "+callbacks.nll._target_=difflab.callbacks.NLLCallback", "+callbacks.nll.every_n_epochs=1",
-            "+callbacks.nll.num_images=4", "trainer.max_steps=2", "trainer.limit_train_batches=2",
+            "model=iddpm",
+            "+callbacks.nll._target_=difflab.callbacks.NLLCallback",
+            "+callbacks.nll.every_n_epochs=1",
+            "+callbacks.nll.num_images=4",
+            "trainer.max_steps=2",
+            "trainer.limit_train_batches=2",
         )
     )
     metrics = result["metrics"]

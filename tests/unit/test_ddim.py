@@ -12,8 +12,10 @@ def test_eta_zero_is_deterministic_from_the_same_noise():
     diffusion = GaussianDiffusion(num_timesteps=100)
     sampler = DDIMSampler(diffusion, steps=10, eta=0.0, clip_denoised=False)
     noise = torch.randn(16, 1, 2, 2)
-    runs = [sample_loop(gaussian_eps_oracle(diffusion), sampler, noise.shape, torch.Generator().manual_seed(s),
-                        noise=noise) for s in (0, 1)]
+    runs = [
+        sample_loop(gaussian_eps_oracle(diffusion), sampler, noise.shape, torch.Generator().manual_seed(s), noise=noise)
+        for s in (0, 1)
+    ]
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)  # the generator is never used
 
 

@@ -23,7 +23,9 @@ def test_guided_eps_equals_the_formula():
 
 
 def test_w_zero_is_conditional_sampling():
-    net = UNet(1, 1, 8, model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(), num_classes=5)
+    net = UNet(
+        1, 1, 8, model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(), num_classes=5
+    )
     torch.nn.init.normal_(net.out[-1].weight, std=0.1)
     x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([1, 5, 9, 3]), torch.tensor([0, 1, 2, 3])
     torch.testing.assert_close(classifier_free_guidance(net, y, 5, 0.0)(x, t), net(x, t, y))
@@ -31,8 +33,17 @@ def test_w_zero_is_conditional_sampling():
 
 def test_batched_2b_forward_equals_two_forwards():
     torch.manual_seed(0)
-    net = UNet(1, 2, 8, model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
-               num_classes=5, num_groups=4).eval()
+    net = UNet(
+        1,
+        2,
+        8,
+        model_channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+        num_classes=5,
+        num_groups=4,
+    ).eval()
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.2)
     x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 5, 9]), torch.tensor([0, 2, 4])

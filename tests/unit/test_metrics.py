@@ -115,7 +115,12 @@ def test_two_process_ddp_equals_single_process(weights_dir, tmp_path):
         gm.update_fake(fake[r * 100 : (r + 1) * 100])
     torch.manual_seed(0)
     single = gm.compute()
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), real, fake, str(tmp_path / "out"), weights_dir), nprocs=2, join=True)
+    mp.spawn(
+        _ddp_worker,
+        args=(2, str(tmp_path / "init"), real, fake, str(tmp_path / "out"), weights_dir),
+        nprocs=2,
+        join=True,
+    )
     for rank in range(2):
         distributed = torch.load(f"{tmp_path / 'out'}.{rank}")
         for key in ("fid_fmnist_cls", "kid_fmnist_cls", "is_fmnist_cls"):
@@ -146,7 +151,9 @@ def test_real_statistics_cache_is_reused_and_invalidated(weights_dir, tmp_path):
     assert not cached and calls == 4
     second, cached, calls = fill()
     assert cached and calls == 0  # no image was read, no feature computed
-    torch.testing.assert_close(second.real_state()["fid.real_features_sum"], first.real_state()["fid.real_features_sum"])
+    torch.testing.assert_close(
+        second.real_state()["fid.real_features_sum"], first.real_state()["fid.real_features_sum"]
+    )
     assert not fill(num_real=100)[1]  # another count
     assert not fill(k={**key, "data": {"_target_": "digits", "image_size": 32}})[1]  # another resolution
     torch.save({}, weights_dir / "fmnist_cls.pt.bak")

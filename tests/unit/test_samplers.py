@@ -50,9 +50,7 @@ def test_sampling_is_deterministic_under_a_seed():
     diffusion = GaussianDiffusion(num_timesteps=100)
     sampler = AncestralSampler(diffusion, clip_denoised=False)
     model_fn = gaussian_eps_oracle(diffusion)
-    draws = [
-        sample_loop(model_fn, sampler, (8, 1, 2, 2), generator=torch.Generator().manual_seed(3)) for _ in range(2)
-    ]
+    draws = [sample_loop(model_fn, sampler, (8, 1, 2, 2), generator=torch.Generator().manual_seed(3)) for _ in range(2)]
     torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)
     other = sample_loop(model_fn, sampler, (8, 1, 2, 2), generator=torch.Generator().manual_seed(4))
     assert not torch.equal(draws[0], other)

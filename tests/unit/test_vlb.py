@@ -29,9 +29,7 @@ def test_normal_kl_against_numerical_integration():
 def test_discretized_decoder_is_a_distribution_over_256_bins():
     bins = torch.linspace(-1, 1, 256, dtype=torch.float64)
     for mean, log_scale in ((0.1, math.log(0.05)), (-0.9, math.log(0.3)), (0.0, math.log(2.0))):
-        logp = discretized_gaussian_log_likelihood(
-            bins, torch.full_like(bins, mean), torch.full_like(bins, log_scale)
-        )
+        logp = discretized_gaussian_log_likelihood(bins, torch.full_like(bins, mean), torch.full_like(bins, log_scale))
         assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-6)
 
 

@@ -55,8 +55,12 @@ class GenerativeMetricsCallback(pl.Callback):
     ) -> None:
         if every_n_epochs < 1 or num_samples < 2 or num_real < 2:
             raise ValueError("callbacks.generative_metrics: every_n_epochs >= 1, num_samples and num_real >= 2")
-        self.kwargs = {"metrics": list(metrics), "feature_net": feature_net, "inception_weights": inception_weights,
-                       "kid_subset_size": min(kid_subset_size, num_samples, num_real)}
+        self.kwargs = {
+            "metrics": list(metrics),
+            "feature_net": feature_net,
+            "inception_weights": inception_weights,
+            "kid_subset_size": min(kid_subset_size, num_samples, num_real),
+        }
         self.every_n_epochs, self.num_samples, self.num_real = every_n_epochs, num_samples, num_real
         self.batch_size, self.real_split, self.cache_dir = batch_size, real_split, cache_dir
         self.seed, self.at_fit_end = seed, at_fit_end
@@ -93,8 +97,12 @@ class GenerativeMetricsCallback(pl.Callback):
         values = self.metrics.compute()
         if trainer.is_global_zero and first is not None:
             real = next(iter(self._real_batches(trainer)))[: min(32, first.shape[0])].to(first.device)
-            log_image(trainer.loggers, "samples/real_vs_generated",
-                      image_grid(torch.cat([real, first[: real.shape[0]]])), trainer.global_step)
+            log_image(
+                trainer.loggers,
+                "samples/real_vs_generated",
+                image_grid(torch.cat([real, first[: real.shape[0]]])),
+                trainer.global_step,
+            )
         return values
 
     def _log(self, pl_module: pl.LightningModule, values: dict[str, float]) -> None:
@@ -102,7 +110,12 @@ class GenerativeMetricsCallback(pl.Callback):
             pl_module.log(f"val/{name}", value, sync_dist=False, rank_zero_only=True)
 
     def on_validation_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
         if batch_idx or dataloader_idx or trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:

@@ -17,7 +17,11 @@ from difflab.utils.loggers import log_image
 log = logging.getLogger(__name__)
 
 # torchvision's ImageNet backbones that torchmetrics' LPIPS loads by download
-LPIPS_BACKBONES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth", "squeeze": "squeezenet1_1-b8a52dc0.pth"}
+LPIPS_BACKBONES = {
+    "alex": "alexnet-owt-7be5be79.pth",
+    "vgg": "vgg16-397923af.pth",
+    "squeeze": "squeezenet1_1-b8a52dc0.pth",
+}
 
 
 def lpips_weights_path(net_type: str) -> Path:
@@ -34,7 +38,9 @@ class ReconstructionMetricsCallback(pl.Callback):
 
     def __init__(self, lpips_net: str | None = "alex", max_batches: int = 4, log_grid: bool = True) -> None:
         if lpips_net is not None and lpips_net not in LPIPS_BACKBONES:
-            raise ValueError(f"callbacks.reconstruction_metrics.lpips_net={lpips_net!r}: expected {list(LPIPS_BACKBONES)}")
+            raise ValueError(
+                f"callbacks.reconstruction_metrics.lpips_net={lpips_net!r}: expected {list(LPIPS_BACKBONES)}"
+            )
         self.lpips_net, self.max_batches, self.log_grid = lpips_net, max_batches, log_grid
         self.ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
         self.psnr = PeakSignalNoiseRatio(data_range=2.0)
@@ -43,7 +49,9 @@ class ReconstructionMetricsCallback(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not hasattr(pl_module, "reconstruct"):
-            raise TypeError(f"ReconstructionMetricsCallback needs a module with reconstruct(x); got {type(pl_module).__name__}")
+            raise TypeError(
+                f"ReconstructionMetricsCallback needs a module with reconstruct(x); got {type(pl_module).__name__}"
+            )
         if self.lpips_net is None or self.lpips is not None or self.skip_reason:
             return
         path = lpips_weights_path(self.lpips_net)
@@ -62,7 +70,12 @@ class ReconstructionMetricsCallback(pl.Callback):
         return [m for m in (self.ssim, self.psnr, self.lpips) if m is not None]
 
     def on_validation_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
         if batch_idx >= self.max_batches or dataloader_idx or trainer.sanity_checking:
@@ -75,7 +88,7 @@ class ReconstructionMetricsCallback(pl.Callback):
         self.ssim.update(x_hat, x)
         self.psnr.update(x_hat, x)
         if self.lpips is not None:
-            rgb = (lambda t: t.expand(-1, 3, -1, -1) if t.shape[1] == 1 else t)  # noqa: E731
+            rgb = lambda t: t.expand(-1, 3, -1, -1) if t.shape[1] == 1 else t  # noqa: E731
             self.lpips.update(rgb(x_hat), rgb(x))
         if batch_idx == 0 and self.log_grid and trainer.is_global_zero:
             pairs = torch.stack([x[:16], x_hat[:16]], dim=1).flatten(0, 1)

@@ -21,9 +21,7 @@ class SampleGridCallback(pl.Callback):
     epochs show the same noise becoming better images.
     """
 
-    def __init__(
-        self, every_n_epochs: int = 1, num_samples: int = 64, seed: int = 0, steps: int | None = None
-    ) -> None:
+    def __init__(self, every_n_epochs: int = 1, num_samples: int = 64, seed: int = 0, steps: int | None = None) -> None:
         if every_n_epochs < 1 or num_samples < 1:
             raise ValueError("callbacks.sample_grid: every_n_epochs and num_samples must be >= 1")
         self.every_n_epochs, self.num_samples, self.seed, self.steps = every_n_epochs, num_samples, seed, steps

@@ -28,7 +28,9 @@ class DiffusionLoss(nn.Module):
         reduce_mean: L_simple as the mean (True) or the sum over C·H·W.
     """
 
-    def __init__(self, loss_type: str | LossType = LossType.SIMPLE, vlb_weight: float = 0.001, reduce_mean: bool = True):
+    def __init__(
+        self, loss_type: str | LossType = LossType.SIMPLE, vlb_weight: float = 0.001, reduce_mean: bool = True
+    ):
         super().__init__()
         self.loss_type = parse_enum(LossType, loss_type, "model.loss.loss_type")
         if vlb_weight < 0:

@@ -47,8 +47,13 @@ def export(ckpt: str, name: str, command: str, out_dir: Path = WEIGHTS_DIR) -> d
         "global_step": record["global_step"],
         "command": command,
     }
-    kwargs = {"in_channels": net.in_channels, "num_classes": net.num_classes, "image_size": net.image_size,
-              "width": config["model"]["net"]["width"], "num_features": net.num_features}
+    kwargs = {
+        "in_channels": net.in_channels,
+        "num_classes": net.num_classes,
+        "image_size": net.image_size,
+        "width": config["model"]["net"]["width"],
+        "num_features": net.num_features,
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": net.state_dict(), "net_kwargs": kwargs, "meta": meta}, out_dir / f"{name}.pt")
     return meta

@@ -48,7 +48,7 @@ class ClassifierFeatures(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float()
         if x.shape[1] == 3 and self.net.in_channels == 1:
-            x = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+            x = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
         elif x.shape[1] == 1 and self.net.in_channels == 3:
             x = x.expand(-1, 3, -1, -1)
         return self.net.features(x) if self.output == "features" else self.net(x)
@@ -73,8 +73,9 @@ def _inception_feature(kind: str, inception_weights: str | None) -> Any:
     from torchmetrics.image.fid import NoTrainInceptionV3
 
     layer = "logits_unbiased" if kind == "is" else "2048"
-    return NoTrainInceptionV3(name="inception-v3-compat", features_list=[layer],
-                              feature_extractor_weights_path=inception_weights)
+    return NoTrainInceptionV3(
+        name="inception-v3-compat", features_list=[layer], feature_extractor_weights_path=inception_weights
+    )
 
 
 def make_metric(kind: str, feature_net: str, inception_weights: str | None = None, **kwargs: Any) -> Any:
@@ -95,7 +96,9 @@ def make_metric(kind: str, feature_net: str, inception_weights: str | None = Non
             feature = _inception_feature(kind, inception_weights)
             return classes[kind](feature=feature, **kwargs)
         except ModuleNotFoundError as err:
-            raise FeatureNetUnavailable(f"feature_net=inception needs torch-fidelity: pip install torch-fidelity ({err})") from err
+            raise FeatureNetUnavailable(
+                f"feature_net=inception needs torch-fidelity: pip install torch-fidelity ({err})"
+            ) from err
         except Exception as err:  # no network and no local file: torch-fidelity's download fails
             raise FeatureNetUnavailable(
                 f"feature_net=inception: the standard Inception-v3 weights could not be loaded ({err}). "

@@ -43,8 +43,11 @@ class GenerativeMetrics(nn.Module):
     ) -> None:
         super().__init__()
         self.names, self.feature_net = [m.lower() for m in metrics], feature_net
-        extra = {"fid": {"reset_real_features": False}, "kid": {"reset_real_features": False, "subset_size": kid_subset_size},
-                 "is": {"splits": is_splits}}
+        extra = {
+            "fid": {"reset_real_features": False},
+            "kid": {"reset_real_features": False, "subset_size": kid_subset_size},
+            "is": {"splits": is_splits},
+        }
         self.metrics = nn.ModuleDict(
             {name: make_metric(name, feature_net, inception_weights, **extra[name]) for name in self.names}
         )
@@ -114,8 +117,13 @@ class GenerativeMetrics(nn.Module):
             self.metrics["kid"].real_features = [features.to(self.metrics["kid"].device)]
         self._real_ready = True
 
-    def fill_real(self, batches: Iterable[torch.Tensor], num_real: int, cache_key: dict[str, Any] | None,
-                  cache_dir: str | Path | None) -> bool:
+    def fill_real(
+        self,
+        batches: Iterable[torch.Tensor],
+        num_real: int,
+        cache_key: dict[str, Any] | None,
+        cache_dir: str | Path | None,
+    ) -> bool:
         """Make sure real statistics of ``num_real`` images are present: from the cache when its key matches,
         else from ``batches`` (then cached by rank 0). Returns True when they came from the cache.
 

@@ -54,4 +54,7 @@ class ClassifierModule(pl.LightningModule):
         optimizer = self._optimizer(self.parameters())
         if self._lr_scheduler is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._lr_scheduler(optimizer), "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self._lr_scheduler(optimizer), "interval": "step"},
+        }

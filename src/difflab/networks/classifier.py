@@ -15,7 +15,12 @@ class ClassifierNet(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int = 1, num_classes: int = 10, image_size: int = 32, width: int = 32, num_features: int = 128
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        image_size: int = 32,
+        width: int = 32,
+        num_features: int = 128,
     ) -> None:
         super().__init__()
         self.in_channels, self.num_classes, self.image_size = in_channels, num_classes, image_size

@@ -62,9 +62,7 @@ class UNet(nn.Module):
         self.in_channels, self.out_channels, self.image_size = in_channels, out_channels, image_size
         self.model_channels, self.num_classes = model_channels, num_classes
         emb_dim = 4 * model_channels
-        self.time_embed = nn.Sequential(
-            nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-        )
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
 
         def res(cin: int, cout: int) -> ResBlock:

@@ -135,7 +135,9 @@ class Sampler(abc.ABC):
         t_batch = torch.full((x_t.shape[0],), int(t), device=x_t.device, dtype=torch.long)
         clip = self.clip_denoised if clip is None else clip
         static = clip and self.dynamic_threshold is None
-        x0, eps = self.diffusion.predict_x0_eps(self.parameterization, mean_output.float(), x_t.float(), t_batch, static)
+        x0, eps = self.diffusion.predict_x0_eps(
+            self.parameterization, mean_output.float(), x_t.float(), t_batch, static
+        )
         if clip and self.dynamic_threshold is not None:
             x0 = dynamic_threshold(x0, self.dynamic_threshold)
             eps = self.diffusion.predict_eps_from_x0(x_t.float(), t_batch, x0)

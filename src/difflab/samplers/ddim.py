@@ -76,7 +76,8 @@ class DDIMSampler(Sampler):
         """Deterministic inversion x_0 → x_{τ_S}: the η = 0 update run forwards (Song et al. §4.3, eq. 13).
 
         From level τ_{i−1} to τ_i: ε̂ = ε_θ(x_{τ_{i−1}}, τ_i) (the usual first-order approximation of the ODE),
-        x̂_0 = (x_{τ_{i−1}} − sqrt(1 − ᾱ_{τ_{i−1}}) ε̂)/sqrt(ᾱ_{τ_{i−1}}),  x_{τ_i} = sqrt(ᾱ_{τ_i}) x̂_0 + sqrt(1 − ᾱ_{τ_i}) ε̂.
+        x̂_0 = (x_{τ_{i−1}} − sqrt(1 − ᾱ_{τ_{i−1}}) ε̂)/sqrt(ᾱ_{τ_{i−1}}),
+        x_{τ_i} = sqrt(ᾱ_{τ_i}) x̂_0 + sqrt(1 − ᾱ_{τ_i}) ε̂.
         The model output is read as ε through :meth:`Sampler.predict` (any parameterisation), without clipping.
         """
         self.set_timesteps(num_steps)

@@ -32,8 +32,9 @@ def _dataset(cfg: DictConfig, record: dict[str, Any]) -> tuple[Any, dict[str, An
 
 
 def generative(cfg: DictConfig, module: Any, dataset: Any, data_cfg: dict[str, Any], names: list[str]) -> dict:
-    metrics = GenerativeMetrics(names, cfg.feature_net, cfg.get("inception_weights"), kid_subset_size=min(
-        100, cfg.num_samples, cfg.num_real)).to(module.device)
+    metrics = GenerativeMetrics(
+        names, cfg.feature_net, cfg.get("inception_weights"), kid_subset_size=min(100, cfg.num_samples, cfg.num_real)
+    ).to(module.device)
     batches = (x for x, _ in DataLoader(dataset, batch_size=cfg.batch_size))
     cached = metrics.fill_real(batches, cfg.num_real, {"data": data_cfg, "split": cfg.split}, cfg.get("cache_dir"))
     log.info("Real statistics of %d %s images %s", cfg.num_real, cfg.split, "from the cache" if cached else "computed")
@@ -77,9 +78,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if "nll" in names:
         results.update(nll(cfg, module, dataset))
     sampler = OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else record["config"]["model"]["sampler"]
-    report = {"ckpt": str(cfg.ckpt), "global_step": record["global_step"], "num_samples": cfg.num_samples,
-              "num_real": cfg.num_real, "split": cfg.split, "feature_net": cfg.feature_net, "sampler": sampler,
-              "results": results}
+    report = {
+        "ckpt": str(cfg.ckpt),
+        "global_step": record["global_step"],
+        "num_samples": cfg.num_samples,
+        "num_real": cfg.num_real,
+        "split": cfg.split,
+        "feature_net": cfg.feature_net,
+        "sampler": sampler,
+        "results": results,
+    }
     out = Path(cfg.get("out") or Path(cfg.ckpt).with_name(f"{Path(cfg.ckpt).stem}_eval.json"))
     out.write_text(json.dumps(report, indent=2, default=str))
     print(f"{'metric':<28} value\n" + "\n".join(f"{k:<28} {v:.4f}" for k, v in results.items()))
