@@ -27,6 +27,7 @@ train: install data
 	$(BIN)/python src/train.py experiment=quickstart $(ARGS)
 
 test: install data
+	$(BIN)/ruff check src tests experiments
 	$(BIN)/python -m pytest -m "not slow" -q $(ARGS)
 
 test-all: install data
