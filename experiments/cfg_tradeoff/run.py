@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script 
 
 from difflab.metrics import load_classifier
 from difflab.samplers import DDIMSampler
-from experiments.common import ROOT, ensure_checkpoint, hardware, load, real_metrics, write_json
+from experiments.common import ROOT, ensure_checkpoint, hardware, load, markdown_table, real_metrics, write_json
 
 WEIGHTS = [0.0, 0.1, 0.3, 0.5, 1.0, 2.0, 4.0]
 
@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         },
     )
     plot(rows, out / "fid_vs_is.png")
+    keys = ["w", "fid_fmnist_cls", "is_fmnist_cls", "class_accuracy"]
+    print(markdown_table(keys, [[r[k] for k in keys] for r in rows]))
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
 from difflab.samplers import DDIMSampler
-from experiments.common import ROOT, ensure_checkpoint, hardware, load, real_metrics, write_json
+from experiments.common import ROOT, ensure_checkpoint, hardware, load, markdown_table, real_metrics, write_json
 
 ROWS = [
     ("0.0", dict(eta=0.0)),
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         },
     )
     plot(table, args.steps, out / "fid_vs_steps.png")
+    print(markdown_table(["η \\ S", *map(str, args.steps)], [[n, *(table[n][s] for s in args.steps)] for n in table]))
 
 
 def plot(table: dict[str, dict[int, float]], steps: list[int], path: Path) -> None:

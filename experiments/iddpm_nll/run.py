@@ -105,11 +105,38 @@ def evaluate(ckpt: Path, name: str, scale: str, device: torch.device) -> list[di
     return rows
 
 
+def fid_stage(scale: str, num_real: int = 1000) -> None:
+    """Add the FID proxy (fid_fmnist_cls, vs ``num_real`` test images) of every saved sample set to the results."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    from experiments.common import load, real_metrics
+
+    path = Path(__file__).with_name(f"RESULTS_{scale}.json")
+    result = json.loads(path.read_text())
+    device = torch.device("cpu")
+    _, record, test = load(OUT / scale / "simple" / "checkpoints" / "last.ckpt", device)
+    gm = real_metrics(test, num_real, ("fid",), "fmnist_cls", device, {"data": record["config"]["data"]})
+    for row in result["rows"]:
+        for steps in (50, 1000):
+            images = np.load(ROOT / row[f"samples_{steps}"])["arr_0"]  # (N, H, W, C) uint8
+            x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+            gm.update_fake(x)
+            row[f"fid_fmnist_cls_{steps}"] = gm.compute()["fid_fmnist_cls"]
+        print(json.dumps(row), flush=True)
+    result["fid"] = {"feature_net": "fmnist_cls", "num_real": num_real, "split": "test"}
+    path.write_text(json.dumps(result, indent=2))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--fid", action="store_true", help="only add the FID proxy to an existing RESULTS json")
     args = parser.parse_args(argv)
+    if args.fid:
+        fid_stage(args.scale)
+        return
     ckpts = train(args.scale)
     rows = [row for name, ckpt in ckpts.items() for row in evaluate(ckpt, name, args.scale, torch.device(args.device))]
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
