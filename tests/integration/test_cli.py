@@ -33,11 +33,20 @@ def test_ddp_cpu_two_processes_one_checkpoint_and_one_log_dir(tmp_path):
             "trainer.max_steps=4",
             "trainer.limit_train_batches=2",
             "logger=csv",
+            # FID/KID/IS with the shipped classifier: each rank samples its share, compute runs on both (no hang)
+            "callbacks=[default,generative_metrics]",
+            "callbacks.generative_metrics.every_n_epochs=1",
+            "callbacks.generative_metrics.num_samples=8",
+            "callbacks.generative_metrics.num_real=16",
+            "callbacks.generative_metrics.batch_size=4",
+            "callbacks.generative_metrics.kid_subset_size=4",
             f"hydra.run.dir={run_dir}",
             cwd=tmp_path,
             timeout=400,
         )
     )
+    metrics_csv = (run_dir / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "val/fid_fmnist_cls" in metrics_csv and "val/is_fmnist_cls" in metrics_csv
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt", "step0000004.ckpt"]
     assert [p.name for p in (run_dir / "csv").iterdir()] == ["version_0"]
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
