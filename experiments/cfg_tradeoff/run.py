@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--train",
         default="experiment=quickstart model=cfg net.use_scale_shift_norm=true "
-        "trainer.max_steps=1500 task_name=cfg_tradeoff",
+        "trainer.max_steps=800 task_name=cfg_tradeoff",
     )
     p.add_argument("--run-dir", default=str(ROOT / "logs" / "cfg_tradeoff" / "model"))
     p.add_argument("--weights", type=float, nargs="+", default=WEIGHTS)
