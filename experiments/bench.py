@@ -16,8 +16,12 @@ Measurements, each printed to stdout as one JSON line:
   :meth:`AncestralSampler.step` each; image-steps/s (one forward at batch B = B image-steps).
 
 On CUDA the clock is read only at the timing boundaries, after ``torch.cuda.synchronize()``. Lightning's own
-messages go to stderr, so stdout holds only the JSON lines. This is a benchmark, not a test; the performance
-issue will extend it (e.g. ``--peer diffusers`` to time a reference implementation on the same shapes).
+messages go to stderr, so stdout holds only the JSON lines. This is a benchmark, not a test.
+
+``--peer diffusers`` times diffusers' ``UNet2DModel`` of the same shape (see ``bench_peer.py``) with the same bare
+training loop and sampling loop, in the same process, and prints the ratios. ``--compile`` (``torch.compile``) and
+``--channels-last`` apply to both sides. MFU = achieved FLOP/s (FlopCounterMode's count of a step) over the dense
+matmul rate measured in the same run, in the run's precision.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import functools
 import json
 import logging
 import platform
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -42,6 +47,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from difflab.modules import DiffusionModule
 from difflab.samplers import AncestralSampler
 from difflab.schedules import GaussianDiffusion
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from experiments.bench_peer import (  # noqa: E402
+    diffusers_peer,
+    forward_flops_per_image,
+    matmul_flops_per_s,
+    train_flops_per_image,
+)
 
 CONF_NET = Path(__file__).resolve().parents[1] / "conf" / "net"
 LR = 2e-4
@@ -60,6 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-batch-size", type=int, default=16)
     p.add_argument("--sample-steps", type=int, default=10, help="timed sampler steps (UNet forwards)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peer", choices=["none", "diffusers"], default="none", help="also time a peer UNet")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNets")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument("--skip-lightning", action="store_true", help="only the bare loops")
     return p.parse_args(argv)
 
 
@@ -80,9 +97,34 @@ def net_factory(name: str) -> Any:
     return instantiate(OmegaConf.load(path))
 
 
-def build_net(args: argparse.Namespace) -> nn.Module:
+def build_net(args: argparse.Namespace, which: str = "difflab") -> nn.Module:
+    """difflab's UNet of preset ``--net``, or (``which="diffusers"``) the peer of the same shape."""
+    if which == "diffusers":
+        cfg = OmegaConf.to_container(OmegaConf.load(CONF_NET / f"{args.net}.yaml"))
+        return diffusers_peer(cfg, args.channels, args.image_size)
     factory = net_factory(args.net)
     return factory(in_channels=args.channels, out_channels=args.channels, image_size=args.image_size, num_classes=None)
+
+
+def prepare(net: nn.Module, args: argparse.Namespace, device: torch.device) -> nn.Module:
+    """Move to ``device`` with the requested memory format; compile last (the FLOP count uses the eager net)."""
+    net = net.to(device)
+    if args.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+def maybe_compile(net: nn.Module, args: argparse.Namespace) -> nn.Module:
+    return torch.compile(net) if args.compile else net
+
+
+def new_images(args: argparse.Namespace, batch: int, device: torch.device) -> torch.Tensor:
+    x = torch.rand(batch, args.channels, args.image_size, args.image_size, device=device) * 2 - 1
+    return x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
+
+
+def mfu(flops_per_s: float, peak: float | None) -> float | None:
+    return None if peak is None else round(flops_per_s / peak, 4)
 
 
 def autocast(args: argparse.Namespace, device: torch.device):
@@ -127,12 +169,16 @@ def count_params(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-def bench_train_bare(args: argparse.Namespace, device: torch.device) -> dict:
+def bench_train_bare(args: argparse.Namespace, device: torch.device, which: str, peak: float | None) -> dict:
     torch.manual_seed(args.seed)
-    net = build_net(args).to(device).train()
+    eager = prepare(build_net(args, which), args, device).train()
     diffusion = GaussianDiffusion().to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=LR)
-    x0 = torch.rand(args.batch_size, args.channels, args.image_size, args.image_size, device=device) * 2 - 1
+    opt = torch.optim.AdamW(eager.parameters(), lr=LR)
+    x0 = new_images(args, args.batch_size, device)
+    t0 = torch.zeros(args.batch_size, dtype=torch.long, device=device)
+    with autocast(args, device):
+        flops = train_flops_per_image(eager, x0, t0)
+    net = maybe_compile(eager, args)
 
     def step() -> None:
         t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=device)
@@ -152,15 +198,18 @@ def bench_train_bare(args: argparse.Namespace, device: torch.device) -> dict:
         step()
     sync(device)
     seconds = time.perf_counter() - start
+    images_per_s = args.batch_size * args.train_steps / seconds
     return record(
         args,
         device,
-        "train_bare",
-        count_params(net),
+        "train_bare" if which == "difflab" else f"train_bare_{which}",
+        count_params(eager),
         batch_size=args.batch_size,
         steps=args.train_steps,
         seconds=seconds,
-        images_per_s=args.batch_size * args.train_steps / seconds,
+        images_per_s=images_per_s,
+        gflop_per_image=round(flops / 1e9, 3),
+        mfu=mfu(images_per_s * flops, peak),
     )
 
 
@@ -191,6 +240,9 @@ def bench_train_lightning(args: argparse.Namespace, device: torch.device) -> dic
         optimizer=functools.partial(torch.optim.AdamW, lr=LR),
         image_shape=(args.channels, args.image_size, args.image_size),
     )
+    if args.channels_last:
+        module.net.to(memory_format=torch.channels_last)
+    module.net = maybe_compile(module.net, args)
     images = torch.rand(total * args.batch_size, args.channels, args.image_size, args.image_size) * 2 - 1
     loader = DataLoader(TensorDataset(images, torch.zeros(len(images), dtype=torch.long)), batch_size=args.batch_size)
     timer = StepTimer(args.warmup_steps, total)
@@ -227,15 +279,21 @@ def bench_train_lightning(args: argparse.Namespace, device: torch.device) -> dic
 
 
 @torch.inference_mode()
-def bench_sample(args: argparse.Namespace, device: torch.device) -> dict:
+def bench_sample(args: argparse.Namespace, device: torch.device, which: str, peak: float | None) -> dict:
     torch.manual_seed(args.seed)
-    net = build_net(args).to(device).eval()
+    eager = prepare(build_net(args, which), args, device).eval()
+    with autocast(args, device):
+        t1 = torch.zeros(1, dtype=torch.long, device=device)
+        flops = forward_flops_per_image(eager, new_images(args, 1, device), t1)
+    net = maybe_compile(eager, args)
     diffusion = GaussianDiffusion().to(device)
     sampler = AncestralSampler(diffusion, steps=args.sample_steps)
     shape = (args.sample_batch_size, args.channels, args.image_size, args.image_size)
 
     def run(timesteps: list[int]) -> None:
         x = torch.randn(shape, device=device)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         for t in timesteps:
             t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
             with autocast(args, device):
@@ -250,32 +308,45 @@ def bench_sample(args: argparse.Namespace, device: torch.device) -> dict:
     run(timesteps)
     sync(device)
     seconds = time.perf_counter() - start
+    image_steps_per_s = args.sample_batch_size * args.sample_steps / seconds
     return record(
         args,
         device,
-        "sample",
-        count_params(net),
+        "sample" if which == "difflab" else f"sample_{which}",
+        count_params(eager),
         batch_size=args.sample_batch_size,
         steps=args.sample_steps,
         seconds=seconds,
-        image_steps_per_s=args.sample_batch_size * args.sample_steps / seconds,
+        image_steps_per_s=image_steps_per_s,
+        gflop_per_image_step=round(flops / 1e9, 3),
+        mfu=mfu(image_steps_per_s * flops, peak),
     )
 
 
-def summary(records: list[dict]) -> dict:
+def summary(records: list[dict], args: argparse.Namespace, peak: float | None) -> dict:
     by = {r["bench"]: r for r in records}
-    bare, light = by["train_bare"]["images_per_s"], by["train_lightning"]["images_per_s"]
-    return {
+    bare = by["train_bare"]["images_per_s"]
+    out = {
         "bench": "summary",
         "net": records[0]["net"],
         "device": records[0]["device"],
         "precision": records[0]["precision"],
+        "compile": args.compile,
+        "channels_last": args.channels_last,
+        "matmul_tflop_per_s": None if peak is None else round(peak / 1e12, 1),
         "train_bare_images_per_s": bare,
-        "train_lightning_images_per_s": light,
         "sample_image_steps_per_s": by["sample"]["image_steps_per_s"],
-        # extra time per training step under Lightning, relative to the bare loop
-        "lightning_gap_pct": round((bare / light - 1.0) * 100.0, 2),
     }
+    if "train_lightning" in by:
+        light = by["train_lightning"]["images_per_s"]
+        out["train_lightning_images_per_s"] = light
+        # extra time per training step under Lightning, relative to the bare loop
+        out["lightning_gap_pct"] = round((bare / light - 1.0) * 100.0, 2)
+    if args.peer != "none":
+        out[f"train_speedup_vs_{args.peer}"] = round(bare / by[f"train_bare_{args.peer}"]["images_per_s"], 3)
+        sample_peer = by[f"sample_{args.peer}"]["image_steps_per_s"]
+        out[f"sample_speedup_vs_{args.peer}"] = round(by["sample"]["image_steps_per_s"] / sample_peer, 3)
+    return out
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -285,11 +356,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit("--train-steps and --sample-steps must be >= 1, --warmup-steps >= 0")
     device = resolve_device(args.device)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    peak = matmul_flops_per_s(device, dtype)
+    runs = [functools.partial(bench_train_bare, which="difflab", peak=peak)]
+    if not args.skip_lightning:
+        runs.append(bench_train_lightning)
+    runs.append(functools.partial(bench_sample, which="difflab", peak=peak))
+    if args.peer != "none":
+        runs += [functools.partial(f, which=args.peer, peak=peak) for f in (bench_train_bare, bench_sample)]
     records = []
-    for bench in (bench_train_bare, bench_train_lightning, bench_sample):
+    for bench in runs:
         records.append(bench(args, device))
         print(json.dumps(records[-1]), flush=True)
-    records.append(summary(records))
+    records.append(summary(records, args, peak))
     print(json.dumps(records[-1]), flush=True)
     return records
 

@@ -23,7 +23,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script 
 
 from difflab.metrics import load_classifier
 from difflab.samplers import DDIMSampler
-from experiments.common import ROOT, ensure_checkpoint, hardware, load, markdown_table, real_metrics, write_json
+from experiments.common import (
+    PRESETS,
+    ROOT,
+    ensure_checkpoint,
+    hardware,
+    load,
+    markdown_table,
+    real_metrics,
+    sampling_precision,
+    write_json,
+)
 
 WEIGHTS = [0.0, 0.1, 0.3, 0.5, 1.0, 2.0, 4.0]
 
@@ -35,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         default="experiment=quickstart model=cfg net.use_scale_shift_norm=true "
         "trainer.max_steps=800 task_name=cfg_tradeoff",
     )
+    p.add_argument("--preset", choices=sorted(PRESETS), default="none", help="training overrides put before --train")
     p.add_argument("--run-dir", default=str(ROOT / "logs" / "cfg_tradeoff" / "model"))
     p.add_argument("--weights", type=float, nargs="+", default=WEIGHTS)
     p.add_argument("--num-samples", type=int, default=500)
@@ -43,9 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    ckpt = ensure_checkpoint(Path(args.run_dir), args.train.split())
+    ckpt = ensure_checkpoint(Path(args.run_dir), PRESETS[args.preset] + args.train.split())
     module, record, test = load(ckpt, device)
-    module.sample_batch_size = 250
+    module.sample_batch_size = 1000 if device.type == "cuda" else 250
     gm = real_metrics(test, args.num_real, ("fid", "is"), "fmnist_cls", device, {"data": record["config"]["data"]})
     classifier, meta = load_classifier("fmnist_cls")
     classifier = classifier.to(device)
@@ -54,9 +65,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for w in args.weights:
         start = time.time()
-        images = module.sample(
-            args.num_samples, torch.Generator(device).manual_seed(0), sampler, y=labels, guidance_scale=w
-        )
+        with sampling_precision(device):
+            images = module.sample(
+                args.num_samples, torch.Generator(device).manual_seed(0), sampler, y=labels, guidance_scale=w
+            )
         gm.update_fake(images)
         values = gm.compute()
         with torch.no_grad():
@@ -82,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
             "sampler": f"DDIM eta=0, {args.steps} steps",
             "classifier_test_accuracy": meta.get("test_accuracy"),
             "hardware": hardware(),
-            "train": args.train,
+            "train": " ".join(PRESETS[args.preset] + args.train.split()),
+            "sampling_precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         },
     )
     plot(rows, out / "fid_vs_is.png")

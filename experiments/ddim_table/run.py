@@ -23,7 +23,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
 from difflab.samplers import DDIMSampler
-from experiments.common import ROOT, ensure_checkpoint, hardware, load, markdown_table, real_metrics, write_json
+from experiments.common import (
+    PRESETS,
+    ROOT,
+    ensure_checkpoint,
+    hardware,
+    load,
+    markdown_table,
+    real_metrics,
+    sampling_precision,
+    write_json,
+)
 
 ROWS = [
     ("0.0", dict(eta=0.0)),
@@ -37,23 +47,26 @@ ROWS = [
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", default="experiment=quickstart trainer.max_steps=1500", help="src/train.py overrides")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="none", help="training overrides put before --train")
     p.add_argument("--run-dir", default=str(ROOT / "logs" / "ddim_table" / "model"))
     p.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50, 100])
+    p.add_argument("--rows", nargs="+", choices=[name for name, _ in ROWS], default=[name for name, _ in ROWS])
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument("--num-real", type=int, default=1000)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    ckpt = ensure_checkpoint(Path(args.run_dir), args.train.split())
+    ckpt = ensure_checkpoint(Path(args.run_dir), PRESETS[args.preset] + args.train.split())
     module, record, test = load(ckpt, device)
-    module.sample_batch_size = 500
+    module.sample_batch_size = 1000 if device.type == "cuda" else 250
     gm = real_metrics(test, args.num_real, ("fid",), "fmnist_cls", device, {"data": record["config"]["data"]})
     table: dict[str, dict[int, float]] = {}
-    for name, kwargs in ROWS:
+    for name, kwargs in (row for row in ROWS if row[0] in args.rows):
         sampler = module.build_sampler(functools.partial(DDIMSampler, spacing="leading", **kwargs))
         for steps in args.steps:
             start = time.time()
-            images = module.sample(args.num_samples, torch.Generator(device).manual_seed(0), sampler, steps)
+            with sampling_precision(device):
+                images = module.sample(args.num_samples, torch.Generator(device).manual_seed(0), sampler, steps)
             gm.update_fake(images)
             table.setdefault(name, {})[steps] = gm.compute()["fid_fmnist_cls"]
             print(
@@ -69,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
             "num_samples": args.num_samples,
             "num_real": args.num_real,
             "hardware": hardware(),
-            "train": args.train,
+            "train": " ".join(PRESETS[args.preset] + args.train.split()),
+            "sampling_precision": "bf16 autocast" if device.type == "cuda" else "fp32",
             "steps": args.steps,
         },
     )

@@ -1,6 +1,7 @@
 """Improved DDPM study: L_simple (fixed variance) vs L_hybrid (learned variance) on the same data and budget.
 
     python experiments/iddpm_nll/run.py --scale cpu     # the scaled-down CPU run (16x16, unet_s, ~20 min)
+    python experiments/iddpm_nll/run.py --scale gpu_short   # 4-minute GPU models (experiments/gpu_short.sh)
     python experiments/iddpm_nll/run.py --scale gpu     # the real one (32x32, unet_m, trainer=gpu)
 
 Stage 1 trains both models with src/train.py (same seed, data, steps, schedule=cosine). Stage 2 evaluates
@@ -22,10 +23,16 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+from experiments.common import PRESETS, sampling_precision  # noqa: E402
+
 OUT = ROOT / "logs" / "iddpm_nll"
 SCALES = {
     # the `make train` setup (16x16 Fashion-MNIST, unet_s, CPU), trained a little longer
     "cpu": ["experiment=quickstart", "trainer.max_steps=1500"],
+    "gpu_short": PRESETS["gpu_short"],
+    "smoke": PRESETS["smoke"],
     "gpu": [
         "data=fashion_mnist",
         "net=unet_m",
@@ -35,12 +42,18 @@ SCALES = {
     ],
 }
 MODELS = {"simple": ["model=ddpm"], "hybrid": ["model=iddpm"]}
-EVAL = {"cpu": {"nll_images": 128, "samples": 256}, "gpu": {"nll_images": 10000, "samples": 10000}}
+EVAL = {
+    "cpu": {"nll_images": 128, "samples": 256, "fid_real": 1000},
+    "smoke": {"nll_images": 8, "samples": 40, "fid_real": 200},
+    "gpu_short": {"nll_images": 256, "samples": 500, "fid_real": 10000},
+    "gpu": {"nll_images": 10000, "samples": 10000, "fid_real": 10000},
+}
 
 
-def train(scale: str) -> dict[str, Path]:
+def train(scale: str, only: list[str], extra: list[str]) -> dict[str, Path]:
     ckpts = {}
-    for name, overrides in MODELS.items():
+    for name in only:
+        overrides = MODELS[name]
         run_dir = OUT / scale / name
         ckpt = run_dir / "checkpoints" / "last.ckpt"
         if not ckpt.is_file():
@@ -49,6 +62,7 @@ def train(scale: str) -> dict[str, Path]:
                 str(ROOT / "src" / "train.py"),
                 *SCALES[scale],
                 *overrides,
+                *extra,
                 "schedule=cosine",
                 "task_name=iddpm_nll",
                 f"hydra.run.dir={run_dir}",
@@ -68,12 +82,13 @@ def test_images(record: dict, n: int) -> torch.Tensor:
     return torch.cat(images)[:n]
 
 
-def evaluate(ckpt: Path, name: str, scale: str, device: torch.device) -> list[dict]:
+def evaluate(ckpt: Path, name: str, scale: str, device: torch.device, sample_steps: list[int]) -> list[dict]:
     from difflab.modules import load_module
     from difflab.schedules import VarianceType
     from difflab.utils.images import save_npz
 
     module, record = load_module(ckpt, map_location=device)
+    module.sample_batch_size = 1000 if device.type == "cuda" else 256
     x = test_images(record, EVAL[scale]["nll_images"]).to(device)
     variants = (
         [module.variance_type] if module.variance_type.learned else [VarianceType.FIXED_SMALL, VarianceType.FIXED_LARGE]
@@ -90,13 +105,14 @@ def evaluate(ckpt: Path, name: str, scale: str, device: torch.device) -> list[di
         for key in ("total_bpd", "prior_bpd", "decoder_bpd", "terms_bpd"):
             row[key] = torch.cat([r[key] for r in nll]).mean().item()
         row["nll_seconds"] = round(time.time() - start, 1)
-        for steps in (50, 1000):
-            samples = module.sample(
-                EVAL[scale]["samples"],
-                generator=torch.Generator(device).manual_seed(0),
-                sampler=sampler,
-                num_steps=steps,
-            )
+        for steps in sample_steps:
+            with sampling_precision(device):
+                samples = module.sample(
+                    EVAL[scale]["samples"],
+                    generator=torch.Generator(device).manual_seed(0),
+                    sampler=sampler,
+                    num_steps=steps,
+                )
             path = OUT / scale / "samples" / f"{name}_{variance.value}_{steps}.npz"
             save_npz(samples, path)
             row[f"samples_{steps}"] = str(path.relative_to(ROOT))
@@ -105,22 +121,21 @@ def evaluate(ckpt: Path, name: str, scale: str, device: torch.device) -> list[di
     return rows
 
 
-def fid_stage(scale: str, num_real: int = 1000) -> None:
-    """Add the FID proxy (fid_fmnist_cls, vs ``num_real`` test images) of every saved sample set to the results."""
+def fid_stage(scale: str, device: torch.device) -> None:
+    """Add the FID proxy (fid_fmnist_cls, vs the scale's ``fid_real`` test images) of each sample set to the results."""
     import numpy as np
 
-    sys.path.insert(0, str(ROOT))
     from experiments.common import load, real_metrics
 
+    num_real = EVAL[scale]["fid_real"]
     path = Path(__file__).with_name(f"RESULTS_{scale}.json")
     result = json.loads(path.read_text())
-    device = torch.device("cpu")
     _, record, test = load(OUT / scale / "simple" / "checkpoints" / "last.ckpt", device)
     gm = real_metrics(test, num_real, ("fid",), "fmnist_cls", device, {"data": record["config"]["data"]})
     for row in result["rows"]:
-        for steps in (50, 1000):
+        for steps in (s for s in (50, 1000) if f"samples_{s}" in row):
             images = np.load(ROOT / row[f"samples_{steps}"])["arr_0"]  # (N, H, W, C) uint8
-            x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+            x = torch.from_numpy(images).permute(0, 3, 1, 2).float().to(device) / 127.5 - 1
             gm.update_fake(x)
             row[f"fid_fmnist_cls_{steps}"] = gm.compute()["fid_fmnist_cls"]
         print(json.dumps(row), flush=True)
@@ -133,19 +148,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--fid", action="store_true", help="only add the FID proxy to an existing RESULTS json")
+    parser.add_argument("--only", nargs="+", choices=sorted(MODELS), default=list(MODELS), help="models to train")
+    parser.add_argument("--train-only", action="store_true", help="stop after training (models side by side)")
+    parser.add_argument("--train-extra", nargs="*", default=[], help="more src/train.py overrides")
+    parser.add_argument("--sample-steps", type=int, nargs="*", choices=[50, 1000], default=[50, 1000])
     args = parser.parse_args(argv)
     if args.fid:
-        fid_stage(args.scale)
+        fid_stage(args.scale, torch.device(args.device))
         return
-    ckpts = train(args.scale)
-    rows = [row for name, ckpt in ckpts.items() for row in evaluate(ckpt, name, args.scale, torch.device(args.device))]
+    ckpts = train(args.scale, args.only, args.train_extra)
+    if args.train_only:
+        return
+    device = torch.device(args.device)
+    rows = [row for name, ckpt in ckpts.items() for row in evaluate(ckpt, name, args.scale, device, args.sample_steps)]
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     result = {
         "scale": args.scale,
         "device": device_name,
         "torch": torch.__version__,
         "rows": rows,
-        "train_overrides": SCALES[args.scale],
+        "train_overrides": SCALES[args.scale] + args.train_extra,
         "eval": EVAL[args.scale],
     }
     out = Path(__file__).with_name(f"RESULTS_{args.scale}.json")

@@ -59,3 +59,18 @@ def test_slerp_endpoints_and_norm():
     torch.testing.assert_close(slerp(z0, z1, 1.0), z1, rtol=1e-5, atol=1e-5)
     mid = slerp(z0, z1, 0.5)
     assert mid.flatten(1).norm(dim=1).min() > 0.9 * z0.flatten(1).norm(dim=1).min()  # no collapse toward 0
+
+
+def test_reconstruction_metrics_callback_on_a_diffusion_model(tiny_cfg, caplog):
+    from difflab.tasks.train import train
+
+    result = train(
+        tiny_cfg(
+            "callbacks=[default,reconstruction_metrics]",
+            "callbacks.reconstruction_metrics.max_batches=1",
+            "callbacks.reconstruction_metrics.lpips_net=null",
+            "trainer.max_steps=2",
+            "trainer.limit_train_batches=2",
+        )
+    )
+    assert 0 < result["metrics"]["val/psnr"] and -1 <= result["metrics"]["val/ssim"] <= 1

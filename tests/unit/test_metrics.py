@@ -77,7 +77,7 @@ class FixedLogits(torch.nn.Module):
 
 
 def inception_score(images):
-    from torchmetrics.image import InceptionScore
+    from torchmetrics.image.inception import InceptionScore
 
     metric = InceptionScore(feature=FixedLogits(), splits=1)
     metric.update(images)

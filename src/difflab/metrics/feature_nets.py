@@ -84,7 +84,11 @@ def make_metric(kind: str, feature_net: str, inception_weights: str | None = Non
     Inputs to ``update`` are images in [-1, 1] for the classifiers; for ``inception`` convert to uint8 first
     (see :func:`to_metric_input`).
     """
-    from torchmetrics.image import FrechetInceptionDistance, InceptionScore, KernelInceptionDistance
+    # From the submodules: torchmetrics.image exports these three only when torch-fidelity is installed, but with
+    # our own feature nets they need no torch-fidelity at all.
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.inception import InceptionScore
+    from torchmetrics.image.kid import KernelInceptionDistance
 
     classes = {"fid": FrechetInceptionDistance, "kid": KernelInceptionDistance, "is": InceptionScore}
     if kind not in classes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from difflab.losses import DiffusionLoss, TimestepSampler, UniformTimestepSampler, full_chain_bpd
-from difflab.samplers import AncestralSampler, Sampler, sample_loop
+from difflab.samplers import AncestralSampler, DDIMSampler, Sampler, sample_loop
 from difflab.samplers.guidance import classifier_free_guidance
 from difflab.schedules import GaussianDiffusion, Parameterization, VarianceType
 from difflab.utils.enums import parse_enum
@@ -188,6 +189,19 @@ class DiffusionModule(pl.LightningModule):
             chunks.append(sample_loop(model_fn, sampler, shape, generator, self.device, num_steps=num_steps))
         self.train(was_training)
         return torch.cat(chunks).clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def reconstruct(
+        self, x_start: torch.Tensor, y: torch.Tensor | None = None, sampler: DDIMSampler | None = None
+    ) -> torch.Tensor:
+        """DDIM encode-decode (η = 0, no clipping) of x_start (B, C, H, W): what ReconstructionMetricsCallback and
+        ``sample.py mode=reconstruct`` measure. Default: 50 DDIM steps on the model's schedule."""
+        if sampler is None:
+            steps = min(50, self.diffusion.num_timesteps)
+            sampler = self.build_sampler(functools.partial(DDIMSampler, eta=0.0, steps=steps, clip_denoised=False))
+        model_fn = self.model_fn(y if self.num_classes else None, 0.0)
+        x_T = sampler.encode(model_fn, x_start)
+        return sample_loop(model_fn, sampler, x_start.shape, noise=x_T).clamp(-1, 1)
 
     def model_fn(self, y: torch.Tensor | None, guidance_scale: float = 0.0) -> Callable[..., torch.Tensor]:
         """``fn(x_t, t)`` for samplers: the network with labels ``y`` bound, guided when w > 0."""

@@ -44,10 +44,8 @@ def reconstruct(cfg: DictConfig, module: Any, record: dict, device: torch.device
     x0, y = next(iter(torch.utils.data.DataLoader(datamodule.test, batch_size=int(cfg.num_samples))))
     x0 = x0.to(device)
     labels = y.to(device) if module.num_classes else None
-    model_fn = module.model_fn(labels, 0.0)
     with torch.inference_mode():
-        x_T = sampler.encode(model_fn, x0)
-        decoded = sample_loop(model_fn, sampler, x0.shape, noise=x_T).clamp(-1, 1)
+        decoded = module.reconstruct(x0, labels, sampler)
     psnr = PeakSignalNoiseRatio(data_range=2.0).to(device)(decoded, x0).item()
     ssim = StructuralSimilarityIndexMeasure(data_range=2.0).to(device)(decoded, x0).item()
     out_dir = Path(cfg.out_dir)

@@ -1,0 +1,91 @@
+"""The peer side of ``experiments/bench.py``: diffusers' UNet2DModel in the shape of a difflab UNet preset, the FLOPs
+of a training step, and the matmul rate of the same device (the denominator of MFU).
+
+diffusers is an optional extra (``pip install -e .[bench]``); it is imported only when ``--peer diffusers`` asks.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+class DiffusersPeer(nn.Module):
+    """``UNet2DModel`` with difflab's ``net(x_t, t) -> ε`` signature (diffusers returns an output dataclass)."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t).sample
+
+
+def diffusers_peer(net_cfg: dict[str, Any], channels: int, image_size: int) -> nn.Module:
+    """The diffusers UNet of the same shape as a difflab UNet config (conf/net/*.yaml).
+
+    Levels ``model_channels * channel_mult``, ``num_res_blocks`` per level, attention blocks at the levels whose
+    resolution is in ``attention_resolutions``, same GroupNorm groups, dropout and head count; the additive time
+    embedding (diffusers' default, as DDPM and ``unet_m``). For ``unet_m`` this is diffusers' DDPM CIFAR-10 UNet.
+    """
+    try:
+        from diffusers import UNet2DModel
+    except ImportError as err:  # optional extra
+        raise SystemExit(f"--peer diffusers needs diffusers: pip install -e .[bench] ({err})") from err
+    mult = list(net_cfg["channel_mult"])
+    attn = [image_size // 2**i in set(net_cfg["attention_resolutions"]) for i in range(len(mult))]
+    channels_out = tuple(net_cfg["model_channels"] * m for m in mult)
+    heads = net_cfg.get("num_heads", 1)
+    head_dim = net_cfg.get("num_head_channels", -1)
+    unet = UNet2DModel(
+        sample_size=image_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=channels_out,
+        layers_per_block=net_cfg["num_res_blocks"],
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        dropout=net_cfg.get("dropout", 0.0),
+        norm_num_groups=net_cfg.get("num_groups", 32),
+        # diffusers counts channels per head; difflab heads (num_heads) or channels per head (num_head_channels)
+        attention_head_dim=head_dim if head_dim > 0 else max(channels_out) // heads,
+        resnet_time_scale_shift="scale_shift" if net_cfg.get("use_scale_shift_norm") else "default",
+    )
+    return DiffusersPeer(unet)
+
+
+def train_flops_per_image(net: nn.Module, x: torch.Tensor, t: torch.Tensor) -> float:
+    """FLOPs of one forward + backward per image (torch's FlopCounterMode: matmuls and convolutions, 2 per MAC)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        net(x, t).float().square().mean().backward()
+    net.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / x.shape[0]
+
+
+def forward_flops_per_image(net: nn.Module, x: torch.Tensor, t: torch.Tensor) -> float:
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        net(x, t)
+    return counter.get_total_flops() / x.shape[0]
+
+
+def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, n: int = 8192, reps: int = 10) -> float | None:
+    """The dense matmul rate of ``device`` (n x n x n products, after warm-up): MFU's denominator, measured in the
+    same run as the model so that clocks and the card agree. None on CPU (no meaningful peak there)."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
