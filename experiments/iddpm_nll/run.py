@@ -82,14 +82,30 @@ def test_images(record: dict, n: int) -> torch.Tensor:
     return torch.cat(images)[:n]
 
 
-def evaluate(ckpt: Path, name: str, scale: str, device: torch.device, sample_steps: list[int]) -> list[dict]:
+def test_nll(module, x: torch.Tensor) -> dict[str, float]:
+    """Mean full-chain NLL terms (bits/dim) of ``x`` (fixed noise per chunk of 256), and the seconds it took."""
+    start = time.time()
+    nll = [
+        module.nll(chunk, generator=torch.Generator(x.device).manual_seed(i)) for i, chunk in enumerate(x.split(256))
+    ]
+    row = {
+        key: torch.cat([r[key] for r in nll]).mean().item()
+        for key in ("total_bpd", "prior_bpd", "decoder_bpd", "terms_bpd")
+    }
+    row["nll_seconds"] = round(time.time() - start, 1)
+    return row
+
+
+def evaluate(
+    ckpt: Path, name: str, scale: str, device: torch.device, sample_steps: list[int], nll_images: int
+) -> list[dict]:
     from difflab.modules import load_module
     from difflab.schedules import VarianceType
     from difflab.utils.images import save_npz
 
     module, record = load_module(ckpt, map_location=device)
     module.sample_batch_size = 1000 if device.type == "cuda" else 256
-    x = test_images(record, EVAL[scale]["nll_images"]).to(device)
+    x = test_images(record, nll_images).to(device)
     variants = (
         [module.variance_type] if module.variance_type.learned else [VarianceType.FIXED_SMALL, VarianceType.FIXED_LARGE]
     )
@@ -98,13 +114,8 @@ def evaluate(ckpt: Path, name: str, scale: str, device: torch.device, sample_ste
         module.variance_type = variance
         sampler = module.build_sampler(lambda **kw: type(module.sampler)(**kw))
         row = {"model": name, "variance": variance.value, "step": record["global_step"]}
-        start = time.time()
-        nll = [
-            module.nll(chunk, generator=torch.Generator(device).manual_seed(i)) for i, chunk in enumerate(x.split(256))
-        ]
-        for key in ("total_bpd", "prior_bpd", "decoder_bpd", "terms_bpd"):
-            row[key] = torch.cat([r[key] for r in nll]).mean().item()
-        row["nll_seconds"] = round(time.time() - start, 1)
+        if nll_images:
+            row.update(test_nll(module, x))
         for steps in sample_steps:
             with sampling_precision(device):
                 samples = module.sample(
@@ -151,6 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="+", choices=sorted(MODELS), default=list(MODELS), help="models to train")
     parser.add_argument("--train-only", action="store_true", help="stop after training (models side by side)")
     parser.add_argument("--train-extra", nargs="*", default=[], help="more src/train.py overrides")
+    parser.add_argument(
+        "--nll-images", type=int, default=None, help="test images for the NLL (0: skip; default by scale)"
+    )
     parser.add_argument("--sample-steps", type=int, nargs="*", choices=[50, 1000], default=[50, 1000])
     args = parser.parse_args(argv)
     if args.fid:
@@ -160,7 +174,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.train_only:
         return
     device = torch.device(args.device)
-    rows = [row for name, ckpt in ckpts.items() for row in evaluate(ckpt, name, args.scale, device, args.sample_steps)]
+    nll_images = EVAL[args.scale]["nll_images"] if args.nll_images is None else args.nll_images
+    rows = [
+        row
+        for name, ckpt in ckpts.items()
+        for row in evaluate(ckpt, name, args.scale, device, args.sample_steps, nll_images)
+    ]
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     result = {
         "scale": args.scale,
@@ -168,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "rows": rows,
         "train_overrides": SCALES[args.scale] + args.train_extra,
-        "eval": EVAL[args.scale],
+        "eval": {**EVAL[args.scale], "nll_images": nll_images},
     }
     out = Path(__file__).with_name(f"RESULTS_{args.scale}.json")
     out.write_text(json.dumps(result, indent=2))

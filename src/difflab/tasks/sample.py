@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from difflab.modules import load_module
 from difflab.tasks.sample_modes import interpolate, reconstruct
+from difflab.utils.distributed import gather_shards, init_from_env, rank_world, shard
 from difflab.utils.images import save_grid, save_npz
 
 log = logging.getLogger(__name__)
@@ -45,13 +46,18 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     """Load ``cfg.ckpt`` (optionally with another ``cfg.sampler``), draw ``cfg.num_samples`` seeded samples.
 
     Class-conditional checkpoints take ``classes`` and ``guidance_scale`` (w of classifier-free guidance).
+    Under ``torchrun --nproc_per_node N`` each rank draws every N-th sample with seed ``seed + rank``; rank 0 writes
+    the gathered set (a single process keeps ``seed``, so its output does not depend on the launch).
     """
     if cfg.num_samples < 1:
         raise ValueError(f"num_samples={cfg.num_samples}: expected >= 1")
-    device = resolve_device(cfg.device)
+    device = init_from_env(resolve_device(cfg.device))
+    rank, world = rank_world()
+    mode = cfg.get("mode", "generate")
+    if world > 1 and mode != "generate":
+        raise ValueError(f"mode={mode}: runs in one process; launch it without torchrun (only generate is sharded)")
     module, record = load_module(cfg.ckpt, sampler=cfg.get("sampler"), map_location=device)
     module.sample_batch_size = int(cfg.batch_size)
-    mode = cfg.get("mode", "generate")
     if mode == "reconstruct":
         return reconstruct(cfg, module, record, device)
     if mode == "interpolate":
@@ -59,9 +65,17 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     if mode != "generate":
         raise ValueError(f"mode={mode!r}: expected one of [generate, reconstruct, interpolate]")
     labels, row = class_labels(cfg.get("classes"), module.num_classes, int(cfg.num_samples))
-    generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
     num = int(cfg.num_samples) if labels is None else labels.numel()
-    images = module.sample(num, generator=generator, y=labels, guidance_scale=cfg.get("guidance_scale"))
+    index = shard(num, rank, world)
+    generator = torch.Generator(device=device).manual_seed(int(cfg.seed) + rank)
+    if index.numel():
+        y = None if labels is None else labels[index]
+        local = module.sample(index.numel(), generator=generator, y=y, guidance_scale=cfg.get("guidance_scale"))
+    else:  # more ranks than samples
+        local = torch.empty((0, *module.image_shape), device=device)
+    images = gather_shards(local.to(device), num)
+    if rank != 0:
+        return {"rank": rank}
     out_dir = Path(cfg.out_dir)
     result = {
         "grid": save_grid(images, out_dir / "samples.png", nrow=cfg.get("nrow") or row),
