@@ -85,3 +85,27 @@ def test_sample_all_classes_grid_and_listed_classes(cfg_checkpoint, tmp_path):
     assert np.load(listed["npz"])["labels"].tolist() == [0, 3, 7, 0, 3]
     with pytest.raises(ValueError, match="expected indices"):
         sample(compose_config([f"ckpt={ckpt}", "classes=[12]"], tmp_path / "c", "sample"))
+
+
+def test_guidance_sweep_as_a_sample_multirun(tiny_cfg, tmp_path):
+    """The w sweep of the CFG study as a Hydra multirun over sampling: one job (and one .npz) per w."""
+    from tests.conftest import run_cli
+
+    ckpt = train(tiny_cfg("model=cfg", "trainer.max_steps=2", "trainer.limit_train_batches=2"))["checkpoint"]
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        "sample.py",
+        "-m",
+        f"ckpt={ckpt}",
+        "guidance_scale=0,4",
+        "num_samples=4",
+        "sampler=ddim",
+        "sampler.steps=3",
+        "device=cpu",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    w0, w4 = (np.load(sweep / job / "samples.npz")["arr_0"] for job in ("0", "1"))
+    assert w0.shape == w4.shape == (4, *w0.shape[1:])
+    assert (sweep / "0" / "samples.png").is_file() and (sweep / "1" / "samples.png").is_file()
