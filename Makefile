@@ -7,7 +7,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 ARGS   ?=
 
-.PHONY: install data train test test-all bench lint clean
+.PHONY: install data train ldm test test-all bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,15 @@ data:
 
 train: install data
 	$(BIN)/python src/train.py experiment=quickstart $(ARGS)
+
+# Latent diffusion, both stages: the kl-f4 autoencoder, then the LDM on its latents (GPU: ~1 h; CPU: many hours,
+# shorten with STAGE1_ARGS='trainer.max_steps=2100 model.loss.disc_start=1500 data.batch_size=32' ARGS=...).
+STAGE1_DIR := $(CURDIR)/logs/ldm/stage1
+STAGE1_ARGS ?=
+ldm: install data
+	test -f $(STAGE1_DIR)/checkpoints/last.ckpt || \
+	  $(BIN)/python src/train.py experiment=autoencoder_kl_f4 hydra.run.dir=$(STAGE1_DIR) $(STAGE1_ARGS)
+	$(BIN)/python src/train.py experiment=ldm model.autoencoder_ckpt=$(STAGE1_DIR)/checkpoints/last.ckpt $(ARGS)
 
 test: install data
 	$(BIN)/ruff check src tests experiments

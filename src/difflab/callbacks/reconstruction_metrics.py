@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from difflab.metrics.feature_nets import LPIPS_BACKBONES, lpips_weights_path
 from difflab.utils.images import image_grid
 from difflab.utils.loggers import log_image
 
 log = logging.getLogger(__name__)
-
-# torchvision's ImageNet backbones that torchmetrics' LPIPS loads by download
-LPIPS_BACKBONES = {
-    "alex": "alexnet-owt-7be5be79.pth",
-    "vgg": "vgg16-397923af.pth",
-    "squeeze": "squeezenet1_1-b8a52dc0.pth",
-}
-
-
-def lpips_weights_path(net_type: str) -> Path:
-    torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
-    return torch_home / "hub" / "checkpoints" / LPIPS_BACKBONES[net_type]
-
 
 class ReconstructionMetricsCallback(pl.Callback):
     """On the first ``max_batches`` validation batches, compare ``pl_module.reconstruct(x)`` with x (both in

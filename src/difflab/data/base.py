@@ -14,6 +14,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from difflab.data.transforms import InMemoryImageDataset, collate_images, prepare_images
 
+DIGIT_NAMES = tuple(
+    f"handwritten {d}" for d in ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+)
+
 
 def _check_int(key: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -63,6 +67,8 @@ class ImageDataModule(pl.LightningDataModule):
     """
 
     num_classes: int | None = None
+    # names of the classes (for synthetic captions of text-conditioned latent diffusion); [] when unknown
+    class_names: tuple[str, ...] = ()
 
     def __init__(
         self,

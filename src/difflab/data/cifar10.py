@@ -39,6 +39,7 @@ class CIFAR10DataModule(DownloadableDataModule):
     """CIFAR-10: x (B, channels, image_size, image_size) in [-1, 1], y (B,) in 0..9."""
 
     num_classes = 10
+    class_names = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
     def __init__(
         self,

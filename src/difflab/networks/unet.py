@@ -1,8 +1,9 @@
 """One configurable ADM-style UNet (Ho et al. 2020 Appendix B; Dhariwal & Nichol 2021).
 
 Presets live in ``conf/net/``: ``unet_s`` (tiny, for CPU) and ``unet_m`` (the DDPM CIFAR-10 shape).
-Conditioning hooks: ``num_classes`` adds a learned class embedding (index ``num_classes`` is the null class
-used by classifier-free guidance) to the time embedding; context (cross-attention) arrives with latent diffusion.
+Conditioning: ``num_classes`` adds a learned class embedding (index ``num_classes`` is the null class used by
+classifier-free guidance) to the time embedding; ``context_dim`` replaces self-attention at
+``attention_resolutions`` by spatial transformers that cross-attend to a context sequence (latent diffusion).
 """
 
 from __future__ import annotations
@@ -12,16 +13,24 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from difflab.networks.attention import SpatialTransformer
 from difflab.networks.blocks import AttentionBlock, Downsample, ResBlock, Upsample, group_norm, zero_module
 from difflab.networks.embeddings import timestep_embedding
 
 
 class EmbedSequential(nn.Sequential):
-    """A sequence of blocks where ``ResBlock``s also receive the embedding."""
+    """A sequence of blocks where ``ResBlock``s also receive the embedding and ``SpatialTransformer``s the context."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         for layer in self:
-            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context, mask)
+            else:
+                x = layer(x)
         return x
 
 
@@ -37,7 +46,10 @@ class UNet(nn.Module):
         num_heads / num_head_channels: attention heads (num_head_channels > 0 overrides num_heads).
         dropout, num_groups, use_scale_shift_norm: see :class:`ResBlock`.
         num_classes: if set, a class embedding (+1 null class) is added to the time embedding.
-    Shapes: x (B, in_channels, H, W), t (B,) long, y (B,) long or None → (B, out_channels, H, W).
+        context_dim: if set, attention layers become :class:`SpatialTransformer`s (self- and cross-attention to a
+            context (B, L, context_dim)) of ``transformer_depth`` blocks; set by the model from its conditioner.
+    Shapes: x (B, in_channels, H, W), t (B,) long, y (B,) long or None, context (B, L, context_dim) with
+    context_mask (B, L) bool (True = real token) → (B, out_channels, H, W).
     """
 
     def __init__(
@@ -55,12 +67,14 @@ class UNet(nn.Module):
         num_groups: int = 32,
         use_scale_shift_norm: bool = True,
         num_classes: int | None = None,
+        context_dim: int | None = None,
+        transformer_depth: int = 1,
     ) -> None:
         super().__init__()
         channel_mult = tuple(channel_mult)
         _validate(image_size, channel_mult, attention_resolutions, num_res_blocks, model_channels)
         self.in_channels, self.out_channels, self.image_size = in_channels, out_channels, image_size
-        self.model_channels, self.num_classes = model_channels, num_classes
+        self.model_channels, self.num_classes, self.context_dim = model_channels, num_classes, context_dim
         emb_dim = 4 * model_channels
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
@@ -68,7 +82,9 @@ class UNet(nn.Module):
         def res(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, emb_dim, dropout, use_scale_shift_norm, num_groups)
 
-        def attn(ch: int) -> AttentionBlock:
+        def attn(ch: int) -> nn.Module:
+            if context_dim:
+                return SpatialTransformer(ch, num_heads, context_dim, transformer_depth, num_head_channels, num_groups)
             return AttentionBlock(ch, num_heads, num_head_channels, num_groups)
 
         attention_resolutions = set(attention_resolutions)
@@ -111,15 +127,22 @@ class UNet(nn.Module):
             emb = emb + self.class_embed(y)
         return emb
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         emb = self.embed(t, y)
         h, skips = x, []
         for block in self.input_blocks:
-            h = block(h, emb)
+            h = block(h, emb, context, context_mask)
             skips.append(h)
-        h = self.middle_block(h, emb)
+        h = self.middle_block(h, emb, context, context_mask)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
         return self.out(h)
 
 

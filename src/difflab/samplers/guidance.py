@@ -18,11 +18,14 @@ LabelledModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], to
 def classifier_free_guidance(
     model_fn: LabelledModelFn,
     y: torch.Tensor,
-    null_label: int,
+    null_label: int | torch.Tensor,
     guidance_scale: float,
     mean_channels: int | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Return ``fn(x_t, t)`` giving the guided output for labels ``y`` (B,).
+    """Return ``fn(x_t, t)`` giving the guided output for conditions ``y`` (labels (B,), or any (B, ...) tensor).
+
+    ``null_label`` is the null class index, or the unconditional condition itself (a tensor shaped like ``y``, e.g.
+    the tokens of the empty caption).
 
     Guidance is linear in the network output, so it is the same for ε, x_0 and v parameterisations.
     With a learned variance only the first ``mean_channels`` channels are guided; the variance channels are
@@ -34,7 +37,7 @@ def classifier_free_guidance(
     def guided(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if guidance_scale == 0:
             return model_fn(x_t, t, y)
-        null = torch.full_like(y, null_label)
+        null = torch.full_like(y, null_label) if isinstance(null_label, int) else null_label.to(y.device)
         both = model_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]))
         cond, uncond = both.chunk(2, dim=0)
         channels = mean_channels or cond.shape[1]

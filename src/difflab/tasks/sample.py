@@ -42,10 +42,21 @@ def class_labels(classes: Any, num_classes: int | None, num_samples: int) -> tup
     return labels.repeat(num_samples // labels.numel() + 1)[:num_samples], None
 
 
+def prompt_list(prompt: Any, num_samples: int) -> list[str] | None:
+    """``prompt``: null, one string (every sample) or a list (cycled) → num_samples prompts, or None."""
+    if prompt is None:
+        return None
+    prompts = [prompt] if isinstance(prompt, str) else [str(p) for p in prompt]
+    if not prompts:
+        raise ValueError("prompt=[]: give a caption, e.g. prompt='a photo of a sneaker'")
+    return [prompts[i % len(prompts)] for i in range(num_samples)]
+
+
 def sample(cfg: DictConfig) -> dict[str, Any]:
     """Load ``cfg.ckpt`` (optionally with another ``cfg.sampler``), draw ``cfg.num_samples`` seeded samples.
 
-    Class-conditional checkpoints take ``classes`` and ``guidance_scale`` (w of classifier-free guidance).
+    Class-conditional checkpoints take ``classes`` and ``guidance_scale`` (w of classifier-free guidance);
+    text-conditioned latent diffusion takes ``prompt`` (a caption, or a list cycled over the samples).
     Under ``torchrun --nproc_per_node N`` each rank draws every N-th sample with seed ``seed + rank``; rank 0 writes
     the gathered set (a single process keeps ``seed``, so its output does not depend on the launch).
     """
@@ -64,15 +75,21 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         return interpolate(cfg, module, device)
     if mode != "generate":
         raise ValueError(f"mode={mode!r}: expected one of [generate, reconstruct, interpolate]")
-    labels, row = class_labels(cfg.get("classes"), module.num_classes, int(cfg.num_samples))
+    prompts = prompt_list(cfg.get("prompt"), int(cfg.num_samples))
+    if prompts is not None:
+        labels, row = None, None
+    else:
+        labels, row = class_labels(cfg.get("classes"), module.num_classes, int(cfg.num_samples))
     num = int(cfg.num_samples) if labels is None else labels.numel()
     index = shard(num, rank, world)
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed) + rank)
     if index.numel():
-        y = None if labels is None else labels[index]
-        local = module.sample(index.numel(), generator=generator, y=y, guidance_scale=cfg.get("guidance_scale"))
+        kwargs: dict[str, Any] = {"y": None if labels is None else labels[index]}
+        if prompts is not None:  # text-conditioned latent diffusion
+            kwargs = {"prompts": [prompts[i] for i in index.tolist()]}
+        local = module.sample(index.numel(), generator=generator, guidance_scale=cfg.get("guidance_scale"), **kwargs)
     else:  # more ranks than samples
-        local = torch.empty((0, *module.image_shape), device=device)
+        local = torch.empty((0, *getattr(module, "pixel_shape", module.image_shape)), device=device)
     images = gather_shards(local.to(device), num)
     if rank != 0:
         return {"rank": rank}

@@ -56,7 +56,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = instantiate_group(cfg.get("logger"), logger_overrides)
     if not loggers:  # LearningRateMonitor refuses to run without a logger; `logger=none` is a valid choice
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    extra: dict[str, Any] = {}
+    if not model.automatic_optimization:  # Lightning refuses trainer.gradient_clip_val then; such modules clip
+        extra["gradient_clip_val"] = None  # themselves (model.gradient_clip_val)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
     for logger in loggers:
         logger.log_hyperparams(run_config)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)

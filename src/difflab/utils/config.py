@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from difflab.utils.loggers import wandb_offline
 
@@ -22,12 +22,24 @@ def data_num_classes(*, _root_: DictConfig) -> int:
     return count
 
 
+def data_class_names(*, _root_: DictConfig) -> ListConfig:
+    """``${data_class_names:}``: the class names of the configured data module (for synthetic captions)."""
+    data_cfg = _root_.data
+    names = getattr(get_class(data_cfg._target_), "class_names", ())
+    if not names and "ImageFolder" in data_cfg._target_:  # per instance: the class subfolders
+        names = instantiate(data_cfg).class_names
+    return OmegaConf.create(list(names))
+
+
 def register_resolvers() -> None:
-    """Register difflab's OmegaConf resolvers (idempotent): ``${wandb_offline:}``, ``${data_num_classes:}``."""
+    """Register difflab's OmegaConf resolvers (idempotent): ``${wandb_offline:}``, ``${data_num_classes:}``,
+    ``${data_class_names:}``."""
     if not OmegaConf.has_resolver("wandb_offline"):
         OmegaConf.register_new_resolver("wandb_offline", wandb_offline)
     if not OmegaConf.has_resolver("data_num_classes"):
         OmegaConf.register_new_resolver("data_num_classes", data_num_classes)
+    if not OmegaConf.has_resolver("data_class_names"):
+        OmegaConf.register_new_resolver("data_class_names", data_class_names)
 
 
 def instantiate_group(cfg: DictConfig | None, overrides: dict[str, dict[str, Any]] | None = None) -> list[Any]:

