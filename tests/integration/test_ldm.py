@@ -223,3 +223,23 @@ def test_ddp_cpu_ldm(autoencoder_ckpt, tmp_path):
     assert checkpoint["global_step"] == 2 and checkpoint["latent_scale_factor"] is not None
     assert (run_dir / "samples" / "samples.png").is_file()
     assert Path(run_dir / "csv" / "version_0").is_dir()
+
+
+def test_cached_latents_match_on_the_fly_encoding(autoencoder_ckpt, tiny_cfg):
+    from difflab.modules.latent_diffusion import LatentCache
+
+    module = instantiate(
+        tiny_cfg("model=ldm", f"model.autoencoder_ckpt={autoencoder_ckpt}", "net.attention_resolutions=[8]").model
+    ).eval()
+    images = torch.rand(6, 1, 16, 16) * 2 - 1
+    dataset = torch.utils.data.TensorDataset(images, torch.arange(6))
+    cache = LatentCache.encode(module.autoencoder, dataset, torch.device("cpu"), batch_size=4)
+    assert len(cache) == 6 and cache[0][0].shape == (6, 8, 8)  # kl: [μ, log σ²] of 3 latent channels
+    torch.testing.assert_close(module.encode(cache.moments, cached=True), module.encode(images), rtol=1e-5, atol=1e-5)
+
+
+def test_fast_dev_run_ldm_from_cached_latents(autoencoder_ckpt, tmp_path):
+    cfg = compose_config(
+        [*LDM_TINY, f"model.autoencoder_ckpt={autoencoder_ckpt}", "model.cache_latents=true", "debug=fast"], tmp_path
+    )
+    assert np.isfinite(train(cfg)["metrics"]["train/loss"])

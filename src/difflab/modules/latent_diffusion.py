@@ -11,11 +11,39 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from difflab.modules.autoencoder import load_autoencoder
 from difflab.modules.diffusion import DiffusionModule
 from difflab.networks.conditioners import Conditioner
 from difflab.samplers.guidance import classifier_free_guidance
+
+
+class LatentCache(Dataset):
+    """A training set as encoder outputs, computed once: items are (moments (C', h, w) float32, y)."""
+
+    def __init__(self, moments: torch.Tensor, labels: torch.Tensor) -> None:
+        self.moments, self.labels = moments, labels
+
+    @classmethod
+    @torch.no_grad()
+    def encode(cls, autoencoder: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 256):
+        """Encode every (x, y) of ``dataset`` on ``device`` (the autoencoder goes back to where it was)."""
+        home = next(autoencoder.parameters()).device
+        autoencoder.to(device)
+        moments, labels = [], []
+        for x, y in DataLoader(dataset, batch_size=batch_size):
+            moments.append(autoencoder.encode_moments(x.to(device)).float().cpu())
+            labels.append(y)
+        autoencoder.to(home)
+        rank_zero_info(f"cache_latents: encoded {len(dataset)} training images once")
+        return cls(torch.cat(moments), torch.cat(labels))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.moments[index], self.labels[index]
 
 
 class LatentDiffusionModule(DiffusionModule):
@@ -32,6 +60,9 @@ class LatentDiffusionModule(DiffusionModule):
         p_uncond: probability of replacing the condition by the null condition in training (classifier-free
             guidance; the null class or the empty caption).
         sample_posterior: encode training images with a posterior sample (kl) instead of its mean.
+        cache_latents: encode the training set once at fit start and train from those encoder outputs (posterior
+            moments for kl, so samples stay fresh; z_e for vq) instead of encoding every batch. Data augmentation
+            (random flips) is then frozen into the cache; validation still encodes on the fly.
     """
 
     def __init__(
@@ -44,6 +75,7 @@ class LatentDiffusionModule(DiffusionModule):
         scale_by_std: bool = True,
         p_uncond: float = 0.1,
         sample_posterior: bool = True,
+        cache_latents: bool = False,
         **kwargs: Any,
     ) -> None:
         autoencoder, _ = load_autoencoder(autoencoder_ckpt)
@@ -70,7 +102,7 @@ class LatentDiffusionModule(DiffusionModule):
         # averaged copy, which would restore the value from before scale_by_std set it.
         self.scale_factor = float(scale_factor)
         self.scale_by_std, self.scale_set = scale_by_std, not scale_by_std
-        self.sample_posterior = sample_posterior
+        self.sample_posterior, self.cache_latents = sample_posterior, cache_latents
 
     def train(self, mode: bool = True) -> LatentDiffusionModule:
         super().train(mode)
@@ -79,9 +111,23 @@ class LatentDiffusionModule(DiffusionModule):
 
     # ------------------------------------------------------------------ latents
     @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) in [-1, 1] → scaled latents (B, embed_dim, H/f, W/f)."""
-        return self.scale_factor * self.autoencoder.encode(x, sample=self.sample_posterior and self.training).float()
+    def encode(self, x: torch.Tensor, cached: bool = False) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] — or, with ``cached``, their cached encoder outputs — → scaled latents
+        (B, embed_dim, H/f, W/f)."""
+        moments = x if cached else self.autoencoder.encode_moments(x)
+        sample = self.sample_posterior and self.training
+        return self.scale_factor * self.autoencoder.latent_from_moments(moments, sample).float()
+
+    def setup(self, stage: str) -> None:
+        """With ``cache_latents``, replace the data module's training set by its encoder outputs (once)."""
+        if stage != "fit" or not self.cache_latents or self._trainer is None:
+            return
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "train"):
+            raise ValueError("model.cache_latents=true needs a difflab data module (with a `train` dataset)")
+        datamodule.setup("fit")
+        if not isinstance(datamodule.train, LatentCache):
+            datamodule.train = LatentCache.encode(self.autoencoder, datamodule.train, self.trainer.strategy.root_device)
 
     @torch.no_grad()
     def to_images(self, x_0: torch.Tensor) -> torch.Tensor:
@@ -89,9 +135,10 @@ class LatentDiffusionModule(DiffusionModule):
         return self.autoencoder.decode(x_0 / self.scale_factor).clamp(-1, 1)
 
     @torch.no_grad()
-    def _set_scale(self, x: torch.Tensor) -> None:
+    def _set_scale(self, x: torch.Tensor, cached: bool = False) -> None:
         """scale_by_std: 1 / std of the first batch's latents, the variance averaged over DDP ranks."""
-        z = self.autoencoder.encode(x, sample=self.sample_posterior).float()
+        moments = x if cached else self.autoencoder.encode_moments(x)
+        z = self.autoencoder.latent_from_moments(moments, sample=self.sample_posterior).float()
         var = z.var()
         if self._trainer is not None:
             var = self.trainer.strategy.reduce(var, reduce_op="mean")
@@ -117,9 +164,10 @@ class LatentDiffusionModule(DiffusionModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
+        cached = self.cache_latents and x.shape[1:] != self.pixel_shape
         if not self.scale_set:
-            self._set_scale(x)
-        return super().training_step((self.encode(x), y), batch_idx)
+            self._set_scale(x, cached)
+        return super().training_step((self.encode(x, cached), y), batch_idx)
 
     def training_condition(self, y: torch.Tensor) -> torch.Tensor | None:
         """Labels → conditions (a random caption template per image for text), then the null condition w.p.

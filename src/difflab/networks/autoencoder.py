@@ -171,12 +171,23 @@ class Autoencoder(nn.Module):
             raise TypeError("posterior() exists for autoencoder.regularizer=kl only")
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
 
+    def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
+        """What the encoder gives before sampling: kl: [μ, log σ²] (B, 2·embed_dim, h, w); vq: z_e (B, embed_dim, h, w).
+        Latent caches store this, so posterior samples stay fresh at every epoch."""
+        return self.quant_conv(self.encoder(x))
+
+    def latent_from_moments(
+        self, moments: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The latent of :meth:`encode_moments`' output: a posterior sample (``sample``) or its mean (kl); z_e (vq)."""
+        if self.quantizer is not None:
+            return moments
+        posterior = DiagonalGaussian(moments)
+        return posterior.sample(generator) if sample else posterior.mode()
+
     def encode(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
         """The latent (B, embed_dim, H/f, W/f) of x: a posterior sample (``sample``) or mean (kl); z_e (vq)."""
-        if self.quantizer is not None:
-            return self.quant_conv(self.encoder(x))
-        posterior = self.posterior(x)
-        return posterior.sample(generator) if sample else posterior.mode()
+        return self.latent_from_moments(self.encode_moments(x), sample, generator)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) from latents (vq: quantised first)."""
