@@ -243,3 +243,14 @@ def test_fast_dev_run_ldm_from_cached_latents(autoencoder_ckpt, tmp_path):
         [*LDM_TINY, f"model.autoencoder_ckpt={autoencoder_ckpt}", "model.cache_latents=true", "debug=fast"], tmp_path
     )
     assert np.isfinite(train(cfg)["metrics"]["train/loss"])
+
+
+@pytest.mark.parametrize("mode", ["reconstruct", "interpolate"])
+def test_ddim_modes_work_in_latent_space(trained_ldm, tmp_path, mode):
+    _, result = trained_ldm
+    overrides = ["ckpt=" + result["checkpoint"], f"mode={mode}", "num_samples=2", "num_interp=3", "sampler=ddim"]
+    cfg = compose_config([*overrides, "sampler.eta=0", "sampler.steps=4"], tmp_path, config_name="sample")
+    out = sample(cfg)
+    assert Path(out["grid"]).is_file()
+    if mode == "reconstruct":
+        assert np.isfinite(out["psnr"])

@@ -76,7 +76,7 @@ def test_vq_codebook_and_encoder_get_their_own_loss_gradients():
 
 
 def test_vq_perplexity_counts_codes_used():
-    vq = VectorQuantizer(n_embed=4, embed_dim=2)
+    vq = VectorQuantizer(n_embed=4, embed_dim=2, data_init=False)
     with torch.no_grad():
         vq.codebook.weight.copy_(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]]))
     z_e = vq.codebook.weight.detach().t().reshape(1, 2, 2, 2)  # each code exactly once
@@ -137,3 +137,20 @@ def test_perceptual_alternatives_are_named_and_lpips_is_never_untrained(tmp_path
 def test_patch_discriminator_scores_patches():
     disc = PatchDiscriminator(3, ch=8, n_layers=2, num_groups=4)
     assert disc(torch.randn(2, 3, 32, 32)).shape == (2, 1, 6, 6)
+
+
+def test_vq_codebook_starts_from_encoder_outputs_once_and_not_after_loading():
+    vq = VectorQuantizer(n_embed=8, embed_dim=2)
+    z_e = torch.randn(4, 2, 4, 4) * 5 + 3  # far from the uniform(±1/8) init
+    _, _, info = vq(z_e)
+    flat = z_e.permute(0, 2, 3, 1).reshape(-1, 2)
+    assert torch.cdist(vq.codebook.weight.detach(), flat).min(dim=1).values.max() < 0.01  # codes are data points
+    assert info["usage"] > 0.5 and not vq.needs_init
+    before = vq.codebook.weight.detach().clone()
+    vq(z_e * 2)
+    assert torch.equal(vq.codebook.weight.detach(), before)  # only the first batch
+    fresh = VectorQuantizer(n_embed=8, embed_dim=2)
+    fresh.load_state_dict(vq.state_dict())
+    assert not fresh.needs_init
+    fresh(z_e * 2)
+    assert torch.equal(fresh.codebook.weight.detach(), before)

@@ -196,6 +196,10 @@ class DiffusionModule(pl.LightningModule):
         self.train(was_training)
         return torch.cat(chunks).clamp(-1.0, 1.0)
 
+    def condition(self, y: torch.Tensor | None, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """Data labels → what ``model_fn`` takes as condition (the labels here; latent diffusion's conditioner)."""
+        return y
+
     def to_images(self, x_0: torch.Tensor) -> torch.Tensor:
         """Map samples of the diffusion space to images (identity here; latent diffusion decodes)."""
         return x_0

@@ -48,7 +48,7 @@ class VectorQuantizer(nn.Module):
     ``perplexity`` = exp(entropy of code usage in the batch) and ``usage`` = fraction of codes used.
     """
 
-    def __init__(self, n_embed: int, embed_dim: int, beta: float = 0.25) -> None:
+    def __init__(self, n_embed: int, embed_dim: int, beta: float = 0.25, data_init: bool = True) -> None:
         super().__init__()
         if n_embed < 2 or embed_dim < 1:
             raise ValueError(
@@ -60,6 +60,25 @@ class VectorQuantizer(nn.Module):
         self.n_embed, self.embed_dim, self.beta = n_embed, embed_dim, beta
         self.codebook = nn.Embedding(n_embed, embed_dim)
         nn.init.uniform_(self.codebook.weight, -1.0 / n_embed, 1.0 / n_embed)
+        # Data-dependent initialisation (as in Jukebox / k-means-initialised VQ): VQ-GAN's uniform(±1/n) codebook
+        # sits far from the encoder outputs and collapses to a handful of codes (we saw 5 of 256 in use on
+        # Fashion-MNIST). The first training batch seeds the codebook with encoder outputs instead; a loaded
+        # state_dict (resume, stage-1 checkpoints) switches this off.
+        self.needs_init = data_init
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(*args, **kwargs)
+        self.needs_init = False
+
+    @torch.no_grad()
+    def init_from(self, z_e: torch.Tensor) -> None:
+        """Set the codebook to ``n_embed`` random encoder outputs of the batch (the same on every DDP rank)."""
+        flat = z_e.detach().permute(0, 2, 3, 1).reshape(-1, self.embed_dim).float()
+        picks = torch.randint(len(flat), (self.n_embed,), device=flat.device)
+        self.codebook.weight.copy_(flat[picks] + 1e-3 * torch.randn_like(flat[picks]))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast(self.codebook.weight.data, src=0)
+        self.needs_init = False
 
     def lookup(self, z_e: torch.Tensor) -> torch.Tensor:
         """Indices (B, h, w) of the nearest codebook entries (squared Euclidean distance)."""
@@ -74,6 +93,8 @@ class VectorQuantizer(nn.Module):
         return self.codebook(indices).permute(0, 3, 1, 2)
 
     def forward(self, z_e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        if self.training and self.needs_init:
+            self.init_from(z_e)
         indices = self.lookup(z_e)
         z_q = self.embed(indices).to(z_e.dtype)
         loss = F.mse_loss(z_q, z_e.detach()) + self.beta * F.mse_loss(z_e, z_q.detach())

@@ -70,5 +70,6 @@ def interpolate(cfg: DictConfig, module: Any, device: torch.device) -> dict[str,
         label = int(cfg.classes[0]) if cfg.get("classes") not in (None, "all") else 0
         labels = torch.full((frames,), label, device=device)
     with torch.inference_mode():
-        images = sample_loop(module.model_fn(labels, 0.0), sampler, latents.shape, noise=latents).clamp(-1, 1)
+        x_0 = sample_loop(module.model_fn(module.condition(labels), 0.0), sampler, latents.shape, noise=latents)
+        images = module.to_images(x_0).clamp(-1, 1)  # latent diffusion decodes
     return {"grid": save_grid(images, Path(cfg.out_dir) / "interpolate.png", nrow=frames), "frames": frames}
