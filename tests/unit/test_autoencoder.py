@@ -41,6 +41,7 @@ def test_kl_of_a_standard_normal_posterior_is_zero():
 
 
 def test_kl_matches_torch_distributions():
+    torch.manual_seed(0)
     moments = torch.randn(2, 6, 3, 3)
     posterior = DiagonalGaussian(moments)
     q = torch.distributions.Normal(posterior.mean, posterior.std)
@@ -48,7 +49,8 @@ def test_kl_matches_torch_distributions():
     expected = torch.distributions.kl_divergence(q, p).sum(dim=(1, 2, 3))
     torch.testing.assert_close(posterior.kl(), expected, rtol=1e-5, atol=1e-5)
     samples = torch.stack([posterior.sample() for _ in range(2000)])
-    torch.testing.assert_close(samples.mean(0), posterior.mean, atol=0.15, rtol=0)
+    assert ((samples.mean(0) - posterior.mean).abs() < 5 * posterior.std / 2000**0.5).all()  # 5 standard errors
+    torch.testing.assert_close(samples.std(0), posterior.std, rtol=0.1, atol=0)
 
 
 def test_vq_returns_codebook_entries_and_passes_gradients_straight_through():
