@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from difflab.modules import load_autoencoder  # noqa: E402
 from difflab.samplers import DDIMSampler  # noqa: E402
 from difflab.utils.config import register_resolvers  # noqa: E402
-from experiments.common import ROOT, ensure_checkpoint, hardware, load, markdown_table, real_metrics, write_json  # noqa: E402
+from difflab.utils.images import save_grid  # noqa: E402
+from experiments.common import (  # noqa: E402
+    ROOT,
+    ensure_checkpoint,
+    hardware,
+    load,
+    markdown_table,
+    real_metrics,
+    write_json,
+)
 
 OUT = Path(__file__).resolve().parent
 # CPU: 1500 batches of 32 without the GAN phase (disc_start = the run length): on 2 cores a GAN phase long enough
@@ -44,7 +55,7 @@ COMMON = {
         "data=fashion_mnist",
         "trainer=cpu",
         "data.batch_size=64",
-        "+trainer.max_time=00:00:05:00",
+        "+trainer.max_time=00:00:04:00",
         "trainer.val_check_interval=null",
         "trainer.limit_val_batches=2",
         "callbacks.model_checkpoint.every_n_train_steps=50",  # max_time stops mid-epoch
@@ -55,7 +66,7 @@ COMMON = {
         "model.lr_scheduler.warmup_steps=100",
         "trainer.enable_progress_bar=false",
         "logger=csv",
-        "samples.num_samples=64",
+        "samples.num_samples=0",  # the evaluation draws (and saves) DDIM samples
     ],
     "gpu": [
         "data=fashion_mnist",
@@ -75,7 +86,7 @@ MODELS = {
     "ldm_kl_f4": ["model=ldm", "model.conditioner=null"],
 }
 EVAL = {
-    "cpu": {"num_samples": 500, "num_real": 2000, "steps": 50},
+    "cpu": {"num_samples": 300, "num_real": 1000, "steps": 50},
     "gpu": {"num_samples": 10000, "num_real": 10000, "steps": 50},
 }
 
@@ -126,11 +137,6 @@ def ae_stage(scale: str, device: torch.device) -> dict:
         )
         rows[name] = evaluate_autoencoder(ckpt, device)
         print(name, rows[name], flush=True)
-    # the kl-f4 run continued with 300 GAN batches (disc_start 1500, max_steps 2100), when it exists
-    gan = ROOT / "logs" / "ldm" / scale / "ae_kl_f4_gan300" / "checkpoints" / "last.ckpt"
-    if gan.is_file():
-        rows["kl_f4_gan300"] = evaluate_autoencoder(gan, device)
-        print("kl_f4_gan300", rows["kl_f4_gan300"], flush=True)
     return rows
 
 
@@ -164,10 +170,20 @@ def throughput(module, batch: torch.Tensor, steps: int, sample_steps: int) -> di
 
 def compare_stage(scale: str, device: torch.device) -> dict:
     ae_ckpt = ROOT / "logs" / "ldm" / scale / "ae_kl_f4" / "checkpoints" / "last.ckpt"
-    rows = {}
-    for name, overrides in MODELS.items():
-        extra = [f"model.autoencoder_ckpt={ae_ckpt}"] if name.startswith("ldm") else []
-        ckpt = ensure_checkpoint(ROOT / "logs" / "ldm" / scale / name, [*COMMON[scale], *overrides, *extra])
+    rows, jobs = {}, {}
+    for name, overrides in MODELS.items():  # both trainings side by side: the same machine share and wall clock
+        run_dir = ROOT / "logs" / "ldm" / scale / name
+        if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+            extra = [f"model.autoencoder_ckpt={ae_ckpt}"] if name.startswith("ldm") else []
+            cmd = [sys.executable, str(ROOT / "src" / "train.py"), *COMMON[scale], *overrides, *extra]
+            print("+", " ".join(cmd), flush=True)
+            # one thread each on a CPU, so the two runs share the machine evenly
+            env = {**os.environ, "OMP_NUM_THREADS": "1"} if scale == "cpu" else None
+            jobs[name] = subprocess.Popen([*cmd, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env)
+    if any(job.wait() for job in jobs.values()):
+        raise RuntimeError("a training run failed")
+    for name in MODELS:
+        ckpt = ROOT / "logs" / "ldm" / scale / name / "checkpoints" / "last.ckpt"
         module, record, test = load(ckpt, device)
         cfg = EVAL[scale]
         gm = real_metrics(
@@ -179,6 +195,7 @@ def compare_stage(scale: str, device: torch.device) -> dict:
         samples = module.sample(cfg["num_samples"], torch.Generator(device).manual_seed(0), sampler=sampler)
         seconds = time.perf_counter() - start
         gm.update_fake(samples)
+        save_grid(samples[:64], OUT / f"samples_{scale}_{name}.png", nrow=8)
         row = {
             **gm.compute(),
             "global_step": record["global_step"],
