@@ -239,10 +239,9 @@ def bench_train_lightning(args: argparse.Namespace, device: torch.device) -> dic
         schedule=GaussianDiffusion(),
         optimizer=functools.partial(torch.optim.AdamW, lr=LR),
         image_shape=(args.channels, args.image_size, args.image_size),
+        compile="default" if args.compile else "none",  # the platform's own switches (model.compile,
+        channels_last=args.channels_last,  # model.channels_last), as `src/train.py` runs them
     )
-    if args.channels_last:
-        module.net.to(memory_format=torch.channels_last)
-    module.net = maybe_compile(module.net, args)
     images = torch.rand(total * args.batch_size, args.channels, args.image_size, args.image_size) * 2 - 1
     loader = DataLoader(TensorDataset(images, torch.zeros(len(images), dtype=torch.long)), batch_size=args.batch_size)
     timer = StepTimer(args.warmup_steps, total)

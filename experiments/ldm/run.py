@@ -2,6 +2,7 @@
 
     python experiments/ldm/run.py --scale cpu --stage ae        # train + evaluate both autoencoders
     python experiments/ldm/run.py --scale cpu --stage compare   # DDPM vs LDM, same wall-clock budget, FID + speed
+    python experiments/ldm/run.py --scale cpu --stage floor     # FID of the autoencoder's reconstructions
     python experiments/ldm/run.py --scale gpu ...                # the same on a GPU (longer budgets)
 
 Results go to experiments/ldm/results_<scale>.json; RESULTS.md quotes them. Training runs land in logs/ldm/<scale>/.
@@ -55,10 +56,10 @@ COMMON = {
         "data=fashion_mnist",
         "trainer=cpu",
         "data.batch_size=64",
-        "+trainer.max_time=00:00:04:00",
+        "+trainer.max_time=00:00:12:00",
         "trainer.val_check_interval=null",
         "trainer.limit_val_batches=2",
-        "callbacks.model_checkpoint.every_n_train_steps=50",  # max_time stops mid-epoch
+        "callbacks.model_checkpoint.every_n_train_steps=200",  # and a final save when max_time stops the run
         "callbacks.model_checkpoint.every_n_epochs=null",
         "callbacks.sample_grid=null",
         "callbacks.ema.decay=0.995",
@@ -209,10 +210,29 @@ def compare_stage(scale: str, device: torch.device) -> dict:
     return rows
 
 
+def floor_stage(scale: str, device: torch.device) -> dict:
+    """FID of the kl-f4 autoencoder's own reconstructions: the floor a latent diffusion model on it can reach."""
+    ae_ckpt = ROOT / "logs" / "ldm" / scale / "ae_kl_f4" / "checkpoints" / "last.ckpt"
+    _, record, test = load(ROOT / "logs" / "ldm" / scale / "ldm_kl_f4" / "checkpoints" / "last.ckpt", device)
+    autoencoder, _ = load_autoencoder(ae_ckpt)
+    autoencoder.to(device)
+    cfg = EVAL[scale]
+    gm = real_metrics(test, cfg["num_real"], ("fid", "kid"), "fmnist_cls", device, {"data": record["config"]["data"]})
+    # images disjoint from the num_real reference ones: the last num_samples of the test split
+    subset = torch.utils.data.Subset(test, range(len(test) - cfg["num_samples"], len(test)))
+    with torch.no_grad():
+        for x, _ in torch.utils.data.DataLoader(subset, batch_size=250):
+            x = x.to(device)
+            gm.update_fake(autoencoder.decode(autoencoder.encode(x, sample=False)).clamp(-1, 1))
+    row = gm.compute()
+    print("ae_kl_f4_reconstructions", row, flush=True)
+    return {"ae_kl_f4_reconstructions": row}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--stage", choices=["ae", "compare", "all"], default="all")
+    parser.add_argument("--stage", choices=["ae", "compare", "floor", "all"], default="all")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -226,6 +246,9 @@ def main(argv: list[str] | None = None) -> None:
         write_json(path, results)
     if args.stage in ("compare", "all"):
         results["compare"] = compare_stage(args.scale, device)
+        write_json(path, results)
+    if args.stage in ("floor", "all"):
+        results["compare"].update(floor_stage(args.scale, device))
         write_json(path, results)
     for key, header in (
         ("autoencoders", ["psnr", "ssim"]),

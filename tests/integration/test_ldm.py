@@ -125,6 +125,21 @@ def test_scale_by_std_gives_unit_variance_latents_and_is_restored(autoencoder_ck
     assert isinstance(loaded, LatentDiffusionModule) and loaded.scale_factor == scale and loaded.scale_set
 
 
+def test_ldm_checkpoint_loads_without_the_stage1_file(trained_ldm, tmp_path):
+    _, result = trained_ldm
+    checkpoint = torch.load(result["checkpoint"], weights_only=False)
+    assert checkpoint["autoencoder_config"]["model"]["_target_"] == "difflab.modules.AutoencoderModule"
+    checkpoint["difflab"]["config"]["model"]["autoencoder_ckpt"] = str(tmp_path / "moved_or_deleted.ckpt")
+    alone = tmp_path / "ldm.ckpt"
+    torch.save(checkpoint, alone)
+    original, _ = load_module(result["checkpoint"])
+    loaded, _ = load_module(alone)
+    for (name, a), (_, b) in zip(original.state_dict().items(), loaded.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    same = [m.sample(2, generator=torch.Generator().manual_seed(0), num_steps=3) for m in (original, loaded)]
+    torch.testing.assert_close(same[0], same[1])
+
+
 def test_resume_keeps_the_scale_factor(trained_ldm, tmp_path):
     cfg, result = trained_ldm
     first = torch.load(result["checkpoint"], weights_only=False)["latent_scale_factor"]
@@ -202,6 +217,28 @@ def test_cli_without_autoencoder_prints_the_stage1_command(tmp_path):
     proc = run_cli("train.py", *TINY, "model=ldm", "model.autoencoder_ckpt=null", cwd=tmp_path, timeout=120)
     assert proc.returncode != 0
     assert "python src/train.py experiment=autoencoder_kl_f4" in proc.stderr + proc.stdout
+
+
+def test_ddp_cpu_autoencoder(tmp_path):
+    # two optimizers, two backward passes per step, the GAN from batch 1: the stage-1 path under DDP
+    run_dir = tmp_path / "ddp_ae"
+    proc = run_cli(
+        "train.py",
+        *AE_TINY,
+        "trainer=ddp_cpu",
+        "trainer.max_steps=4",
+        "trainer.limit_train_batches=2",
+        "logger=csv",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    # global_step counts optimizer steps: batch 0 steps the autoencoder only (disc_start=1), batch 1 both (3),
+    # batch 2 both (5 >= max_steps)
+    assert checkpoint["batches_seen"] == 3 and checkpoint["global_step"] == 5
+    assert len(checkpoint["optimizer_states"]) == 2
 
 
 def test_ddp_cpu_ldm(autoencoder_ckpt, tmp_path):

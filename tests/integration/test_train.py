@@ -127,3 +127,37 @@ def test_run_config_in_checkpoint_is_resolved(trained):
     config = read_run_record(result["checkpoint"])["config"]
     assert config["model"]["image_shape"] == [1, 16, 16]
     assert OmegaConf.create(config).model.net.model_channels == cfg.net.model_channels
+
+
+def test_last_checkpoint_holds_the_final_step_when_max_steps_stops_mid_epoch(tiny_cfg, tmp_path):
+    # saves every 4 steps, max_steps stops at step 6: Lightning's own ModelCheckpoint leaves last.ckpt at step 4
+    every_4 = ["callbacks.model_checkpoint.every_n_train_steps=4", "callbacks.model_checkpoint.every_n_epochs=null"]
+    _, result = short_run(tiny_cfg, tmp_path, 6, "trainer.limit_train_batches=10", *every_4)
+    checkpoint = torch.load(result["checkpoint"], weights_only=False)
+    assert checkpoint["global_step"] == 6
+    assert int(checkpoint["averaging_state"]["n_averaged"]) == 6
+    # written before EMAWeightAveraging copies the EMA over the raw weights: both are still there, distinct
+    ema, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt", "step0000004.ckpt"]
+
+
+def test_last_checkpoint_holds_the_final_step_when_should_stop_is_set(tmp_path):
+    # the path of max_time (its Timer sets should_stop) and early stopping, on Lightning's demo model
+    from lightning.pytorch import Callback, Trainer
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from difflab.callbacks import ModelCheckpoint
+
+    class StopAt(Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            trainer.should_stop = trainer.should_stop or trainer.global_step == 7
+
+    checkpoint_cb = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=5)
+    trainer = Trainer(
+        max_epochs=3, limit_train_batches=20, limit_val_batches=0, callbacks=[checkpoint_cb, StopAt()],
+        logger=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(BoringModel())
+    assert trainer.global_step == 7
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 7

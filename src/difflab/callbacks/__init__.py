@@ -1,5 +1,6 @@
-"""Lightning callbacks: run record, per-rank seeds, sample grids, metrics (EMA is Lightning's own)."""
+"""Lightning callbacks: checkpoints, run record, per-rank seeds, sample grids, metrics (EMA is Lightning's own)."""
 
+from difflab.callbacks.checkpoint import ModelCheckpoint
 from difflab.callbacks.generative_metrics import GenerativeMetricsCallback
 from difflab.callbacks.nll import NLLCallback
 from difflab.callbacks.reconstruction_metrics import ReconstructionMetricsCallback
@@ -9,6 +10,7 @@ from difflab.callbacks.seeding import RankSeedCallback
 
 __all__ = [
     "GenerativeMetricsCallback",
+    "ModelCheckpoint",
     "NLLCallback",
     "RankSeedCallback",
     "ReconstructionMetricsCallback",

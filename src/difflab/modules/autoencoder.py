@@ -31,6 +31,10 @@ class AutoencoderModule(pl.LightningModule):
         ``src/train.py`` drops ``trainer.gradient_clip_val``); None: no clipping.
     """
 
+    # Under DDP (train.py reads this): the discriminator is idle before disc_start and the discriminator step leaves
+    # the autoencoder out, so DDP must look for unused parameters (a graph traversal per backward pass).
+    ddp_find_unused_parameters = True
+
     def __init__(
         self,
         net: Callable[..., Autoencoder],
@@ -147,14 +151,17 @@ def resolve_autoencoder_path(path: str | Path | None) -> Path:
 def load_autoencoder(path: str | Path | None) -> tuple[Autoencoder, dict[str, Any]]:
     """A frozen :class:`Autoencoder` (eval mode, no gradients) from a stage-1 checkpoint and its run config.
 
-    Reads checkpoints written by ``src/train.py model=autoencoder`` (the EMA weights when EMA was on) and the slim
-    ones of :func:`export_autoencoder`.
+    Reads checkpoints written by ``src/train.py model=autoencoder`` (the EMA weights when EMA was on), the slim
+    ones of :func:`export_autoencoder`, and latent diffusion checkpoints, which carry their frozen stage 1 (weights
+    under the same ``autoencoder.`` prefix, its run config under ``autoencoder_config``).
     """
     from hydra.utils import instantiate
 
     resolved = resolve_autoencoder_path(path)
     checkpoint = torch.load(resolved, map_location="cpu", weights_only=False)
-    config = (checkpoint.get("difflab") or {}).get("config", {}) if isinstance(checkpoint, dict) else {}
+    config: dict[str, Any] = {}
+    if isinstance(checkpoint, dict):
+        config = checkpoint.get("autoencoder_config") or (checkpoint.get("difflab") or {}).get("config", {})
     model_cfg = config.get("model", {})
     if model_cfg.get("_target_", "").rsplit(".", 1)[-1] != "AutoencoderModule":
         raise ValueError(

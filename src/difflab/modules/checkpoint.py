@@ -56,6 +56,9 @@ def load_module(
     model_cfg = OmegaConf.create(record["config"]["model"])
     if sampler is not None:
         model_cfg.sampler = sampler
+    if checkpoint.get("autoencoder_config") and "autoencoder_ckpt" in model_cfg:
+        # latent diffusion: the checkpoint carries its stage 1; never depend on the file named at training time
+        model_cfg.autoencoder_ckpt = str(path)
     module = instantiate(model_cfg)
     missing, unexpected = module.load_state_dict(checkpoint["state_dict"], strict=False)
     if missing or unexpected:
@@ -64,4 +67,5 @@ def load_module(
             f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
     module.on_load_checkpoint(checkpoint)  # what modules keep beside the weights (latent scale, t-sampler state)
+    module.configure_model()  # model.compile applies to sampling too
     return module.to(map_location).eval(), {**record, "global_step": checkpoint.get("global_step", 0)}

@@ -78,7 +78,7 @@ class LatentDiffusionModule(DiffusionModule):
         cache_latents: bool = False,
         **kwargs: Any,
     ) -> None:
-        autoencoder, _ = load_autoencoder(autoencoder_ckpt)
+        autoencoder, autoencoder_config = load_autoencoder(autoencoder_ckpt)
         pixel_shape = tuple(int(s) for s in image_shape)
         if pixel_shape != (autoencoder.in_channels, autoencoder.image_size, autoencoder.image_size):
             raise ValueError(
@@ -94,6 +94,7 @@ class LatentDiffusionModule(DiffusionModule):
             net = functools.partial(net, context_dim=conditioner.context_dim)
         super().__init__(net=net, image_shape=autoencoder.latent_shape, **kwargs)
         self.autoencoder = autoencoder
+        self.autoencoder_config = autoencoder_config  # saved in checkpoints: they carry their stage 1 whole
         self.conditioner = conditioner
         self.pixel_shape = pixel_shape
         self.p_uncond = p_uncond if conditioner is not None else 0.0
@@ -149,6 +150,8 @@ class LatentDiffusionModule(DiffusionModule):
     # ------------------------------------------------------------------ conditioning
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Network output for latents x_t (B, C, h, w) under condition ``y`` (see :class:`Conditioner`)."""
+        if self.channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
         if self.conditioner is None:
             return self.net(x_t, t)
         if y is None:  # an unconditional call of a conditional model: the null condition
@@ -223,6 +226,9 @@ class LatentDiffusionModule(DiffusionModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["latent_scale_factor"] = self.scale_factor if self.scale_set else None
+        # The stage-1 weights are in state_dict ("autoencoder.*"); with its config beside them the checkpoint
+        # loads without the file model.autoencoder_ckpt named at training time (see load_module).
+        checkpoint["autoencoder_config"] = self.autoencoder_config
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)

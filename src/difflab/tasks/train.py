@@ -59,6 +59,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if not model.automatic_optimization:  # Lightning refuses trainer.gradient_clip_val then; such modules clip
         extra["gradient_clip_val"] = None  # themselves (model.gradient_clip_val)
+    if getattr(model, "ddp_find_unused_parameters", False) and cfg.trainer.get("strategy") == "ddp":
+        # e.g. the autoencoder: its discriminator takes no part in a step before disc_start, and the discriminator
+        # step leaves the autoencoder out; plain DDP stops at the first step with an "unused parameters" error
+        extra["strategy"] = "ddp_find_unused_parameters_true"
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
     for logger in loggers:
         logger.log_hyperparams(run_config)

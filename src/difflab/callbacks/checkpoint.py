@@ -1,0 +1,44 @@
+"""Lightning's ModelCheckpoint, plus a save of the final training state when fit stops between checkpoints."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
+
+
+def fit_is_stopping(trainer: pl.Trainer) -> bool:
+    """True in ``on_train_epoch_end`` of the last epoch ``Trainer.fit`` will run.
+
+    Mirrors ``FitLoop.done`` (which cannot be called here: it logs "fit stopped" as a side effect): ``max_steps``
+    reached, ``max_epochs`` reached (``processed`` is already counted at this hook), or ``should_stop`` set, e.g.
+    by ``max_time``'s Timer or early stopping, once ``min_epochs``/``min_steps`` are satisfied.
+    """
+    fit_loop = trainer.fit_loop
+    if fit_loop.max_steps != -1 and trainer.global_step >= fit_loop.max_steps:
+        return True
+    max_epochs = fit_loop.max_epochs
+    if max_epochs is not None and max_epochs != -1 and fit_loop.epoch_progress.current.processed >= max_epochs:
+        return True
+    return bool(trainer.should_stop and fit_loop._can_stop_early)
+
+
+class ModelCheckpoint(LightningModelCheckpoint):
+    """``ModelCheckpoint`` that never loses the end of a run.
+
+    Lightning saves on its schedule (validation end or every N steps/epochs) and, at ``on_train_end``, writes
+    ``last.ckpt`` only if nothing was saved at all. A run stopped by ``max_steps`` or ``max_time`` between two
+    scheduled saves therefore ends with a ``last.ckpt`` that is older than the model it trained: silent loss of
+    the last steps. This subclass saves ``last.ckpt`` once more at the final epoch end when the newest checkpoint
+    is behind ``global_step``. It does so in ``on_train_epoch_end``, not ``on_train_end``: by ``on_train_end``
+    Lightning's ``EMAWeightAveraging`` has already copied the EMA weights over the raw ones, and a checkpoint
+    written then could not resume exactly (its ``current_model_state`` would hold the EMA weights).
+
+    The write is Lightning's own (temporary file, then rename), on rank 0, with the usual barrier under DDP; the
+    decision is the same on every rank (``should_stop`` is broadcast by Lightning).
+    """
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if not self.save_last or self._should_skip_saving_checkpoint(trainer) or not fit_is_stopping(trainer):
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

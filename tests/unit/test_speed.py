@@ -1,0 +1,85 @@
+"""model.compile and model.channels_last: switchable, and numerically the plain path (CPU, fp32)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from difflab.modules import DiffusionModule
+from difflab.networks import UNet
+from difflab.schedules import GaussianDiffusion
+from difflab.utils.speed import CompileMode
+
+NET = functools.partial(
+    UNet, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,), num_groups=8
+)
+
+
+def module(**speed) -> DiffusionModule:
+    torch.manual_seed(0)
+    return DiffusionModule(
+        net=NET,
+        schedule=GaussianDiffusion(num_timesteps=50),
+        optimizer=torch.optim.Adam,
+        image_shape=(1, 8, 8),
+        **speed,
+    )
+
+
+def loss_and_grads(m: DiffusionModule, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    m.zero_grad()
+    t = torch.tensor([0, 10, 25, 49])
+    loss = m.diffusion_loss(x, None, t, torch.randn(x.shape, generator=torch.Generator().manual_seed(1)))["loss"]
+    loss.mean().backward()
+    return loss.detach(), [p.grad.clone() for p in m.net.parameters()]
+
+
+def assert_same_path(plain: DiffusionModule, fast: DiffusionModule) -> None:
+    fast.load_state_dict(plain.state_dict())
+    assert plain.state_dict().keys() == fast.state_dict().keys()  # checkpoints move freely between the two
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    loss_a, grads_a = loss_and_grads(plain, x)
+    loss_b, grads_b = loss_and_grads(fast, x)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    plain.eval(), fast.eval()
+    samples = [m.sample(2, generator=torch.Generator().manual_seed(2), num_steps=5) for m in (plain, fast)]
+    torch.testing.assert_close(samples[1], samples[0], rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_is_the_plain_path():
+    fast = module(channels_last=True)
+    weight = next(p for p in fast.net.parameters() if p.dim() == 4 and p.shape[1] > 1)
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    assert_same_path(module(), fast)
+
+
+def test_compile_is_in_place_and_idempotent():
+    fast = module(compile="reduce-overhead")
+    assert fast.compile_mode is CompileMode.REDUCE_OVERHEAD
+    keys, net = list(fast.state_dict()), fast.net
+    fast.configure_model()
+    compiled = fast.net._compiled_call_impl
+    fast.configure_model()  # Lightning and load_module may both call it
+    assert compiled is not None and fast.net._compiled_call_impl is compiled and fast.net is net
+    assert list(fast.state_dict()) == keys  # checkpoints move freely between compiled and eager models
+    eager = module()
+    eager.configure_model()
+    assert eager.net._compiled_call_impl is None  # compile=none
+
+
+@pytest.mark.slow  # Inductor compiles forward, backward and a second batch size: ~3 minutes on 2 CPU cores
+def test_compile_is_the_plain_path():
+    fast = module(compile="default")
+    fast.configure_model()
+    assert_same_path(module(), fast)
+
+
+def test_bad_speed_options_fail_at_construction():
+    with pytest.raises(ValueError, match=r"model.compile='fast': expected one of \[none, default, reduce-overhead"):
+        module(compile="fast")
+    with pytest.raises(ValueError, match="model.channels_last='yes'"):
+        module(channels_last="yes")
