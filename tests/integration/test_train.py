@@ -155,8 +155,13 @@ def test_last_checkpoint_holds_the_final_step_when_should_stop_is_set(tmp_path):
 
     checkpoint_cb = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=5)
     trainer = Trainer(
-        max_epochs=3, limit_train_batches=20, limit_val_batches=0, callbacks=[checkpoint_cb, StopAt()],
-        logger=False, enable_progress_bar=False, enable_model_summary=False,
+        max_epochs=3,
+        limit_train_batches=20,
+        limit_val_batches=0,
+        callbacks=[checkpoint_cb, StopAt()],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(BoringModel())
     assert trainer.global_step == 7

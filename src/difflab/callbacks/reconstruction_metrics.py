@@ -15,6 +15,7 @@ from difflab.utils.loggers import log_image
 
 log = logging.getLogger(__name__)
 
+
 class ReconstructionMetricsCallback(pl.Callback):
     """On the first ``max_batches`` validation batches, compare ``pl_module.reconstruct(x)`` with x (both in
     [-1, 1]): log ``val/ssim``, ``val/psnr`` and, only when the ImageNet backbone file is in
