@@ -219,14 +219,13 @@ def test_cli_without_autoencoder_prints_the_stage1_command(tmp_path):
     assert "python src/train.py experiment=autoencoder_kl_f4" in proc.stderr + proc.stdout
 
 
-def test_ddp_cpu_autoencoder(tmp_path):
-    # two optimizers, two backward passes per step, the GAN from batch 1: the stage-1 path under DDP
-    run_dir = tmp_path / "ddp_ae"
+def ddp_cpu_run(tmp_path: Path, *overrides: str) -> tuple[Path, dict]:
+    """``src/train.py ... trainer=ddp_cpu`` (2 gloo processes, 2 batches per epoch); (run dir, last checkpoint)."""
+    run_dir = tmp_path / "ddp"
     proc = run_cli(
         "train.py",
-        *AE_TINY,
+        *overrides,
         "trainer=ddp_cpu",
-        "trainer.max_steps=4",
         "trainer.limit_train_batches=2",
         "logger=csv",
         f"hydra.run.dir={run_dir}",
@@ -234,7 +233,12 @@ def test_ddp_cpu_autoencoder(tmp_path):
         timeout=400,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    return run_dir, torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+
+
+def test_ddp_cpu_autoencoder(tmp_path):
+    # two optimizers, two backward passes per step, the GAN from batch 1: the stage-1 path under DDP
+    _, checkpoint = ddp_cpu_run(tmp_path, *AE_TINY, "trainer.max_steps=4")
     # global_step counts optimizer steps: batch 0 steps the autoencoder only (disc_start=1), batch 1 both (3),
     # batch 2 both (5 >= max_steps)
     assert checkpoint["batches_seen"] == 3 and checkpoint["global_step"] == 5
@@ -242,21 +246,9 @@ def test_ddp_cpu_autoencoder(tmp_path):
 
 
 def test_ddp_cpu_ldm(autoencoder_ckpt, tmp_path):
-    run_dir = tmp_path / "ddp"
-    proc = run_cli(
-        "train.py",
-        *LDM_TINY,
-        f"model.autoencoder_ckpt={autoencoder_ckpt}",
-        "trainer=ddp_cpu",
-        "trainer.max_steps=2",
-        "trainer.limit_train_batches=2",
-        "logger=csv",
-        f"hydra.run.dir={run_dir}",
-        cwd=tmp_path,
-        timeout=400,
+    run_dir, checkpoint = ddp_cpu_run(
+        tmp_path, *LDM_TINY, f"model.autoencoder_ckpt={autoencoder_ckpt}", "trainer.max_steps=2"
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 2 and checkpoint["latent_scale_factor"] is not None
     assert (run_dir / "samples" / "samples.png").is_file()
     assert Path(run_dir / "csv" / "version_0").is_dir()
