@@ -19,7 +19,7 @@ def fit_is_stopping(trainer: pl.Trainer) -> bool:
     max_epochs = fit_loop.max_epochs
     if max_epochs is not None and max_epochs != -1 and fit_loop.epoch_progress.current.processed >= max_epochs:
         return True
-    return bool(trainer.should_stop and fit_loop._can_stop_early)
+    return bool(trainer.should_stop and getattr(fit_loop, "_can_stop_early", True))
 
 
 class ModelCheckpoint(LightningModelCheckpoint):
