@@ -50,6 +50,7 @@ class DDIMSampler(Sampler):
             "dir_coef": (1.0 - ab_prev - sigma**2).clamp(min=0.0).sqrt().float(),
             "sigma": sigma.float(),
         }
+        self._noisy = (sigma > 0).tolist()  # decided once on the host: no tensor-to-bool in the step loop
 
     def step(
         self,
@@ -61,9 +62,9 @@ class DDIMSampler(Sampler):
         i = self.step_index(t)
         x0, eps, _ = self.predict(model_output, t, x_t)
         prev = self._table["sqrt_ab_prev"][i] * x0 + self._table["dir_coef"][i] * eps  # eq. 12 without noise
-        sigma = self._table["sigma"][i]
-        if sigma > 0:
-            prev = prev + sigma * torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=prev.dtype)
+        if self._noisy[i]:
+            z = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=prev.dtype)
+            prev = prev + self._table["sigma"][i] * z
         return SamplerOutput(prev_sample=prev.to(x_t.dtype), pred_x0=x0)
 
     @torch.no_grad()
