@@ -309,6 +309,19 @@ def test_all_configs_present() -> None:
     assert names >= {"fashion_mnist", "mnist", "mnist_5k", "digits", "cifar10", "image_folder"}
 
 
+def init_arguments(cls: type) -> set[str]:
+    """Named ``__init__`` arguments of ``cls``, following ``**kwargs`` up the MRO (subclasses change defaults only)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} - {"self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names
+    return names
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_instantiates(tmp_path: Path, path: Path) -> None:
     cfg = OmegaConf.create({"paths": {"data_dir": str(tmp_path)}, "data": OmegaConf.load(path)})
@@ -316,6 +329,6 @@ def test_config_instantiates(tmp_path: Path, path: Path) -> None:
     dm = instantiate(cfg.data)
     assert isinstance(dm, ImageDataModule)
     keys = set(cfg.data) - {"_target_"}
-    assert keys == set(inspect.signature(type(dm).__init__).parameters) - {"self"}, "YAML keys = __init__ args"
+    assert keys == init_arguments(type(dm)), "YAML keys = __init__ args"
     assert dm.image_shape == (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     assert dm.data_dir == tmp_path

@@ -7,6 +7,7 @@ class labels (zeros for unlabelled sets).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -187,3 +188,12 @@ class ImageDataModule(pl.LightningDataModule):
         """Test batches in a fixed order."""
         self.setup()
         return self._loader(self.test, train=False)
+
+
+class HeldOutTestDataModule(ImageDataModule):
+    """Base for sets without an official test split: ``test_size`` images are held out with ``seed`` as the test
+    set. Subclasses change only the defaults; every other key is :class:`ImageDataModule`'s."""
+
+    def __init__(self, data_dir: str = ".", *, test_size: int = 0, **kwargs: Any) -> None:
+        super().__init__(data_dir, **kwargs)
+        self.test_size = _check_int("test_size", test_size, 0)

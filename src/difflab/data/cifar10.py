@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,34 +43,9 @@ class CIFAR10DataModule(DownloadableDataModule):
     class_names = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
     def __init__(
-        self,
-        data_dir: str,
-        image_size: int = 32,
-        channels: int = 3,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        val_size: int = 5000,
-        seed: int = 0,
-        random_flip: bool = True,
-        limit_train_size: int | None = None,
-        download: bool = False,
+        self, data_dir: str, *, channels: int = 3, random_flip: bool = True, download: bool = False, **kwargs: Any
     ) -> None:
-        super().__init__(
-            data_dir,
-            image_size,
-            channels,
-            batch_size,
-            num_workers,
-            pin_memory,
-            persistent_workers,
-            val_size,
-            seed,
-            random_flip,
-            limit_train_size,
-            download=download,
-        )
+        super().__init__(data_dir, channels=channels, random_flip=random_flip, download=download, **kwargs)
 
     def candidate_dirs(self) -> list[Path]:
         """Every directory searched for the batch files, in order."""

