@@ -44,6 +44,8 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from difflab.data.device_batches import DeviceBatches
+from difflab.data.transforms import InMemoryImageDataset
 from difflab.modules import DiffusionModule
 from difflab.samplers import AncestralSampler
 from difflab.schedules import GaussianDiffusion
@@ -77,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the UNets")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--skip-lightning", action="store_true", help="only the bare loops")
+    p.add_argument("--data-on-device", action="store_true", help="Trainer.fit run: data.on_device batches")
     return p.parse_args(argv)
 
 
@@ -242,8 +245,13 @@ def bench_train_lightning(args: argparse.Namespace, device: torch.device) -> dic
         compile="default" if args.compile else "none",  # the platform's own switches (model.compile,
         channels_last=args.channels_last,  # model.channels_last), as `src/train.py` runs them
     )
-    images = torch.rand(total * args.batch_size, args.channels, args.image_size, args.image_size) * 2 - 1
-    loader = DataLoader(TensorDataset(images, torch.zeros(len(images), dtype=torch.long)), batch_size=args.batch_size)
+    shape = (total * args.batch_size, args.channels, args.image_size, args.image_size)
+    labels = torch.zeros(shape[0], dtype=torch.long)
+    if args.data_on_device:  # data.on_device=true: the set on the device, batches gathered there
+        data = InMemoryImageDataset(torch.randint(0, 256, shape, dtype=torch.uint8), labels, args.channels)
+        loader = DeviceBatches(data, args.batch_size, device, seed=args.seed, epoch=lambda: 0)
+    else:
+        loader = DataLoader(TensorDataset(torch.rand(shape) * 2 - 1, labels), batch_size=args.batch_size)
     timer = StepTimer(args.warmup_steps, total)
     trainer = pl.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",

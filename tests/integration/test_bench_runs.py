@@ -32,6 +32,7 @@ def test_bench_script_runs_on_cpu(capsys):
             "2",
             "--sample-batch-size",
             "2",
+            "--data-on-device",
         ]
     )
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]

@@ -33,6 +33,7 @@ def test_ddp_cpu_two_processes_one_checkpoint_and_one_log_dir(tmp_path):
             "trainer.max_steps=4",
             "trainer.limit_train_batches=2",
             "logger=csv",
+            "data.on_device=true",  # per-rank shares of a device-resident set (DataLoader + DDP: test_ldm)
             # FID/KID/IS with the shipped classifier: each rank samples its share, compute runs on both (no hang)
             "callbacks=[default,generative_metrics]",
             "callbacks.generative_metrics.every_n_epochs=1",

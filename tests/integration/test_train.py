@@ -166,3 +166,10 @@ def test_last_checkpoint_holds_the_final_step_when_should_stop_is_set(tmp_path):
     trainer.fit(BoringModel())
     assert trainer.global_step == 7
     assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 7
+
+
+def test_training_from_device_batches(tiny_cfg, tmp_path):
+    # data.on_device: the set copied to the training device once, batches gathered there (the CPU here)
+    _, result = short_run(tiny_cfg, tmp_path, 4, "data.on_device=true")
+    checkpoint = torch.load(result["checkpoint"], weights_only=False)
+    assert checkpoint["global_step"] == 4 and np.isfinite(result["metrics"]["train/loss"])

@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from difflab.data.device_batches import DeviceBatches
 from difflab.data.transforms import InMemoryImageDataset, collate_images, prepare_images
 
 DIGIT_NAMES = tuple(
@@ -68,6 +69,8 @@ class ImageDataModule(pl.LightningDataModule):
     """
 
     num_classes: int | None = None
+    # whether ``train`` is an InMemoryImageDataset (decoded uint8 tensors), which ``on_device`` needs
+    in_memory: bool = True
     # names of the classes (for synthetic captions of text-conditioned latent diffusion); [] when unknown
     class_names: tuple[str, ...] = ()
 
@@ -84,6 +87,7 @@ class ImageDataModule(pl.LightningDataModule):
         seed: int = 0,
         random_flip: bool = False,
         limit_train_size: int | None = None,
+        on_device: bool = False,
     ) -> None:
         super().__init__()
         self.data_dir = _check_data_dir(data_dir)
@@ -101,6 +105,12 @@ class ImageDataModule(pl.LightningDataModule):
         if limit_train_size is not None:
             _check_int("limit_train_size", limit_train_size, 1)
         self.limit_train_size = limit_train_size
+        self.on_device = _check_bool("on_device", on_device)
+        if on_device and not self.in_memory:
+            raise ValueError(
+                f"data.on_device=true: {type(self).__name__} reads its images from files batch by batch; "
+                "on_device needs an in-memory set (fashion_mnist, mnist, mnist_5k, digits, cifar10)"
+            )
         self.train: Dataset | None = None
         self.val: Dataset | None = None
         self.test: Dataset | None = None
@@ -174,10 +184,27 @@ class ImageDataModule(pl.LightningDataModule):
             collate_fn=collate_images,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled, ``drop_last=True`` batches of (x (B, C, S, S), y (B,))."""
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
+        """Shuffled, ``drop_last=True`` batches of (x (B, C, S, S), y (B,)); with ``on_device``, gathered on the
+        training device from a copy of the whole set there (:class:`DeviceBatches`)."""
         self.setup()
-        return self._loader(self.train, train=True)
+        if not self.on_device:
+            return self._loader(self.train, train=True)
+        if not isinstance(self.train, InMemoryImageDataset):  # e.g. replaced by latent diffusion's latent cache
+            raise ValueError(
+                f"data.on_device=true needs the in-memory image set, but the training set is a "
+                f"{type(self.train).__name__} (model.cache_latents=true? it keeps the latents on the host)"
+            )
+        trainer = self.trainer  # set by Lightning when the data module is attached to a Trainer
+        return DeviceBatches(
+            self.train,
+            self.batch_size,
+            trainer.strategy.root_device if trainer else "cpu",
+            self.seed,
+            epoch=(lambda: trainer.current_epoch) if trainer else (lambda: 0),
+            rank=trainer.global_rank if trainer else 0,
+            world_size=trainer.world_size if trainer else 1,
+        )
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches in a fixed order."""

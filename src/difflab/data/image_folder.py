@@ -81,6 +81,8 @@ class ImageFolderDataModule(HeldOutTestDataModule):
     ``verify=true`` decodes every file at setup so a corrupt one fails early.
     """
 
+    in_memory = False  # images are decoded from files batch by batch
+
     def __init__(
         self,
         data_dir: str,

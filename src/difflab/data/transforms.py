@@ -73,8 +73,8 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
 
 
 def random_hflip(x: torch.Tensor) -> torch.Tensor:
-    """Flip each image of (B, C, H, W) horizontally with probability 1/2 (global torch RNG)."""
-    flip = (torch.rand(x.shape[0]) < 0.5).view(-1, *([1] * (x.ndim - 1)))
+    """Flip each image of (B, C, H, W) horizontally with probability 1/2 (the global RNG of x's device)."""
+    flip = (torch.rand(x.shape[0], device=x.device) < 0.5).view(-1, *([1] * (x.ndim - 1)))
     return torch.where(flip, x.flip(-1), x)
 
 
