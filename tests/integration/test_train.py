@@ -173,3 +173,11 @@ def test_training_from_device_batches(tiny_cfg, tmp_path):
     _, result = short_run(tiny_cfg, tmp_path, 4, "data.on_device=true")
     checkpoint = torch.load(result["checkpoint"], weights_only=False)
     assert checkpoint["global_step"] == 4 and np.isfinite(result["metrics"]["train/loss"])
+
+
+def test_load_module_compiles_as_trained_or_as_asked(trained):
+    _, result = trained
+    as_trained, _ = load_module(result["checkpoint"])  # trained with model.compile=none
+    assert as_trained.compile_mode.value == "none" and as_trained.net._compiled_call_impl is None
+    asked, _ = load_module(result["checkpoint"], compile="reduce-overhead")  # sample.py/eval.py compile=...
+    assert asked.compile_mode.value == "reduce-overhead" and asked.net._compiled_call_impl is not None

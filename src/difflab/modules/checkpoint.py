@@ -45,9 +45,13 @@ def read_run_record(path: str | Path) -> dict[str, Any]:
 
 
 def load_module(
-    path: str | Path, sampler: DictConfig | dict | None = None, map_location: str | torch.device = "cpu"
+    path: str | Path,
+    sampler: DictConfig | dict | None = None,
+    map_location: str | torch.device = "cpu",
+    compile: str | None = None,
 ) -> tuple[DiffusionModule, dict[str, Any]]:
-    """Rebuild the trained module from a checkpoint alone, optionally with another sampler config.
+    """Rebuild the trained module from a checkpoint alone, optionally with another sampler config and, with
+    ``compile`` (none | default | reduce-overhead | max-autotune), another ``model.compile`` than in training.
 
     Returns (module in eval mode with the EMA weights when EMA was on, the run record).
     """
@@ -56,6 +60,8 @@ def load_module(
     model_cfg = OmegaConf.create(record["config"]["model"])
     if sampler is not None:
         model_cfg.sampler = sampler
+    if compile is not None and "compile" in model_cfg:
+        model_cfg.compile = compile
     if checkpoint.get("autoencoder_config") and "autoencoder_ckpt" in model_cfg:
         # latent diffusion: the checkpoint carries its stage 1; never depend on the file named at training time
         model_cfg.autoencoder_ckpt = str(path)
