@@ -180,3 +180,17 @@ def test_unknown_names_are_refused():
         make_metric("fid", "vgg")
     with pytest.raises(ValueError, match="metrics="):
         make_metric("lpips", "fmnist_cls")
+
+
+def test_real_statistics_cache_key_ignores_how_images_are_loaded():
+    from omegaconf import OmegaConf
+
+    from difflab.metrics.generative import stats_key
+
+    data = {"_target_": "difflab.data.DigitsDataModule", "image_size": 16, "batch_size": 128, "num_workers": 0}
+    base = {"data": data, "split": "test", "feature_net": "mnist_cls", "num_real": 100}
+    loader_change = {**base, "data": {**data, "batch_size": 32, "num_workers": 4, "on_device": True}}
+    assert stats_key(loader_change) == stats_key(base)
+    assert stats_key({**base, "data": OmegaConf.create(data)}) == stats_key(base)  # DictConfig or dict
+    assert stats_key({**base, "data": {**data, "image_size": 32}}) != stats_key(base)
+    assert stats_key({**base, "split": "val"}) != stats_key(base)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -156,12 +156,20 @@ class GenerativeMetrics(nn.Module):
         return False
 
 
+# data config keys that change how batches are loaded, never which images: left out of the statistics cache key
+LOADER_ONLY_DATA_KEYS = frozenset(
+    {"batch_size", "num_workers", "pin_memory", "persistent_workers", "on_device", "download", "verify"}
+)
+
+
 def stats_key(key: dict[str, Any]) -> str:
     """A short hash of what the real statistics depend on (data config, resolution, feature net and its weights,
     number of images): changing any of them invalidates the cache."""
     net = key.get("feature_net")
     weights = feature_nets.WEIGHTS_DIR / f"{net}.pt"
     payload = dict(key)
+    if isinstance(payload.get("data"), Mapping):  # how the images are loaded does not change which images they are
+        payload["data"] = {k: v for k, v in payload["data"].items() if k not in LOADER_ONLY_DATA_KEYS}
     if weights.is_file():
         payload["weights_sha"] = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
