@@ -17,7 +17,12 @@ from tests.conftest import compose_config
 from tests.unit.test_metrics import weights_dir  # noqa: F401  (fixture)
 
 
-def test_generative_metrics_callback_logs_named_metrics(tiny_cfg, weights_dir, tmp_path):  # noqa: F811
+def test_generative_metrics_callback_logs_named_metrics(tiny_cfg, weights_dir, tmp_path, monkeypatch):  # noqa: F811
+    from difflab.callbacks import GenerativeMetricsCallback
+
+    calls = []
+    evaluate = GenerativeMetricsCallback.evaluate
+    monkeypatch.setattr(GenerativeMetricsCallback, "evaluate", lambda self, *a: calls.append(1) or evaluate(self, *a))
     cfg = tiny_cfg(
         "callbacks=[default,generative_metrics]",
         "callbacks.generative_metrics.every_n_epochs=1",
@@ -32,6 +37,7 @@ def test_generative_metrics_callback_logs_named_metrics(tiny_cfg, weights_dir, t
     assert {"val/fid_fmnist_cls", "val/kid_fmnist_cls", "val/is_fmnist_cls"} <= set(metrics)
     assert metrics["val/fid_fmnist_cls"] > 0 and metrics["val/is_fmnist_cls"] >= 1
     assert list((tmp_path / "data" / ".cache" / "fid_stats").glob("*.pt"))  # real statistics cached
+    assert len(calls) == 1  # fit end (step 2) reuses the validation's evaluation at step 2
 
 
 def test_eval_cli_writes_json_with_fid_and_nll(tiny_cfg, weights_dir, tmp_path):  # noqa: F811

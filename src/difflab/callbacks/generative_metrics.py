@@ -67,6 +67,7 @@ class GenerativeMetricsCallback(pl.Callback):
         # the cache key of the real statistics (a plain dict: Hydra passes a DictConfig with _recursive_: false)
         self.data_config = None if data_config is None else json.loads(json.dumps(_plain(data_config), default=str))
         self.metrics: GenerativeMetrics | None = None
+        self._last: tuple[int, dict[str, float]] | None = None  # (global_step, values) of the latest evaluation
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.metrics is None:
@@ -120,11 +121,15 @@ class GenerativeMetricsCallback(pl.Callback):
     ) -> None:
         if batch_idx or dataloader_idx or trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        self._log(pl_module, self.evaluate(trainer, pl_module))
+        values = self.evaluate(trainer, pl_module)
+        self._last = (trainer.global_step, values)
+        self._log(pl_module, values)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.at_fit_end and not trainer.sanity_checking:
-            values = self.evaluate(trainer, pl_module)
+            # The last validation may have evaluated these very weights (EMA, same step, same seed): reuse it.
+            last = self._last
+            values = last[1] if last and last[0] == trainer.global_step else self.evaluate(trainer, pl_module)
             if trainer.is_global_zero:
                 for logger in trainer.loggers:
                     logger.log_metrics({f"final/{k}": v for k, v in values.items()}, step=trainer.global_step)
