@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from difflab.data.transforms import InMemoryImageDataset, random_hflip, to_unit_range
+from difflab.data.transforms import InMemoryImageDataset
 
 
 class DeviceBatches:
@@ -36,28 +36,23 @@ class DeviceBatches:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        self.images = dataset.images.to(device)
-        self.labels = dataset.labels.to(device)
-        self.channels, self.random_flip = dataset.channels, dataset.random_flip
+        self.data = InMemoryImageDataset(
+            dataset.images.to(device), dataset.labels.to(device), dataset.channels, dataset.random_flip
+        )
         self.batch_size, self.seed, self.epoch = batch_size, seed, epoch
         self.rank, self.world_size = rank, world_size
         if len(self) == 0:
             raise ValueError(
-                f"data.on_device=true: {len(self.images)} training images over {world_size} rank(s) make no full "
+                f"data.on_device=true: {len(self.data)} training images over {world_size} rank(s) make no full "
                 f"batch of data.batch_size={batch_size}"
             )
 
     def __len__(self) -> int:
-        return (len(self.images) // self.world_size) // self.batch_size
+        return (len(self.data) // self.world_size) // self.batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        device = self.images.device
+        device = self.data.images.device
         generator = torch.Generator(device=device).manual_seed(self.seed * 100_003 + int(self.epoch()))
-        share = torch.randperm(len(self.images), generator=generator, device=device)[self.rank :: self.world_size]
+        share = torch.randperm(len(self.data), generator=generator, device=device)[self.rank :: self.world_size]
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            index = share[start : start + self.batch_size]
-            x = self.images[index]
-            if x.shape[1] != self.channels:
-                x = x.expand(-1, self.channels, -1, -1)
-            x = to_unit_range(x)
-            yield (random_hflip(x) if self.random_flip else x), self.labels[index]
+            yield self.data.batch(share[start : start + self.batch_size])  # conversion and flips on the device

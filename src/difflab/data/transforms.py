@@ -110,13 +110,14 @@ class InMemoryImageDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self._batch(torch.tensor([index]))
+        x, y = self.batch(torch.tensor([index]))
         return x[0], y[0]
 
     def __getitems__(self, indices: list[int]) -> StackedSamples:
-        return StackedSamples(*self._batch(torch.as_tensor(indices, dtype=torch.int64)))
+        return StackedSamples(*self.batch(torch.as_tensor(indices, dtype=torch.int64)))
 
-    def _batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items ``indices`` (B,) stacked: x (B, channels, S, S) float32 in [-1, 1], y (B,), on the images' device."""
         x = self.images[indices]
         if x.shape[1] != self.channels:
             x = x.expand(-1, self.channels, -1, -1)
