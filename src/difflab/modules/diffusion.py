@@ -112,9 +112,11 @@ class DiffusionModule(pl.LightningModule):
     # ------------------------------------------------------------------ training
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Raw network output for x_t (B, C, H, W) at timesteps t (B,)."""
-        if self.channels_last:
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
-        return self.net(x_t, t, y if self.num_classes else None)
+        return self.net(self.net_input(x_t), t, y if self.num_classes else None)
+
+    def net_input(self, x_t: torch.Tensor) -> torch.Tensor:
+        """x_t in the network's memory format (channels_last when ``model.channels_last``)."""
+        return x_t.contiguous(memory_format=torch.channels_last) if self.channels_last else x_t
 
     def diffusion_loss(
         self, x_start: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, noise: torch.Tensor

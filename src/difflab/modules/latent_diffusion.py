@@ -150,8 +150,7 @@ class LatentDiffusionModule(DiffusionModule):
     # ------------------------------------------------------------------ conditioning
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Network output for latents x_t (B, C, h, w) under condition ``y`` (see :class:`Conditioner`)."""
-        if self.channels_last:
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        x_t = self.net_input(x_t)
         if self.conditioner is None:
             return self.net(x_t, t)
         if y is None:  # an unconditional call of a conditional model: the null condition
