@@ -125,7 +125,7 @@ def test_scale_by_std_gives_unit_variance_latents_and_is_restored(autoencoder_ck
     assert isinstance(loaded, LatentDiffusionModule) and loaded.scale_factor == scale and loaded.scale_set
 
 
-def test_ldm_checkpoint_loads_without_the_stage1_file(trained_ldm, tmp_path):
+def test_ldm_checkpoint_loads_without_the_stage1_file(trained_ldm, tmp_path, monkeypatch):
     _, result = trained_ldm
     checkpoint = torch.load(result["checkpoint"], weights_only=False)
     assert checkpoint["autoencoder_config"]["model"]["_target_"] == "difflab.modules.AutoencoderModule"
@@ -133,7 +133,12 @@ def test_ldm_checkpoint_loads_without_the_stage1_file(trained_ldm, tmp_path):
     alone = tmp_path / "ldm.ckpt"
     torch.save(checkpoint, alone)
     original, _ = load_module(result["checkpoint"])
+    reads = []
+    torch_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(a[0]) or torch_load(*a, **k))
     loaded, _ = load_module(alone)
+    monkeypatch.undo()
+    assert reads == [alone]  # read once: the stage 1 is built from the checkpoint as already loaded
     for (name, a), (_, b) in zip(original.state_dict().items(), loaded.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     same = [m.sample(2, generator=torch.Generator().manual_seed(0), num_steps=3) for m in (original, loaded)]

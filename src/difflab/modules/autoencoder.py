@@ -148,7 +148,24 @@ def resolve_autoencoder_path(path: str | Path | None) -> Path:
     return resolved
 
 
-def load_autoencoder(path: str | Path | None) -> tuple[Autoencoder, dict[str, Any]]:
+class LoadedCheckpoint:
+    """A checkpoint already in memory and the path it came from: how ``load_module`` hands a latent diffusion
+    checkpoint (which carries its stage 1) to :func:`load_autoencoder` without reading the file a second time.
+
+    A plain class on purpose: ``hydra.utils.instantiate`` passes such objects through untouched, while a dataclass
+    would be taken for a structured config and converted."""
+
+    def __init__(self, path: str, content: dict[str, Any]) -> None:
+        self.path, self.content = path, content
+
+    def __str__(self) -> str:
+        return self.path
+
+    def __repr__(self) -> str:  # error messages name the file, never dump the tensors
+        return repr(self.path)
+
+
+def load_autoencoder(path: str | Path | LoadedCheckpoint | None) -> tuple[Autoencoder, dict[str, Any]]:
     """A frozen :class:`Autoencoder` (eval mode, no gradients) from a stage-1 checkpoint and its run config.
 
     Reads checkpoints written by ``src/train.py model=autoencoder`` (the EMA weights when EMA was on), the slim
@@ -157,8 +174,10 @@ def load_autoencoder(path: str | Path | None) -> tuple[Autoencoder, dict[str, An
     """
     from hydra.utils import instantiate
 
-    resolved = resolve_autoencoder_path(path)
-    checkpoint = torch.load(resolved, map_location="cpu", weights_only=False)
+    if isinstance(path, LoadedCheckpoint):
+        checkpoint = path.content
+    else:
+        checkpoint = torch.load(resolve_autoencoder_path(path), map_location="cpu", weights_only=False)
     config: dict[str, Any] = {}
     if isinstance(checkpoint, dict):
         config = checkpoint.get("autoencoder_config") or (checkpoint.get("difflab") or {}).get("config", {})

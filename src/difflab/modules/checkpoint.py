@@ -15,6 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from difflab.modules.autoencoder import LoadedCheckpoint
 from difflab.modules.diffusion import DiffusionModule
 
 
@@ -62,10 +63,12 @@ def load_module(
         model_cfg.sampler = sampler
     if compile is not None and "compile" in model_cfg:
         model_cfg.compile = compile
+    extra: dict[str, Any] = {}
     if checkpoint.get("autoencoder_config") and "autoencoder_ckpt" in model_cfg:
-        # latent diffusion: the checkpoint carries its stage 1; never depend on the file named at training time
-        model_cfg.autoencoder_ckpt = str(path)
-    module = instantiate(model_cfg)
+        # latent diffusion: the checkpoint carries its stage 1; never depend on the file named at training time,
+        # and build the stage 1 from this checkpoint as already read (instantiate passes the object through)
+        extra["autoencoder_ckpt"] = LoadedCheckpoint(str(path), checkpoint)
+    module = instantiate(model_cfg, **extra)
     missing, unexpected = module.load_state_dict(checkpoint["state_dict"], strict=False)
     if missing or unexpected:
         raise CheckpointError(

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from difflab.modules.autoencoder import load_autoencoder
+from difflab.modules.autoencoder import LoadedCheckpoint, load_autoencoder
 from difflab.modules.diffusion import DiffusionModule
 from difflab.networks.conditioners import Conditioner
 from difflab.samplers.guidance import classifier_free_guidance
@@ -68,7 +68,7 @@ class LatentDiffusionModule(DiffusionModule):
     def __init__(
         self,
         net: Callable[..., nn.Module],
-        autoencoder_ckpt: str | None,
+        autoencoder_ckpt: str | LoadedCheckpoint | None,
         image_shape: Sequence[int],
         conditioner: Conditioner | None = None,
         scale_factor: float = 1.0,
