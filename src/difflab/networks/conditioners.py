@@ -65,7 +65,8 @@ class Conditioner(nn.Module):
         raise TypeError(f"{type(self).__name__} takes class labels, not text prompts")
 
     def null(self, batch: int, device: torch.device | str) -> torch.Tensor:
-        return self.from_prompts([""] * batch).to(device)
+        """The empty caption for ``batch`` rows (tokenized once, expanded: every step's ``drop`` calls this)."""
+        return self.from_prompts([""]).to(device).expand(batch, -1)
 
     def drop(self, cond: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Replace the rows of ``cond`` where ``mask`` (B,) bool is True by the null condition."""
