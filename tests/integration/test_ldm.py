@@ -288,3 +288,10 @@ def test_ddim_modes_work_in_latent_space(trained_ldm, tmp_path, mode):
     assert Path(out["grid"]).is_file()
     if mode == "reconstruct":
         assert np.isfinite(out["psnr"])
+
+
+def test_output_shape_is_the_image_shape_not_the_latent_one(trained_ldm):
+    _, result = trained_ldm
+    module, _ = load_module(result["checkpoint"])
+    images = module.sample(1, generator=torch.Generator().manual_seed(0), num_steps=2)
+    assert module.output_shape == tuple(images.shape[1:]) == (1, 16, 16) != module.image_shape

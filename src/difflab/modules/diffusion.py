@@ -223,6 +223,11 @@ class DiffusionModule(pl.LightningModule):
         """Data labels → what ``model_fn`` takes as condition (the labels here; latent diffusion's conditioner)."""
         return y
 
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of the images ``sample()`` returns: the diffusion space here (latent diffusion decodes)."""
+        return self.image_shape
+
     def to_images(self, x_0: torch.Tensor) -> torch.Tensor:
         """Map samples of the diffusion space to images (identity here; latent diffusion decodes)."""
         return x_0

@@ -130,6 +130,10 @@ class LatentDiffusionModule(DiffusionModule):
         if not isinstance(datamodule.train, LatentCache):
             datamodule.train = LatentCache.encode(self.autoencoder, datamodule.train, self.trainer.strategy.root_device)
 
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return self.pixel_shape
+
     @torch.no_grad()
     def to_images(self, x_0: torch.Tensor) -> torch.Tensor:
         """Latents from the sampler → images D(z / scale_factor) in [-1, 1]."""

@@ -89,7 +89,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
             kwargs = {"prompts": [prompts[i] for i in index.tolist()]}
         local = module.sample(index.numel(), generator=generator, guidance_scale=cfg.get("guidance_scale"), **kwargs)
     else:  # more ranks than samples
-        local = torch.empty((0, *getattr(module, "pixel_shape", module.image_shape)), device=device)
+        local = torch.empty((0, *module.output_shape), device=device)
     images = gather_shards(local.to(device), num)
     if rank != 0:
         return {"rank": rank}
