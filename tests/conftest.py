@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -9,10 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from difflab.modules import DiffusionModule
+from difflab.networks import UNet
+from difflab.schedules import GaussianDiffusion
 from difflab.utils.config import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +44,23 @@ TINY = [
 ]
 
 register_resolvers()
+
+
+def tiny_diffusion_module(num_timesteps: int = 50, **kwargs) -> DiffusionModule:
+    """A seeded DDPM on 1x8x8 images with a 2-level, 16-channel UNet, outside any Trainer (``log`` is a no-op)."""
+    net = functools.partial(
+        UNet, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,), num_groups=8
+    )
+    torch.manual_seed(0)
+    module = DiffusionModule(
+        net=net,
+        schedule=GaussianDiffusion(num_timesteps=num_timesteps),
+        optimizer=torch.optim.Adam,
+        image_shape=(1, 8, 8),
+        **kwargs,
+    )
+    module.log = lambda *args, **kw: None
+    return module
 
 
 def compose_config(

@@ -11,10 +11,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from difflab.losses import DiffusionLoss, LossAwareTimestepSampler
-from difflab.modules import DiffusionModule
-from difflab.networks import UNet
 from difflab.samplers import AncestralSampler, DDIMSampler
-from difflab.schedules import GaussianDiffusion
+from tests.conftest import tiny_diffusion_module
 
 SYNCING = {  # on CUDA each of these waits for the queued kernels
     "item",
@@ -27,9 +25,6 @@ SYNCING = {  # on CUDA each of these waits for the queued kernels
     "__index__",
     "nonzero",
 }
-NET = functools.partial(
-    UNet, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,), num_groups=8
-)
 
 
 class HostSyncs(TorchFunctionMode):
@@ -46,17 +41,7 @@ class HostSyncs(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def module(**kwargs) -> DiffusionModule:
-    torch.manual_seed(0)
-    m = DiffusionModule(
-        net=NET,
-        schedule=GaussianDiffusion(num_timesteps=20),
-        optimizer=torch.optim.Adam,
-        image_shape=(1, 8, 8),
-        **kwargs,
-    )
-    m.log = lambda *args, **kw: None  # Lightning's logging is outside the step's own code
-    return m
+module = functools.partial(tiny_diffusion_module, num_timesteps=20)
 
 
 def test_the_detector_sees_syncs():

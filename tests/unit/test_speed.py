@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
 from difflab.modules import DiffusionModule
-from difflab.networks import UNet
-from difflab.schedules import GaussianDiffusion
 from difflab.utils.speed import CompileMode
+from tests.conftest import tiny_diffusion_module
 
-NET = functools.partial(
-    UNet, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,), num_groups=8
-)
-
-
-def module(**speed) -> DiffusionModule:
-    torch.manual_seed(0)
-    return DiffusionModule(
-        net=NET,
-        schedule=GaussianDiffusion(num_timesteps=50),
-        optimizer=torch.optim.Adam,
-        image_shape=(1, 8, 8),
-        **speed,
-    )
+module = tiny_diffusion_module
 
 
 def loss_and_grads(m: DiffusionModule, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
