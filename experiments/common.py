@@ -66,13 +66,19 @@ def ensure_checkpoint(run_dir: Path, overrides: list[str]) -> Path:
     return ckpt
 
 
+def record_test_set(record: dict[str, Any]) -> Any:
+    """The test dataset of a run record's own data config."""
+    register_resolvers()
+    datamodule = instantiate(record["config"]["data"])
+    datamodule.setup("test")
+    return datamodule.test
+
+
 def load(ckpt: Path, device: torch.device) -> tuple[Any, dict[str, Any], Any]:
     """(module, run record, test dataset of the checkpoint's own data)."""
     register_resolvers()
     module, record = load_module(ckpt, map_location=device)
-    datamodule = instantiate(record["config"]["data"])
-    datamodule.setup("test")
-    return module, record, datamodule.test
+    return module, record, record_test_set(record)
 
 
 def real_metrics(

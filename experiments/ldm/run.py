@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from difflab.modules import load_autoencoder  # noqa: E402
+from difflab.modules import load_autoencoder, read_run_record  # noqa: E402
 from difflab.samplers import DDIMSampler  # noqa: E402
 from difflab.utils.config import register_resolvers  # noqa: E402
 from difflab.utils.images import save_grid  # noqa: E402
@@ -33,6 +33,7 @@ from experiments.common import (  # noqa: E402
     load,
     markdown_table,
     real_metrics,
+    record_test_set,
     write_json,
 )
 
@@ -213,7 +214,8 @@ def compare_stage(scale: str, device: torch.device) -> dict:
 def floor_stage(scale: str, device: torch.device) -> dict:
     """FID of the kl-f4 autoencoder's own reconstructions: the floor a latent diffusion model on it can reach."""
     ae_ckpt = ROOT / "logs" / "ldm" / scale / "ae_kl_f4" / "checkpoints" / "last.ckpt"
-    _, record, test = load(ROOT / "logs" / "ldm" / scale / "ldm_kl_f4" / "checkpoints" / "last.ckpt", device)
+    record = read_run_record(ROOT / "logs" / "ldm" / scale / "ldm_kl_f4" / "checkpoints" / "last.ckpt")
+    test = record_test_set(record)  # the LDM run's data; the module itself is not needed here
     autoencoder, _ = load_autoencoder(ae_ckpt)
     autoencoder.to(device)
     cfg = EVAL[scale]
