@@ -14,6 +14,8 @@ Measurements, each printed to stdout as one JSON line:
   last step. The summary line gives the Lightning overhead over the bare loop in % of time per step.
 * ``sample``: ``--sample-steps`` UNet forwards under ``torch.inference_mode`` plus one
   :meth:`AncestralSampler.step` each; image-steps/s (one forward at batch B = B image-steps).
+* ``ema_update``: the EMA update after a training step, Lightning's ``EMAWeightAveraging`` vs
+  ``difflab.callbacks.EMA`` (``bench_ema.py``): ms, operators and host syncs per update.
 
 On CUDA the clock is read only at the timing boundaries, after ``torch.cuda.synchronize()``. Lightning's own
 messages go to stderr, so stdout holds only the JSON lines. This is a benchmark, not a test.
@@ -51,6 +53,7 @@ from difflab.samplers import AncestralSampler
 from difflab.schedules import GaussianDiffusion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from experiments.bench_ema import bench_ema  # noqa: E402
 from experiments.bench_peer import (  # noqa: E402
     diffusers_peer,
     forward_flops_per_image,
@@ -344,6 +347,10 @@ def summary(records: list[dict], args: argparse.Namespace, peak: float | None) -
         "train_bare_images_per_s": bare,
         "sample_image_steps_per_s": by["sample"]["image_steps_per_s"],
     }
+    if "ema_update" in by:  # the EMA update's share of a bare training step, with each callback
+        step_ms = 1000.0 * args.batch_size / bare
+        for name in ("lightning", "difflab"):
+            out[f"ema_{name}_pct_of_step"] = round(100.0 * by["ema_update"][f"{name}_ms"] / step_ms, 2)
     if "train_lightning" in by:
         light = by["train_lightning"]["images_per_s"]
         out["train_lightning_images_per_s"] = light
@@ -369,6 +376,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not args.skip_lightning:
         runs.append(bench_train_lightning)
     runs.append(functools.partial(bench_sample, which="difflab", peak=peak))
+    runs.append(lambda args, device: bench_ema(args, device, build_net(args), record))
     if args.peer != "none":
         runs += [functools.partial(f, which=args.peer, peak=peak) for f in (bench_train_bare, bench_sample)]
     records = []

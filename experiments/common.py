@@ -35,6 +35,7 @@ GPU_SHORT = [
     "model.optimizer.lr=5e-4",
     "model.lr_scheduler.warmup_steps=200",
     "callbacks.ema.decay=0.995",  # 0.999 keeps ~30% of the initial weights after 1200 steps
+    "callbacks.ema.warmup=false",  # as the recorded runs (before the EMA had a warm-up)
     "data.num_workers=4",
     "data.pin_memory=true",
     "data.persistent_workers=true",

@@ -37,7 +37,9 @@ def test_bench_script_runs_on_cpu(capsys):
     )
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     kinds = {line["bench"]: line for line in lines}
-    assert {"train_bare", "train_lightning", "sample", "summary"} <= set(kinds)
+    assert {"train_bare", "train_lightning", "sample", "ema_update", "summary"} <= set(kinds)
+    ema = kinds["ema_update"]
+    assert ema["difflab_syncs"] == 0 and ema["lightning_syncs"] > 0 and ema["difflab_ops"] < ema["lightning_ops"]
     assert kinds["train_bare"]["images_per_s"] > 0 and kinds["train_lightning"]["images_per_s"] > 0
     assert kinds["sample"]["image_steps_per_s"] > 0
 

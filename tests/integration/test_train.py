@@ -50,7 +50,7 @@ def test_train_writes_checkpoint_samples_and_record(trained):
     assert npz["arr_0"].shape == (4, 16, 16, 1) and npz["arr_0"].dtype == np.uint8
     checkpoint = torch.load(ckpt, weights_only=False)
     assert checkpoint["global_step"] == 3
-    # EMAWeightAveraging: EMA weights in state_dict, raw weights beside them, 3 updates averaged
+    # the EMA callback: EMA weights in state_dict, raw weights beside them, 3 updates averaged
     assert "current_model_state" in checkpoint and int(checkpoint["averaging_state"]["n_averaged"]) == 3
     assert checkpoint["difflab"]["config"]["model"]["_target_"] == "difflab.modules.DiffusionModule"
     assert checkpoint["difflab"]["loggers"][0]["class"] == "CSVLogger"
@@ -136,7 +136,7 @@ def test_last_checkpoint_holds_the_final_step_when_max_steps_stops_mid_epoch(tin
     checkpoint = torch.load(result["checkpoint"], weights_only=False)
     assert checkpoint["global_step"] == 6
     assert int(checkpoint["averaging_state"]["n_averaged"]) == 6
-    # written before EMAWeightAveraging copies the EMA over the raw weights: both are still there, distinct
+    # written before the EMA callback copies the EMA over the raw weights: both are still there, distinct
     ema, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
     assert any(not torch.equal(ema[k], raw[k]) for k in ema)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt", "step0000004.ckpt"]

@@ -1,6 +1,7 @@
-"""Lightning callbacks: checkpoints, run record, per-rank seeds, sample grids, metrics (EMA is Lightning's own)."""
+"""Lightning callbacks: EMA, checkpoints, run record, per-rank seeds, sample grids, metrics."""
 
 from difflab.callbacks.checkpoint import ModelCheckpoint
+from difflab.callbacks.ema import EMA
 from difflab.callbacks.generative_metrics import GenerativeMetricsCallback
 from difflab.callbacks.nll import NLLCallback
 from difflab.callbacks.reconstruction_metrics import ReconstructionMetricsCallback
@@ -9,6 +10,7 @@ from difflab.callbacks.sample_grid import SampleGridCallback
 from difflab.callbacks.seeding import RankSeedCallback
 
 __all__ = [
+    "EMA",
     "GenerativeMetricsCallback",
     "ModelCheckpoint",
     "NLLCallback",

@@ -30,7 +30,7 @@ class ModelCheckpoint(LightningModelCheckpoint):
     scheduled saves therefore ends with a ``last.ckpt`` that is older than the model it trained: silent loss of
     the last steps. This subclass saves ``last.ckpt`` once more at the final epoch end when the newest checkpoint
     is behind ``global_step``. It does so in ``on_train_epoch_end``, not ``on_train_end``: by ``on_train_end``
-    Lightning's ``EMAWeightAveraging`` has already copied the EMA weights over the raw ones, and a checkpoint
+    the EMA callback has already copied the EMA weights over the raw ones, and a checkpoint
     written then could not resume exactly (its ``current_model_state`` would hold the EMA weights).
 
     The write is Lightning's own (temporary file, then rename), on rank 0, with the usual barrier under DDP; the

@@ -32,7 +32,7 @@ class GenerativeMetricsCallback(pl.Callback):
     ``cache_dir`` (keyed by ``data_config`` — the data config, ``${data}`` — split, feature net and count; without
     ``data_config`` nothing is cached). Every rank runs ``compute`` (the
     torchmetrics all-reduce; calling it on one rank only would hang the others); only rank 0 logs the grid.
-    The EMA weights are in place during validation (Lightning's ``EMAWeightAveraging`` swaps them in for the
+    The EMA weights are in place during validation (the EMA callback swaps them in for the
     whole epoch, so this runs in ``on_validation_batch_end`` of the first batch) and after ``on_train_end`` of an
     EMA callback listed before this one (the default order).
     """

@@ -10,7 +10,7 @@ import torch
 
 class NLLCallback(pl.Callback):
     """Every ``every_n_epochs`` validation epochs, compute −log p(x) ≤ L_vlb in bits/dim on the first ``num_images``
-    validation images (per rank) with the EMA weights (swapped in by ``EMAWeightAveraging`` for the whole
+    validation images (per rank) with the EMA weights (swapped in by the EMA callback for the whole
     validation epoch), and log ``val/nll_bpd`` with its prior term L_T and decoder term L_0 separately.
 
     Costs T network evaluations per validation batch used: keep ``num_images`` small for frequent logging.

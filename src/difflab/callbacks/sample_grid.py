@@ -15,7 +15,7 @@ from difflab.utils.loggers import log_image
 class SampleGridCallback(pl.Callback):
     """Every ``every_n_epochs`` validation epochs, sample ``num_samples`` images and save/log a grid.
 
-    Runs in ``on_validation_batch_end`` of the first batch: Lightning's ``EMAWeightAveraging`` has swapped the
+    Runs in ``on_validation_batch_end`` of the first batch: the EMA callback has swapped the
     EMA weights in for the whole validation epoch, so samples use them. Only global rank 0 samples (there is no
     collective inside the loop, so other ranks do not wait on it). The seed is fixed, so grids of successive
     epochs show the same noise becoming better images.

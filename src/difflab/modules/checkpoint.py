@@ -2,8 +2,8 @@
 
 A checkpoint written by ``src/train.py`` holds, next to Lightning's keys, ``checkpoint["difflab"]`` =
 ``{"config": <resolved train config>, "loggers": [...], "version": ...}`` (see
-:class:`difflab.callbacks.RunRecord`). With EMA on, ``state_dict`` holds the EMA weights (Lightning's
-``EMAWeightAveraging`` puts the raw ones under ``current_model_state``).
+:class:`difflab.callbacks.RunRecord`). With EMA on, ``state_dict`` holds the EMA weights (the EMA callback,
+:class:`difflab.callbacks.EMA`, puts the raw ones under ``current_model_state``).
 """
 
 from __future__ import annotations

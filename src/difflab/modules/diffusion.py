@@ -98,7 +98,7 @@ class DiffusionModule(pl.LightningModule):
 
     def configure_model(self) -> None:
         """Compile the network (idempotent). Lightning calls this after the callbacks' ``setup``, so the copy that
-        ``EMAWeightAveraging`` makes of the module is the eager one."""
+        the EMA callback makes of the module is the eager one."""
         compile_in_place(self.net, self.compile_mode)
 
     def build_sampler(self, sampler: Callable[..., Sampler]) -> Sampler:

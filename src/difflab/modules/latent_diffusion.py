@@ -99,7 +99,7 @@ class LatentDiffusionModule(DiffusionModule):
         self.pixel_shape = pixel_shape
         self.p_uncond = p_uncond if conditioner is not None else 0.0
         self.num_classes = conditioner.num_classes if conditioner is not None else None
-        # A plain attribute, not a buffer: EMAWeightAveraging swaps and copies every buffer of the module with its
+        # A plain attribute, not a buffer: the EMA callback swaps and copies every buffer of the module with its
         # averaged copy, which would restore the value from before scale_by_std set it.
         self.scale_factor = float(scale_factor)
         self.scale_by_std, self.scale_set = scale_by_std, not scale_by_std

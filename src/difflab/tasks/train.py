@@ -78,7 +78,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         result["checkpoint"] = ckpt_written
         log.info("Checkpoint: %s", ckpt_written)
     if trainer.is_global_zero and cfg.samples.num_samples > 0 and hasattr(model, "sample"):
-        # After fit, EMAWeightAveraging has copied the EMA weights into the model: samples use them.
+        # After fit, the EMA callback has copied the EMA weights into the model: samples use them.
         # Lightning moves the model back to the CPU at teardown; sample on the training device.
         model.to(trainer.strategy.root_device)
         result.update(write_samples(model, cfg, Path(cfg.paths.output_dir) / "samples", loggers))

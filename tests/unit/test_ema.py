@@ -1,0 +1,132 @@
+"""difflab.callbacks.EMA: the same averages and checkpoint layout as Lightning's EMAWeightAveraging, with one fused
+operator per update, no host-device synchronisation, and the decay warm-up."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from difflab.callbacks import EMA
+from tests.conftest import tiny_diffusion_module
+from tests.unit.test_host_sync import HostSyncs
+
+
+class OperatorCount(TorchDispatchMode):
+    """Count the aten operators dispatched (on a GPU each is at least one kernel launch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def fitted(callback):
+    """(module, callback) with the callback's averaged copy created as at the start of fit."""
+    module = tiny_diffusion_module()
+    callback.setup(SimpleNamespace(), module, "fit")
+    return module, callback
+
+
+def perturb(module, seed: int) -> None:
+    """Stand-in for an optimizer step: move every parameter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def averaged(callback) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in callback._average_model.module.parameters()]
+
+
+def test_same_average_as_lightnings_ema_weight_averaging():
+    ours_module, ours = fitted(EMA(decay=0.9))
+    theirs_module, theirs = fitted(EMAWeightAveraging(decay=0.9, use_buffers=False))
+    for step in range(5):
+        perturb(ours_module, step), perturb(theirs_module, step)
+        ours.update(ours_module)
+        theirs._average_model.update_parameters(theirs_module)
+    for a, b in zip(averaged(ours), averaged(theirs), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert int(ours._average_model.n_averaged) == int(theirs._average_model.n_averaged) == 5
+
+
+def test_closed_form_with_warmup():
+    module, ema = fitted(EMA(decay=0.3, warmup=True))
+    history = []
+    for step in range(4):
+        perturb(module, step)
+        history.append([p.detach().clone() for p in module.parameters()])
+        ema.update(module)
+    # decay_n = min(0.3, (1 + n)/(10 + n)): 1/10, 2/11, 3/12, then capped (4/13 > 0.3); the first update copies
+    assert [ema.decay_at(n) for n in range(4)] == [0.1, 2 / 11, 0.25, 0.3]
+    expected = history[0]
+    for n, weights in enumerate(history[1:], start=1):
+        d = ema.decay_at(n)
+        expected = [d * e + (1 - d) * w for e, w in zip(expected, weights, strict=True)]
+    for a, b in zip(averaged(ema), expected, strict=True):
+        torch.testing.assert_close(a, b)
+    assert EMA(decay=0.3).decay_at(0) == 0.3  # no warm-up: the constant decay
+
+
+def test_update_is_one_fused_operator_without_host_sync():
+    module, ema = fitted(EMA(decay=0.9))
+    ema.update(module)  # the first update copies
+    with HostSyncs() as syncs, OperatorCount() as ops:
+        ema.update(module)
+    assert syncs.calls == []
+    assert ops.count <= 2  # the lerp over all tensors and the counter increment
+    # Lightning's update: per-tensor operators and two syncs on its device counter (why EMA exists)
+    theirs_module, theirs = fitted(EMAWeightAveraging(decay=0.9, use_buffers=False))
+    theirs._average_model.update_parameters(theirs_module)
+    with HostSyncs() as syncs, OperatorCount() as ops:
+        theirs._average_model.update_parameters(theirs_module)
+    assert syncs.calls and ops.count > 3 * len(list(theirs_module.parameters()))
+
+
+def test_update_every_n_steps():
+    ema = EMA(update_every_n_steps=3)
+    assert [ema.should_update(step_idx=i) for i in range(6)] == [True, False, False, True, False, False]
+    assert not ema.should_update(epoch_idx=0)
+
+
+def test_checkpoint_round_trip_restores_the_host_counter():
+    module, ema = fitted(EMA(decay=0.9, warmup=True))
+    for step in range(3):
+        perturb(module, step)
+        ema.update(module)
+    checkpoint = {"state_dict": copy.deepcopy(module.state_dict())}
+    ema.on_save_checkpoint(None, module, checkpoint)
+    assert int(checkpoint["averaging_state"]["n_averaged"]) == 3 and "current_model_state" in checkpoint
+
+    resumed_module, resumed = fitted(EMA(decay=0.9, warmup=True))
+    resumed.on_load_checkpoint(None, resumed_module, checkpoint)
+    assert resumed._num_updates == 3
+    for a, b in zip(averaged(resumed), averaged(ema), strict=True):
+        torch.testing.assert_close(a, b)
+    # and the next update continues with decay_at(3), like the uninterrupted one
+    perturb(module, 9), resumed_module.load_state_dict(module.state_dict())
+    ema.update(module), resumed.update(resumed_module)
+    for a, b in zip(averaged(resumed), averaged(ema), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_ema_copy_on_another_device_than_the_module():
+    module, ema = fitted(EMA(decay=0.9, device="meta"))
+    assert next(ema._average_model.module.parameters()).device.type == "meta"
+    ema.update(module)  # the module's weights are moved to the EMA's device
+    ema.update(module)
+
+
+@pytest.mark.parametrize("kwargs", [{"decay": 1.0}, {"decay": -0.1}, {"update_every_n_steps": 0}])
+def test_bad_arguments_are_refused(kwargs):
+    with pytest.raises(ValueError, match="callbacks.ema"):
+        EMA(**kwargs)
