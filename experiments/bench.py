@@ -21,9 +21,9 @@ On CUDA the clock is read only at the timing boundaries, after ``torch.cuda.sync
 messages go to stderr, so stdout holds only the JSON lines. This is a benchmark, not a test.
 
 ``--peer diffusers`` times diffusers' ``UNet2DModel`` of the same shape (see ``bench_peer.py``) with the same bare
-training loop and sampling loop, in the same process, and prints the ratios. ``--compile`` (``torch.compile``) and
-``--channels-last`` apply to both sides. MFU = achieved FLOP/s (FlopCounterMode's count of a step) over the dense
-matmul rate measured in the same run, in the run's precision.
+training loop and sampling loop, in the same process, and prints the ratios. ``--compile`` (``torch.compile``),
+``--channels-last`` and ``--fused-optimizer`` apply to both sides. MFU = achieved FLOP/s (FlopCounterMode's count
+of a step) over the dense matmul rate measured in the same run, in the run's precision.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peer", choices=["none", "diffusers"], default="none", help="also time a peer UNet")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNets")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument("--fused-optimizer", action="store_true", help="AdamW(fused=True) (both sides, as model.optimizer)")
     p.add_argument("--skip-lightning", action="store_true", help="only the bare loops")
     p.add_argument("--data-on-device", action="store_true", help="Trainer.fit run: data.on_device batches")
     return p.parse_args(argv)
@@ -179,7 +180,7 @@ def bench_train_bare(args: argparse.Namespace, device: torch.device, which: str,
     torch.manual_seed(args.seed)
     eager = prepare(build_net(args, which), args, device).train()
     diffusion = GaussianDiffusion().to(device)
-    opt = torch.optim.AdamW(eager.parameters(), lr=LR)
+    opt = torch.optim.AdamW(eager.parameters(), lr=LR, fused=args.fused_optimizer or None)
     x0 = new_images(args, args.batch_size, device)
     t0 = torch.zeros(args.batch_size, dtype=torch.long, device=device)
     with autocast(args, device):
@@ -243,7 +244,7 @@ def bench_train_lightning(args: argparse.Namespace, device: torch.device) -> dic
     module = DiffusionModule(
         net=net_factory(args.net),
         schedule=GaussianDiffusion(),
-        optimizer=functools.partial(torch.optim.AdamW, lr=LR),
+        optimizer=functools.partial(torch.optim.AdamW, lr=LR, fused=args.fused_optimizer or None),
         image_shape=(args.channels, args.image_size, args.image_size),
         compile="default" if args.compile else "none",  # the platform's own switches (model.compile,
         channels_last=args.channels_last,  # model.channels_last), as `src/train.py` runs them
@@ -343,6 +344,7 @@ def summary(records: list[dict], args: argparse.Namespace, peak: float | None) -
         "precision": records[0]["precision"],
         "compile": args.compile,
         "channels_last": args.channels_last,
+        "fused_optimizer": args.fused_optimizer,
         "matmul_tflop_per_s": None if peak is None else round(peak / 1e12, 1),
         "train_bare_images_per_s": bare,
         "sample_image_steps_per_s": by["sample"]["image_steps_per_s"],

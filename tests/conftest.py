@@ -55,9 +55,8 @@ def tiny_diffusion_module(num_timesteps: int = 50, **kwargs) -> DiffusionModule:
     module = DiffusionModule(
         net=net,
         schedule=GaussianDiffusion(num_timesteps=num_timesteps),
-        optimizer=torch.optim.Adam,
         image_shape=(1, 8, 8),
-        **kwargs,
+        **{"optimizer": torch.optim.Adam, **kwargs},
     )
     module.log = lambda *args, **kw: None
     return module

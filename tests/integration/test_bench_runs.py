@@ -33,6 +33,7 @@ def test_bench_script_runs_on_cpu(capsys):
             "--sample-batch-size",
             "2",
             "--data-on-device",
+            "--fused-optimizer",
         ]
     )
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from difflab.losses import DiffusionLoss, TimestepSampler, UniformTimestepSampler, full_chain_bpd
+from difflab.modules.optim import clip_gradients, clips_itself
 from difflab.samplers import AncestralSampler, DDIMSampler, Sampler, sample_loop
 from difflab.samplers.guidance import classifier_free_guidance
 from difflab.schedules import GaussianDiffusion, Parameterization, VarianceType
@@ -176,6 +177,14 @@ class DiffusionModule(pl.LightningModule):
             return optimizer
         scheduler = self._lr_scheduler(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        if gradient_clip_val and clips_itself(optimizer, self.trainer.precision):
+            clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------ likelihood
     @torch.no_grad()

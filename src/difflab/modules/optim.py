@@ -1,6 +1,8 @@
-"""Learning-rate schedules used from config."""
+"""Optimizer helpers used from config: the learning-rate warm-up, gradient clipping for fused optimizers."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -11,3 +13,25 @@ def linear_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int = 5000) ->
     if warmup_steps < 0:
         raise ValueError(f"model.lr_scheduler.warmup_steps={warmup_steps}: expected >= 0")
     return LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
+
+
+def clips_itself(optimizer: Any, precision: str) -> bool:
+    """Whether we, not Lightning's precision plugin, must clip the gradients of ``optimizer`` under ``precision``.
+
+    Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales inside ``step()`` (fused
+    Adam/AdamW: ``_step_supports_amp_scaling``), also under ``bf16-mixed``, where no GradScaler exists and the
+    gradients are the true ones. There the module clips with the same ``torch.nn.utils`` calls the plugin would
+    make. Under ``16-mixed`` the gradients are still scaled at that point: Lightning's own error stays.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # through LightningOptimizer
+    return bool(getattr(inner, "_step_supports_amp_scaling", False)) and precision != "16-mixed"
+
+
+def clip_gradients(optimizer: Any, clip_val: float, algorithm: str | None) -> None:
+    """Clip the gradients of all parameters of ``optimizer`` by total norm (default) or by value."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    params = [p for group in inner.param_groups for p in group["params"] if p.grad is not None]
+    if algorithm == "value":
+        torch.nn.utils.clip_grad_value_(params, clip_val)
+    else:
+        torch.nn.utils.clip_grad_norm_(params, clip_val)
