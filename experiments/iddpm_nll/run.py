@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         "--nll-images", type=int, default=None, help="test images for the NLL (0: skip; default by scale)"
     )
     parser.add_argument("--sample-steps", type=int, nargs="*", choices=[50, 1000], default=[50, 1000])
+    parser.add_argument("--num-samples", type=int, default=None, help="samples per cell (default: by scale)")
     args = parser.parse_args(argv)
     if args.fid:
         fid_stage(args.scale, torch.device(args.device))
@@ -175,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     device = torch.device(args.device)
     nll_images = EVAL[args.scale]["nll_images"] if args.nll_images is None else args.nll_images
+    if args.num_samples is not None:
+        EVAL[args.scale]["samples"] = args.num_samples
     rows = [
         row
         for name, ckpt in ckpts.items()
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "rows": rows,
         "train_overrides": SCALES[args.scale] + args.train_extra,
-        "eval": {**EVAL[args.scale], "nll_images": nll_images},
+        "eval": {**EVAL[args.scale], "nll_images": nll_images},  # samples: as run
     }
     out = Path(__file__).with_name(f"RESULTS_{args.scale}.json")
     out.write_text(json.dumps(result, indent=2))
