@@ -37,6 +37,7 @@ ldm: install data
 
 test: install data
 	$(BIN)/ruff check src tests experiments
+	$(BIN)/ruff format --check src tests experiments
 	$(BIN)/python -m pytest -m "not slow" -q $(ARGS)
 
 test-all: install data
@@ -47,6 +48,7 @@ bench: install
 
 lint: install
 	$(BIN)/ruff check src tests experiments
+	$(BIN)/ruff format --check src tests experiments
 
 clean:
 	rm -rf $(VENV) logs .pytest_cache
