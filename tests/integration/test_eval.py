@@ -35,7 +35,7 @@ def test_generative_metrics_callback_logs_named_metrics(tiny_cfg, weights_dir, t
     )
     metrics = train(cfg)["metrics"]
     assert {"val/fid_fmnist_cls", "val/kid_fmnist_cls", "val/is_fmnist_cls"} <= set(metrics)
-    assert metrics["val/fid_fmnist_cls"] > 0 and metrics["val/is_fmnist_cls"] >= 1
+    assert metrics["val/fid_fmnist_cls"] > 0 and metrics["val/is_fmnist_cls"] >= 1 - 1e-5  # IS >= 1 up to rounding
     assert list((tmp_path / "data" / ".cache" / "fid_stats").glob("*.pt"))  # real statistics cached
     assert len(calls) == 1  # fit end (step 2) reuses the validation's evaluation at step 2
 
