@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
 from difflab.samplers import DDIMSampler
+from difflab.samplers.base import Spacing
 from experiments.common import (
     PRESETS,
     ROOT,
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument("--num-real", type=int, default=1000)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--spacing", choices=[s.value for s in Spacing], default="leading", help="τ (leading: the paper's)")
+    p.add_argument("--tag", default="", help="results_<tag>.json and fid_vs_steps_<tag>.png (default: no suffix)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     ckpt = ensure_checkpoint(Path(args.run_dir), PRESETS[args.preset] + args.train.split())
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     gm = real_metrics(test, args.num_real, ("fid",), "fmnist_cls", device, {"data": record["config"]["data"]})
     table: dict[str, dict[int, float]] = {}
     for name, kwargs in (row for row in ROWS if row[0] in args.rows):
-        sampler = module.build_sampler(functools.partial(DDIMSampler, spacing="leading", **kwargs))
+        sampler = module.build_sampler(functools.partial(DDIMSampler, spacing=args.spacing, **kwargs))
         for steps in args.steps:
             start = time.time()
             with sampling_precision(device):
@@ -72,9 +75,9 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"eta={name} S={steps} fid_fmnist_cls={table[name][steps]:.3f} ({time.time() - start:.0f}s)", flush=True
             )
-    out = Path(__file__).parent
+    out, suffix = Path(__file__).parent, f"_{args.tag}" if args.tag else ""
     write_json(
-        out / "results.json",
+        out / f"results{suffix}.json",
         {
             "table": table,
             "ckpt": str(ckpt),
@@ -85,9 +88,10 @@ def main(argv: list[str] | None = None) -> None:
             "train": " ".join(PRESETS[args.preset] + args.train.split()),
             "sampling_precision": "bf16 autocast" if device.type == "cuda" else "fp32",
             "steps": args.steps,
+            "spacing": args.spacing,
         },
     )
-    plot(table, args.steps, out / "fid_vs_steps.png")
+    plot(table, args.steps, out / f"fid_vs_steps{suffix}.png")
     print(markdown_table(["η \\ S", *map(str, args.steps)], [[n, *(table[n][s] for s in args.steps)] for n in table]))
 
 
