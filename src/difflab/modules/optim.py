@@ -1,4 +1,4 @@
-"""Optimizer helpers used from config: the learning-rate warm-up, gradient clipping for fused optimizers."""
+"""Optimizer helpers: the learning-rate warm-up used from config, gradient clipping for fused optimizers."""
 
 from __future__ import annotations
 
@@ -20,18 +20,9 @@ def clips_itself(optimizer: Any, precision: str) -> bool:
 
     Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales inside ``step()`` (fused
     Adam/AdamW: ``_step_supports_amp_scaling``), also under ``bf16-mixed``, where no GradScaler exists and the
-    gradients are the true ones. There the module clips with the same ``torch.nn.utils`` calls the plugin would
-    make. Under ``16-mixed`` the gradients are still scaled at that point: Lightning's own error stays.
+    gradients are the true ones. There the module clips through the base ``Precision.clip_gradients``, the
+    code the plugin runs after its check. Under ``16-mixed`` the gradients are still scaled at that point:
+    Lightning's own error stays.
     """
     inner = getattr(optimizer, "optimizer", optimizer)  # through LightningOptimizer
     return bool(getattr(inner, "_step_supports_amp_scaling", False)) and precision != "16-mixed"
-
-
-def clip_gradients(optimizer: Any, clip_val: float, algorithm: str | None) -> None:
-    """Clip the gradients of all parameters of ``optimizer`` by total norm (default) or by value."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    params = [p for group in inner.param_groups for p in group["params"] if p.grad is not None]
-    if algorithm == "value":
-        torch.nn.utils.clip_grad_value_(params, clip_val)
-    else:
-        torch.nn.utils.clip_grad_norm_(params, clip_val)
