@@ -75,8 +75,9 @@ class EMA(WeightAveraging):
         assert self._average_model is not None, "EMA.update outside fit"
         averaged, current = self._tensors(self._average_model.module), self._tensors(pl_module)
         pairs = [(a, c if c.device == a.device else c.to(a.device)) for a, c in zip(averaged, current, strict=True)]
-        lerp = [(a, c) for a, c in pairs if a.is_floating_point() and self._num_updates > 0]
-        copy = [(a, c) for a, c in pairs if not (a.is_floating_point() and self._num_updates > 0)]
+        first = self._num_updates == 0  # the first update copies; afterwards only non-float buffers are copied
+        lerp = [] if first else [(a, c) for a, c in pairs if a.is_floating_point()]
+        copy = pairs if first else [(a, c) for a, c in pairs if not a.is_floating_point()]
         if lerp:
             torch._foreach_lerp_([a for a, _ in lerp], [c for _, c in lerp], 1.0 - self.decay_at(self._num_updates))
         if copy:
