@@ -97,7 +97,7 @@ def test_nll(module, x: torch.Tensor) -> dict[str, float]:
 
 
 def evaluate(
-    ckpt: Path, name: str, scale: str, device: torch.device, sample_steps: list[int], nll_images: int
+    ckpt: Path, name: str, scale: str, device: torch.device, sample_steps: list[int], nll_images: int, num_samples: int
 ) -> list[dict]:
     from difflab.modules import load_module
     from difflab.schedules import VarianceType
@@ -119,7 +119,7 @@ def evaluate(
         for steps in sample_steps:
             with sampling_precision(device):
                 samples = module.sample(
-                    EVAL[scale]["samples"],
+                    num_samples,
                     generator=torch.Generator(device).manual_seed(0),
                     sampler=sampler,
                     num_steps=steps,
@@ -176,12 +176,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     device = torch.device(args.device)
     nll_images = EVAL[args.scale]["nll_images"] if args.nll_images is None else args.nll_images
-    if args.num_samples is not None:
-        EVAL[args.scale]["samples"] = args.num_samples
+    num_samples = EVAL[args.scale]["samples"] if args.num_samples is None else args.num_samples
     rows = [
         row
         for name, ckpt in ckpts.items()
-        for row in evaluate(ckpt, name, args.scale, device, args.sample_steps, nll_images)
+        for row in evaluate(ckpt, name, args.scale, device, args.sample_steps, nll_images, num_samples)
     ]
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     result = {
@@ -190,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "rows": rows,
         "train_overrides": SCALES[args.scale] + args.train_extra,
-        "eval": {**EVAL[args.scale], "nll_images": nll_images},  # samples: as run
+        "eval": {**EVAL[args.scale], "nll_images": nll_images, "samples": num_samples},
     }
     out = Path(__file__).with_name(f"RESULTS_{args.scale}.json")
     out.write_text(json.dumps(result, indent=2))
