@@ -58,6 +58,7 @@ from experiments.bench_peer import (  # noqa: E402
     diffusers_peer,
     forward_flops_per_image,
     matmul_flops_per_s,
+    sync,
     train_flops_per_image,
 )
 
@@ -136,11 +137,6 @@ def mfu(flops_per_s: float, peak: float | None) -> float | None:
 
 def autocast(args: argparse.Namespace, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def record(args: argparse.Namespace, device: torch.device, bench: str, params: int, **fields: Any) -> dict:

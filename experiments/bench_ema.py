@@ -22,6 +22,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from difflab.callbacks import EMA
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from experiments.bench_peer import sync  # noqa: E402
+
 
 class _Ops(TorchDispatchMode):
     """Count dispatched operators, and the ones that read a device value back to the host."""
@@ -70,13 +73,7 @@ def bench_ema(args: argparse.Namespace, device: torch.device, net: nn.Module, re
     return record(args, device, "ema_update", params, tensors=len(list(net.parameters())), **fields)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from experiments import bench
 
     args = bench.parse_args(sys.argv[1:])

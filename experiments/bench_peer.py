@@ -1,5 +1,6 @@
 """The peer side of ``experiments/bench.py``: diffusers' UNet2DModel in the shape of a difflab UNet preset, the FLOPs
-of a training step, and the matmul rate of the same device (the denominator of MFU).
+of a training step, the matmul rate of the same device (the denominator of MFU), and the device sync every timer
+of the benchmark reads the clock after.
 
 diffusers is an optional extra (``pip install -e .[bench]``); it is imported only when ``--peer diffusers`` asks.
 """
@@ -89,3 +90,9 @@ def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, n: int = 8192, 
         a @ b
     torch.cuda.synchronize(device)
     return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing to wait for on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
