@@ -22,8 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
-from difflab.samplers import DDIMSampler
-from difflab.samplers.base import Spacing
+from difflab.samplers import DDIMSampler, Spacing
 from experiments.common import (
     PRESETS,
     ROOT,
