@@ -32,7 +32,6 @@ import argparse
 import functools
 import json
 import logging
-import platform
 import sys
 import time
 import warnings
@@ -51,8 +50,10 @@ from difflab.data.transforms import InMemoryImageDataset
 from difflab.modules import DiffusionModule
 from difflab.samplers import AncestralSampler
 from difflab.schedules import GaussianDiffusion
+from difflab.utils.speed import CompileMode, compile_in_place
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from experiments.bench_accuracy import bench_accuracy  # noqa: E402
 from experiments.bench_ema import bench_ema  # noqa: E402
 from experiments.bench_peer import (  # noqa: E402
     diffusers_peer,
@@ -61,6 +62,7 @@ from experiments.bench_peer import (  # noqa: E402
     sync,
     train_flops_per_image,
 )
+from experiments.bench_report import record, summary  # noqa: E402
 
 CONF_NET = Path(__file__).resolve().parents[1] / "conf" / "net"
 LR = 2e-4
@@ -80,11 +82,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-steps", type=int, default=10, help="timed sampler steps (UNet forwards)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peer", choices=["none", "diffusers"], default="none", help="also time a peer UNet")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNets")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default="none",
+        choices=[m.value for m in CompileMode],
+        help="torch.compile the UNets (bare flag: mode default; reduce-overhead adds CUDA graphs)",
+    )
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--fused-optimizer", action="store_true", help="AdamW(fused=True) (both sides, as model.optimizer)")
     p.add_argument("--skip-lightning", action="store_true", help="only the bare loops")
     p.add_argument("--data-on-device", action="store_true", help="Trainer.fit run: data.on_device batches")
+    p.add_argument(
+        "--peer-levers",
+        choices=["anchor", "same"],
+        default="anchor",
+        help="anchor: the peer as the issue's anchor ran it (eager, NCHW, foreach AdamW, the run's precision); "
+        "same: the run's --compile/--channels-last/--fused-optimizer on the peer too",
+    )
+    p.add_argument(
+        "--accuracy-steps", type=int, default=10, help="steps of the plain-vs-fast loss curves (0: no accuracy check)"
+    )
     return p.parse_args(argv)
 
 
@@ -123,7 +142,7 @@ def prepare(net: nn.Module, args: argparse.Namespace, device: torch.device) -> n
 
 
 def maybe_compile(net: nn.Module, args: argparse.Namespace) -> nn.Module:
-    return torch.compile(net) if args.compile else net
+    return compile_in_place(net, CompileMode(args.compile))
 
 
 def new_images(args: argparse.Namespace, batch: int, device: torch.device) -> torch.Tensor:
@@ -137,29 +156,6 @@ def mfu(flops_per_s: float, peak: float | None) -> float | None:
 
 def autocast(args: argparse.Namespace, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-
-
-def record(args: argparse.Namespace, device: torch.device, bench: str, params: int, **fields: Any) -> dict:
-    """One measurement as a JSON-ready dict (printed by ``main``)."""
-    out = {
-        "bench": bench,
-        "net": args.net,
-        "params": params,
-        "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "precision": args.precision,
-        "image_size": args.image_size,
-        "channels": args.channels,
-        **fields,
-    }
-    if device.type == "cuda":
-        out["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
-    out["torch"] = torch.__version__
-    return out
-
-
-def cpu_name() -> str:
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def reset_peak(device: torch.device) -> None:
@@ -242,7 +238,7 @@ def bench_train_lightning(args: argparse.Namespace, device: torch.device) -> dic
         schedule=GaussianDiffusion(),
         optimizer=functools.partial(torch.optim.AdamW, lr=LR, fused=args.fused_optimizer or None),
         image_shape=(args.channels, args.image_size, args.image_size),
-        compile="default" if args.compile else "none",  # the platform's own switches (model.compile,
+        compile=args.compile,  # the platform's own switches (model.compile,
         channels_last=args.channels_last,  # model.channels_last), as `src/train.py` runs them
     )
     shape = (total * args.batch_size, args.channels, args.image_size, args.image_size)
@@ -330,35 +326,20 @@ def bench_sample(args: argparse.Namespace, device: torch.device, which: str, pea
     )
 
 
-def summary(records: list[dict], args: argparse.Namespace, peak: float | None) -> dict:
-    by = {r["bench"]: r for r in records}
-    bare = by["train_bare"]["images_per_s"]
-    out = {
-        "bench": "summary",
-        "net": records[0]["net"],
-        "device": records[0]["device"],
-        "precision": records[0]["precision"],
-        "compile": args.compile,
-        "channels_last": args.channels_last,
-        "fused_optimizer": args.fused_optimizer,
-        "matmul_tflop_per_s": None if peak is None else round(peak / 1e12, 1),
-        "train_bare_images_per_s": bare,
-        "sample_image_steps_per_s": by["sample"]["image_steps_per_s"],
-    }
-    if "ema_update" in by:  # the EMA update's share of a bare training step, with each callback
-        step_ms = 1000.0 * args.batch_size / bare
-        for name in ("lightning", "difflab"):
-            out[f"ema_{name}_pct_of_step"] = round(100.0 * by["ema_update"][f"{name}_ms"] / step_ms, 2)
-    if "train_lightning" in by:
-        light = by["train_lightning"]["images_per_s"]
-        out["train_lightning_images_per_s"] = light
-        # extra time per training step under Lightning, relative to the bare loop
-        out["lightning_gap_pct"] = round((bare / light - 1.0) * 100.0, 2)
-    if args.peer != "none":
-        out[f"train_speedup_vs_{args.peer}"] = round(bare / by[f"train_bare_{args.peer}"]["images_per_s"], 3)
-        sample_peer = by[f"sample_{args.peer}"]["image_steps_per_s"]
-        out[f"sample_speedup_vs_{args.peer}"] = round(by["sample"]["image_steps_per_s"] / sample_peer, 3)
-    return out
+def accuracy(args: argparse.Namespace, device: torch.device) -> dict:
+    """The plain path vs the run's fast path (``bench_accuracy.py``) on one freshly built network."""
+
+    def optimise(net: nn.Module) -> nn.Module:
+        return maybe_compile(prepare(net, args, device), args)
+
+    return bench_accuracy(args, device, build_net(args), optimise, lambda: autocast(args, device), record)
+
+
+def peer_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The flags the peer runs with: the issue's anchor (no levers) or, ``--peer-levers same``, the run's."""
+    if args.peer_levers == "same":
+        return args
+    return argparse.Namespace(**{**vars(args), "compile": "none", "channels_last": False, "fused_optimizer": False})
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -375,11 +356,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         runs.append(bench_train_lightning)
     runs.append(functools.partial(bench_sample, which="difflab", peak=peak))
     runs.append(lambda args, device: bench_ema(args, device, build_net(args), record))
+    if args.accuracy_steps > 0:
+        runs.append(accuracy)
     if args.peer != "none":
         runs += [functools.partial(f, which=args.peer, peak=peak) for f in (bench_train_bare, bench_sample)]
     records = []
     for bench in runs:
-        records.append(bench(args, device))
+        peer = getattr(bench, "keywords", {}).get("which", "difflab") != "difflab"
+        records.append(bench(peer_args(args) if peer else args, device))
         print(json.dumps(records[-1]), flush=True)
     records.append(summary(records, args, peak))
     print(json.dumps(records[-1]), flush=True)

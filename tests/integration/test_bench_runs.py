@@ -38,7 +38,8 @@ def test_bench_script_runs_on_cpu(capsys):
     )
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     kinds = {line["bench"]: line for line in lines}
-    assert {"train_bare", "train_lightning", "sample", "ema_update", "summary"} <= set(kinds)
+    assert {"train_bare", "train_lightning", "sample", "ema_update", "accuracy", "summary"} <= set(kinds)
+    assert kinds["summary"]["outputs_agree"] and kinds["summary"]["loss_curves_agree"]
     ema = kinds["ema_update"]
     assert ema["difflab_syncs"] == 0 and ema["lightning_syncs"] > 0 and ema["difflab_ops"] < ema["lightning_ops"]
     assert kinds["train_bare"]["images_per_s"] > 0 and kinds["train_lightning"]["images_per_s"] > 0
@@ -83,3 +84,60 @@ def test_bench_with_peer_prints_ratios(capsys):
     assert summary["train_speedup_vs_diffusers"] > 0 and summary["sample_speedup_vs_diffusers"] > 0
     assert {r["bench"] for r in records} >= {"train_bare_diffusers", "sample_diffusers"}
     assert records[0]["gflop_per_image"] > 0
+    peer = next(r for r in records if r["bench"] == "train_bare_diffusers")
+    assert records[0]["channels_last"] and not peer["channels_last"]  # --peer-levers anchor (the default)
+    assert summary["peer_levers"] == "anchor"
+
+
+def _accuracy(argv: str, optimise=None) -> dict:
+    import torch
+
+    bench = _load_bench()
+    args = bench.parse_args(f"--net unet_s --device cpu --batch-size 4 --image-size 16 --channels 1 {argv}".split())
+    device = torch.device("cpu")
+    if optimise is None:
+        return bench.accuracy(args, device)
+    return bench.bench_accuracy(
+        args, device, bench.build_net(args), optimise, lambda: bench.autocast(args, device), bench.record
+    )
+
+
+@pytest.mark.parametrize("argv", ["--channels-last --fused-optimizer", "--precision bf16 --channels-last"])
+def test_fast_path_keeps_accuracy(argv):
+    """The issue's accuracy criterion as the benchmark measures it: same ε̂ within the precision's tolerance and the
+    same loss curve, on a run whose loss really falls."""
+    acc = _accuracy(f"{argv} --accuracy-steps 20")
+    assert acc["outputs_agree"] and acc["loss_curves_agree"], acc
+    assert acc["output_rel_err"] <= acc["output_rtol"] == (2e-2 if "bf16" in argv else 1e-4)
+    assert acc["loss_plain"][-1] < 0.9 * acc["loss_plain"][0]  # the curve is a learning curve, not noise
+    assert len(acc["loss_plain"]) == len(acc["loss_fast"]) == 10
+
+
+def test_accuracy_check_catches_a_wrong_fast_path():
+    """A fast path that changes the network's function by 5 % fails the outputs check; one that does not train
+    (a compiler that loses the gradients would look so) fails the loss-curve check."""
+
+    def scaled(net):
+        net.register_forward_hook(lambda module, args, out: out * 1.05)
+        return net
+
+    def frozen(net):
+        net.requires_grad_(False)
+        net.out.requires_grad_(True)  # only the output layer trains
+        return net
+
+    acc = _accuracy("--accuracy-steps 20", optimise=scaled)
+    assert not acc["outputs_agree"] and acc["output_rel_err"] > 0.04
+    acc = _accuracy("--accuracy-steps 20", optimise=frozen)
+    assert not acc["loss_curves_agree"] and acc["loss_final_rel_diff"] > 0.05
+
+
+def test_peer_runs_as_the_anchor_unless_asked():
+    bench = _load_bench()
+    args = bench.parse_args("--compile --channels-last --fused-optimizer".split())
+    assert args.compile == "default" and args.peer_levers == "anchor"
+    anchor = bench.peer_args(args)
+    assert (anchor.compile, anchor.channels_last, anchor.fused_optimizer) == ("none", False, False)
+    assert anchor.precision == args.precision and args.channels_last  # the run's own flags are untouched
+    same = bench.parse_args("--compile reduce-overhead --peer-levers same".split())
+    assert bench.peer_args(same) is same and same.compile == "reduce-overhead"

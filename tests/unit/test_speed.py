@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 
 import lightning.pytorch as pl
 import pytest
@@ -105,3 +106,42 @@ def test_fused_adam_with_clipping_is_the_foreach_path(precision):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)  # rounding of fused vs foreach; a step is 1e-2
     unclipped = fit_three_steps(precision, True, clip=None)
     assert any(not torch.allclose(a, b) for a, b in zip(fused.parameters(), unclipped.parameters(), strict=True))
+
+
+def test_compile_never_recompiles_per_step(monkeypatch):
+    """model.compile: Dynamo traces the network once for the training batch, once more when the epoch's last, smaller
+    batch makes the batch dimension dynamic, and once for eval mode; never again, whatever the timesteps, the batch
+    size or the number of sampling steps, and with no graph breaks (one graph per trace). Dynamo decides all of this
+    before the backend, so a backend that only counts the graphs it is handed stands in for Inductor here."""
+    graphs = []
+
+    def counting_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        graphs.append(gm)
+        return gm.forward
+
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda net, **kw: compile_module(net, backend=counting_backend))
+    torch._dynamo.reset()
+    m = module(compile="default")
+    m.configure_model()
+    data = TensorDataset(torch.rand(26, 1, 8, 8) * 2 - 1, torch.zeros(26))  # 6 batches of 4, then one of 2
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer.fit(m, DataLoader(data, batch_size=4))
+    assert trainer.global_step == 14 and len(graphs) == 2, [g.graph for g in graphs[2:]]
+    m.eval()
+    m.sample(4, num_steps=3)
+    assert len(graphs) == 3  # eval mode
+    for n, steps in ((4, 10), (3, 7), (2, 25)):
+        m.sample(n, num_steps=steps)
+    assert len(graphs) == 3
+    torch._dynamo.reset()
