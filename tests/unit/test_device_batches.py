@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -72,7 +74,36 @@ def test_data_module_uses_device_batches_only_when_asked():
     dm = DigitsDataModule(batch_size=16, on_device=True)
     loader = dm.train_dataloader()
     assert isinstance(loader, DeviceBatches) and len(loader) == len(dm.train) // 16
-    assert not isinstance(DigitsDataModule(batch_size=16).train_dataloader(), DeviceBatches)
+    assert not isinstance(DigitsDataModule(batch_size=16, on_device=False).train_dataloader(), DeviceBatches)
+
+
+def _attached(dm, device: str):
+    """``dm`` as Lightning leaves it once attached to a Trainer on ``device`` (only the part the module reads)."""
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+    return dm
+
+
+def test_auto_loading_switches_on_for_cuda_only():
+    """on_device=auto and pin_memory=auto (the configs' default): off without a trainer and on a CPU, on for a
+    CUDA trainer; explicit true/false win; a training set that is not the in-memory image set (latent diffusion's
+    latent cache) stays on the host under auto."""
+    dm = DigitsDataModule(batch_size=16)
+    assert dm.on_device is None and dm.pin_memory is None  # auto
+    assert not isinstance(dm.train_dataloader(), DeviceBatches) and not dm.train_dataloader().pin_memory
+    _attached(dm, "cpu")
+    assert not dm._resolved_on_device() and not dm.val_dataloader().pin_memory
+    _attached(dm, "cuda")
+    assert dm._resolved_on_device() and dm.val_dataloader().pin_memory
+    dm.train = torch.utils.data.TensorDataset(torch.zeros(32, 1, 8, 8))  # e.g. a latent cache
+    assert not dm._resolved_on_device()
+    fixed = _attached(DigitsDataModule(batch_size=16, on_device=False, pin_memory=False), "cuda")
+    assert not fixed._resolved_on_device() and not fixed.val_dataloader().pin_memory
+
+
+@pytest.mark.parametrize("key", ["on_device", "pin_memory"])
+def test_auto_keys_refuse_other_values(key):
+    with pytest.raises(ValueError, match=f"data.{key}='yes': expected true, false or auto"):
+        DigitsDataModule(**{key: "yes"})
 
 
 def test_on_device_refuses_file_streaming_sets(tmp_path):

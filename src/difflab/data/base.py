@@ -33,6 +33,15 @@ def _check_bool(key: str, value: object) -> bool:
     return value
 
 
+def _check_auto_bool(key: str, value: object) -> bool | None:
+    """true or false, or ``auto`` (None): decided once the trainer's device is known (true on a CUDA device)."""
+    if value == "auto":
+        return None
+    if not isinstance(value, bool):
+        raise ValueError(f"data.{key}={value!r}: expected true, false or auto")
+    return value
+
+
 def _check_image_size(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 8 or value & (value - 1):
         raise ValueError(
@@ -81,13 +90,13 @@ class ImageDataModule(pl.LightningDataModule):
         channels: int = 1,
         batch_size: int = 128,
         num_workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | str = "auto",
         persistent_workers: bool = False,
         val_size: int = 5000,
         seed: int = 0,
         random_flip: bool = False,
         limit_train_size: int | None = None,
-        on_device: bool = False,
+        on_device: bool | str = "auto",
     ) -> None:
         super().__init__()
         self.data_dir = _check_data_dir(data_dir)
@@ -97,7 +106,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.channels = int(channels)
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.num_workers = _check_int("num_workers", num_workers, 0)
-        self.pin_memory = _check_bool("pin_memory", pin_memory)
+        self.pin_memory = _check_auto_bool("pin_memory", pin_memory)
         self.persistent_workers = _check_bool("persistent_workers", persistent_workers)
         self.val_size = _check_int("val_size", val_size, 0)
         self.seed = _check_int("seed", seed, 0)
@@ -105,8 +114,8 @@ class ImageDataModule(pl.LightningDataModule):
         if limit_train_size is not None:
             _check_int("limit_train_size", limit_train_size, 1)
         self.limit_train_size = limit_train_size
-        self.on_device = _check_bool("on_device", on_device)
-        if on_device and not self.in_memory:
+        self.on_device = _check_auto_bool("on_device", on_device)
+        if self.on_device and not self.in_memory:
             raise ValueError(
                 f"data.on_device=true: {type(self).__name__} reads its images from files batch by batch; "
                 "on_device needs an in-memory set (fashion_mnist, mnist, mnist_5k, digits, cifar10)"
@@ -172,6 +181,18 @@ class ImageDataModule(pl.LightningDataModule):
 
     # --- loaders --------------------------------------------------------------------------------
 
+    def _on_cuda(self) -> bool:
+        """Whether the attached trainer trains on a CUDA device (what ``auto`` switches on)."""
+        trainer = self.trainer  # set by Lightning when the data module is attached to a Trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+    def _resolved_on_device(self) -> bool:
+        """``on_device``, with ``auto`` = on a CUDA device when the training set is the in-memory image set (not,
+        e.g., latent diffusion's latent cache, which stays on the host)."""
+        if self.on_device is not None:
+            return self.on_device
+        return self._on_cuda() and isinstance(self.train, InMemoryImageDataset)
+
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         return DataLoader(
             dataset,
@@ -179,7 +200,7 @@ class ImageDataModule(pl.LightningDataModule):
             shuffle=train,
             drop_last=train,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self._on_cuda() if self.pin_memory is None else self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             collate_fn=collate_images,
         )
@@ -188,14 +209,14 @@ class ImageDataModule(pl.LightningDataModule):
         """Shuffled, ``drop_last=True`` batches of (x (B, C, S, S), y (B,)); with ``on_device``, gathered on the
         training device from a copy of the whole set there (:class:`DeviceBatches`)."""
         self.setup()
-        if not self.on_device:
+        if not self._resolved_on_device():
             return self._loader(self.train, train=True)
         if not isinstance(self.train, InMemoryImageDataset):  # e.g. replaced by latent diffusion's latent cache
             raise ValueError(
                 f"data.on_device=true needs the in-memory image set, but the training set is a "
                 f"{type(self.train).__name__} (model.cache_latents=true? it keeps the latents on the host)"
             )
-        trainer = self.trainer  # set by Lightning when the data module is attached to a Trainer
+        trainer = self.trainer
         return DeviceBatches(
             self.train,
             self.batch_size,
