@@ -5,6 +5,7 @@ synchronise on CUDA."""
 from __future__ import annotations
 
 import functools
+import warnings
 
 import pytest
 import torch
@@ -84,3 +85,36 @@ def test_sampler_steps_have_no_host_sync(sampler):
             t_batch = torch.full((x.shape[0],), t, dtype=torch.long)
             x = built.step(m(x, t_batch), t, x).prev_sample
     assert syncs.calls == []
+
+
+def fit_syncs(steps: int) -> list[str]:
+    """The syncing calls of one epoch of ``steps`` training steps through ``Trainer.fit``, progress bar on."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    m = module(optimizer=functools.partial(torch.optim.Adam, fused=True))  # foreach Adam reads its CPU step counts
+    m.log = pl.LightningModule.log.__get__(m)  # the real one (the test helper mutes it)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        log_every_n_steps=1000,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    data = TensorDataset(torch.rand(4 * steps, 1, 8, 8) * 2 - 1, torch.zeros(4 * steps, dtype=torch.long))
+    with warnings.catch_warnings(), HostSyncs() as syncs:
+        warnings.filterwarnings("ignore", ".*(does not have many workers|Skipping val loop).*")
+        trainer.fit(m, DataLoader(data, batch_size=4))
+    assert trainer.global_step == steps and "loss" in trainer.progress_bar_metrics
+    return syncs.calls
+
+
+def test_fit_reads_the_loss_back_only_when_it_logs():
+    """Lightning reads a ``prog_bar`` step metric back after every batch (with a progress bar or without), so the
+    modules show the epoch's mean loss there and send the step loss to the logger only, which reads it back every
+    ``log_every_n_steps``. With nothing to log in between, three times the steps make no more reads: those at the
+    start and the end of the fit (the epoch's means, the model's move back to the CPU), none per step."""
+    short, long = fit_syncs(6), fit_syncs(18)
+    assert long == short and short.count("item") < 6

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from difflab.losses.autoencoder import AutoencoderLoss
+from difflab.modules.step_logging import log_train_step
 from difflab.networks.autoencoder import Autoencoder
 from difflab.networks.regularizers import Regularizer
 
@@ -92,7 +93,8 @@ class AutoencoderModule(pl.LightningModule):
             if key in info:
                 logs[f"codebook_{key}"] = info[key].detach()
         self.batches_seen += 1
-        self._log_terms("train", logs, on_step=True, on_epoch=False)
+        for name, value in logs.items():
+            log_train_step(self, f"train/{name}", value, x.shape[0], bar=name if name in ("loss", "rec") else None)
         return loss.detach()
 
     def _step(self, optimizer: Any, loss: torch.Tensor) -> None:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from difflab.modules.step_logging import log_train_step
+
 
 class ClassifierModule(pl.LightningModule):
     """Cross-entropy training of ``net(in_channels=, num_classes=, image_size=)``; logs loss and accuracy."""
@@ -36,9 +38,11 @@ class ClassifierModule(pl.LightningModule):
         logits = self(x)
         loss = F.cross_entropy(logits, y)
         accuracy = (logits.argmax(dim=1) == y).float().mean()
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
-        self.log(f"{stage}/acc", accuracy, prog_bar=True, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
+        for name, value in (("loss", loss), ("acc", accuracy)):
+            if stage == "train":
+                log_train_step(self, f"train/{name}", value, x.shape[0], bar=name)
+            else:
+                self.log(f"{stage}/{name}", value, prog_bar=True, on_epoch=True, sync_dist=True)
         return loss
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

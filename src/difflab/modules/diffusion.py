@@ -14,6 +14,7 @@ from torch import nn
 
 from difflab.losses import DiffusionLoss, TimestepSampler, UniformTimestepSampler, full_chain_bpd
 from difflab.modules.optim import clips_itself
+from difflab.modules.step_logging import log_train_step
 from difflab.samplers import AncestralSampler, DDIMSampler, Sampler, sample_loop
 from difflab.samplers.guidance import classifier_free_guidance
 from difflab.schedules import GaussianDiffusion, Parameterization, VarianceType
@@ -137,10 +138,10 @@ class DiffusionModule(pl.LightningModule):
         terms = self.diffusion_loss(x, y, t, torch.randn_like(x))
         self.timestep_sampler.update(t, terms["loss"].detach())
         loss = (terms["loss"] * weights).mean()
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        log_train_step(self, "train/loss", loss, x.shape[0], bar="loss")
         for name in ("mse", "vb"):
             if name in terms and len(terms) > 2:
-                self.log(f"train/{name}", terms[name].detach().mean(), on_step=True, on_epoch=False)
+                log_train_step(self, f"train/{name}", terms[name].mean(), x.shape[0])
         return loss
 
     def training_condition(self, y: torch.Tensor) -> torch.Tensor:
