@@ -83,6 +83,12 @@ def test_unet_m_is_the_ddpm_cifar10_shape(tmp_path):
     assert abs(params - 35.7e6) / 35.7e6 < 0.01  # Ho et al. 2020: 35.7M
 
 
+@pytest.mark.parametrize("trainer, precision", [("cpu", "32-true"), ("gpu", "bf16-mixed"), ("ddp", "bf16-mixed")])
+def test_models_sample_in_the_trainers_precision(trainer, precision, tmp_path):
+    cfg = compose_config([f"trainer={trainer}"], tmp_path)
+    assert cfg.model.sample_precision == precision
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -100,6 +106,7 @@ def test_unet_m_is_the_ddpm_cifar10_shape(tmp_path):
         (["model=autoencoder", "model.loss.reconstruction=l3"], "model.loss.reconstruction"),
         (["model=autoencoder", "model.loss.perceptual=vgg"], "model.loss.perceptual"),
         (["model=ldm", "model.scale_factor=0"], "model.scale_factor"),
+        (["model.sample_precision=fp8"], "model.sample_precision='fp8': expected a trainer precision"),
         (["model=ldm", "data.image_size=16"], "trained on images of shape"),
     ],
 )

@@ -181,3 +181,10 @@ def test_load_module_compiles_as_trained_or_as_asked(trained):
     assert as_trained.compile_mode.value == "none" and as_trained.net._compiled_call_impl is None
     asked, _ = load_module(result["checkpoint"], compile="reduce-overhead")  # sample.py/eval.py compile=...
     assert asked.compile_mode.value == "reduce-overhead" and asked.net._compiled_call_impl is not None
+
+
+def test_load_module_samples_in_the_precision_trained_or_asked(trained):
+    _, result = trained  # trainer=cpu: 32-true
+    assert load_module(result["checkpoint"])[0].sample_dtype is None
+    asked, _ = load_module(result["checkpoint"], precision="bf16-mixed")  # sample.py/eval.py precision=...
+    assert asked.sample_dtype is torch.bfloat16

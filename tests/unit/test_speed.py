@@ -145,3 +145,24 @@ def test_compile_never_recompiles_per_step(monkeypatch):
         m.sample(n, num_steps=steps)
     assert len(graphs) == 3
     torch._dynamo.reset()
+
+
+def test_sample_precision_autocasts_the_network_only():
+    """model.sample_precision=bf16-mixed: the network runs under bf16 autocast in sample(), the sampler's arithmetic
+    in fp32; the samples stay within bf16 rounding of the fp32 ones (same weights, same noise)."""
+    plain, fast = module(), module(sample_precision="bf16-mixed")
+    with torch.no_grad():  # weights away from the zero-initialised output layer, so that ε̂ is not 0
+        for p in plain.net.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    fast.load_state_dict(plain.state_dict())
+    dtypes = {}
+
+    def record(name: str) -> Callable:
+        return lambda module, args, out: dtypes.update({name: out.dtype})  # returns None: the output stays
+
+    for name, m in (("plain", plain), ("fast", fast)):
+        m.net.register_forward_hook(record(name))
+    a, b = (m.sample(4, generator=torch.Generator().manual_seed(0), num_steps=10) for m in (plain, fast))
+    assert dtypes == {"plain": torch.float32, "fast": torch.bfloat16} and b.dtype == torch.float32
+    assert 0 < (b - a).abs().max() < 0.05 and a.abs().mean() > 0.1
+    assert module().sample_dtype is None and module(sample_precision="16-mixed").sample_dtype is torch.float16

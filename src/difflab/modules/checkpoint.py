@@ -50,9 +50,11 @@ def load_module(
     sampler: DictConfig | dict | None = None,
     map_location: str | torch.device = "cpu",
     compile: str | None = None,
+    precision: str | None = None,
 ) -> tuple[DiffusionModule, dict[str, Any]]:
     """Rebuild the trained module from a checkpoint alone, optionally with another sampler config and, with
-    ``compile`` (none | default | reduce-overhead | max-autotune), another ``model.compile`` than in training.
+    ``compile`` (none | default | reduce-overhead | max-autotune), another ``model.compile`` than in training; with
+    ``precision`` (a trainer precision: 32-true | bf16-mixed | 16-mixed) another ``model.sample_precision``.
 
     Returns (module in eval mode with the EMA weights when EMA was on, the run record).
     """
@@ -63,6 +65,8 @@ def load_module(
         model_cfg.sampler = sampler
     if compile is not None and "compile" in model_cfg:
         model_cfg.compile = compile
+    if precision is not None:  # also for checkpoints from before model.sample_precision (which sample in fp32)
+        model_cfg.sample_precision = precision
     extra: dict[str, Any] = {}
     if checkpoint.get("autoencoder_config") and "autoencoder_ckpt" in model_cfg:
         # latent diffusion: the checkpoint carries its stage 1; never depend on the file named at training time,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,7 +20,7 @@ from difflab.samplers import AncestralSampler, DDIMSampler, Sampler, sample_loop
 from difflab.samplers.guidance import classifier_free_guidance
 from difflab.schedules import GaussianDiffusion, Parameterization, VarianceType
 from difflab.utils.enums import parse_enum
-from difflab.utils.speed import CompileMode, compile_in_place
+from difflab.utils.speed import CompileMode, autocast_dtype, compile_in_place
 
 
 class DiffusionModule(pl.LightningModule):
@@ -48,6 +49,9 @@ class DiffusionModule(pl.LightningModule):
             ``load_module`` for sampling.
         channels_last: keep the network's weights and inputs in channels_last memory format (faster convolutions
             on tensor-core GPUs, especially under bf16).
+        sample_precision: a trainer precision (``32-true``, ``bf16-mixed``, ``16-mixed``, ...): the network runs under
+            that autocast in ``sample()`` (grids, metrics, ``sample.py``); the sampler's arithmetic and the NLL stay
+            fp32. The configs set it to ``${trainer.precision}``: sampling as the model was trained.
     """
 
     def __init__(
@@ -68,6 +72,7 @@ class DiffusionModule(pl.LightningModule):
         sample_batch_size: int = 256,
         compile: str | CompileMode = CompileMode.NONE,
         channels_last: bool = False,
+        sample_precision: str = "32-true",
     ) -> None:
         super().__init__()
         if len(image_shape) != 3:
@@ -97,6 +102,8 @@ class DiffusionModule(pl.LightningModule):
         if not isinstance(channels_last, bool):
             raise ValueError(f"model.channels_last={channels_last!r}: expected true or false")
         self.channels_last = channels_last
+        self.sample_dtype = autocast_dtype(sample_precision, "model.sample_precision")
+        self._forward_dtype: torch.dtype | None = None  # set by sampling_precision()
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
 
@@ -115,7 +122,14 @@ class DiffusionModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Raw network output for x_t (B, C, H, W) at timesteps t (B,)."""
+        """Raw network output for x_t (B, C, H, W) at timesteps t (B,) (under ``sampling_precision()``: autocast)."""
+        if self._forward_dtype is None:
+            return self.denoise(x_t, t, y)
+        with torch.autocast(x_t.device.type, dtype=self._forward_dtype):
+            return self.denoise(x_t, t, y).float()
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """The network call; subclasses change how the condition reaches the network."""
         return self.net(self.net_input(x_t), t, y if self.num_classes else None)
 
     def net_input(self, x_t: torch.Tensor) -> torch.Tensor:
@@ -228,7 +242,8 @@ class DiffusionModule(pl.LightningModule):
             labels = None if y is None else y[start : start + n].to(self.device)
             model_fn = self.model_fn(labels, w)
             shape = (n, *self.image_shape)
-            x_0 = sample_loop(model_fn, sampler, shape, generator, self.device, num_steps=num_steps)
+            with self.sampling_precision():
+                x_0 = sample_loop(model_fn, sampler, shape, generator, self.device, num_steps=num_steps)
             chunks.append(self.to_images(x_0))
         self.train(was_training)
         return torch.cat(chunks).clamp(-1.0, 1.0)
@@ -258,6 +273,16 @@ class DiffusionModule(pl.LightningModule):
         model_fn = self.model_fn(y if self.num_classes else None, 0.0)
         x_T = sampler.encode(model_fn, x_start)
         return sample_loop(model_fn, sampler, x_start.shape, noise=x_T).clamp(-1, 1)
+
+    @contextlib.contextmanager
+    def sampling_precision(self) -> Iterator[None]:
+        """Inside, ``forward`` runs the network under the autocast of ``sample_precision`` and returns fp32: the
+        network only, so the sampler's and the guidance's arithmetic stay fp32."""
+        previous, self._forward_dtype = self._forward_dtype, self.sample_dtype
+        try:
+            yield
+        finally:
+            self._forward_dtype = previous
 
     def model_fn(self, y: torch.Tensor | None, guidance_scale: float = 0.0) -> Callable[..., torch.Tensor]:
         """``fn(x_t, t)`` for samplers: the network with labels ``y`` bound, guided when w > 0."""

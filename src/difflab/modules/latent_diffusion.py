@@ -152,7 +152,7 @@ class LatentDiffusionModule(DiffusionModule):
         rank_zero_info(f"scale_by_std: latent std {float(var.sqrt()):.4f} → scale_factor {self.scale_factor:.4f}")
 
     # ------------------------------------------------------------------ conditioning
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """Network output for latents x_t (B, C, h, w) under condition ``y`` (see :class:`Conditioner`)."""
         x_t = self.net_input(x_t)
         if self.conditioner is None:

@@ -69,7 +69,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"metrics={names}: unknown {sorted(unknown)}; expected fid, kid, is, nll")
     device = resolve_device(cfg.device)
-    module, record = load_module(cfg.ckpt, sampler=cfg.get("sampler"), map_location=device, compile=cfg.get("compile"))
+    module, record = load_module(
+        cfg.ckpt,
+        sampler=cfg.get("sampler"),
+        map_location=device,
+        compile=cfg.get("compile"),
+        precision=cfg.get("precision"),
+    )
     module.sample_batch_size = int(cfg.batch_size)
     dataset, data_cfg = _dataset(cfg, record)
     results: dict[str, Any] = {}

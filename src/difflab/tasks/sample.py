@@ -67,7 +67,13 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     mode = cfg.get("mode", "generate")
     if world > 1 and mode != "generate":
         raise ValueError(f"mode={mode}: runs in one process; launch it without torchrun (only generate is sharded)")
-    module, record = load_module(cfg.ckpt, sampler=cfg.get("sampler"), map_location=device, compile=cfg.get("compile"))
+    module, record = load_module(
+        cfg.ckpt,
+        sampler=cfg.get("sampler"),
+        map_location=device,
+        compile=cfg.get("compile"),
+        precision=cfg.get("precision"),
+    )
     module.sample_batch_size = int(cfg.batch_size)
     if mode == "reconstruct":
         return reconstruct(cfg, module, record, device)

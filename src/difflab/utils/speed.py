@@ -1,4 +1,5 @@
-"""Speed options of the denoising network, switchable by config: ``torch.compile`` and channels_last.
+"""Speed options of the denoising network, switchable by config: ``torch.compile``, channels_last and the autocast
+precision of sampling.
 
 Both leave the numbers unchanged up to floating-point reordering (tests compare them with the plain path in fp32)
 and leave ``state_dict`` keys unchanged, so checkpoints move freely between a compiled and an eager model.
@@ -6,6 +7,7 @@ and leave ``state_dict`` keys unchanged, so checkpoints move freely between a co
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from difflab.utils.enums import StrEnumChoice
@@ -36,3 +38,23 @@ def compile_in_place(net: nn.Module, mode: CompileMode) -> nn.Module:
     if mode is not CompileMode.NONE and not getattr(net, "_compiled_call_impl", None):
         net.compile(mode=None if mode is CompileMode.DEFAULT else mode.value)
     return net
+
+
+# Lightning's precision strings (as in trainer.precision) → the autocast dtype of the network's forward
+_AUTOCAST = {
+    "32-true": None,
+    "32": None,
+    "64-true": None,
+    "bf16-mixed": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "16-mixed": torch.float16,
+    "16": torch.float16,
+}
+
+
+def autocast_dtype(precision: str | int, key: str) -> torch.dtype | None:
+    """The autocast dtype of a Lightning precision (``bf16-mixed`` → bfloat16, ``32-true`` → None: no autocast)."""
+    value = str(precision)
+    if value not in _AUTOCAST:
+        raise ValueError(f"{key}={precision!r}: expected a trainer precision, one of {list(_AUTOCAST)}")
+    return _AUTOCAST[value]
