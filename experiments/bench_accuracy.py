@@ -82,6 +82,7 @@ class _Side:
 
     def train(self, data: torch.Tensor, diffusion: GaussianDiffusion, steps: int, batch: int, seed: int) -> list:
         """Per-step losses (a device tensor each: no host sync inside the loop)."""
+        torch.manual_seed(seed)  # the same dropout masks on both sides in eager mode (compiled code draws its own)
         g = torch.Generator().manual_seed(seed)
         device, losses = diffusion.betas.device, []
         self.net.train()

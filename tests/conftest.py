@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -60,6 +61,19 @@ def tiny_diffusion_module(num_timesteps: int = 50, **kwargs) -> DiffusionModule:
     )
     module.log = lambda *args, **kw: None
     return module
+
+
+def bare_trainer(**kwargs) -> pl.Trainer:
+    """A CPU ``Trainer`` without logger, checkpoints, summary or validation (``kwargs`` add or override)."""
+    defaults = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "limit_val_batches": 0,
+    }
+    return pl.Trainer(**{**defaults, **kwargs})
 
 
 def compose_config(

@@ -22,7 +22,7 @@ from difflab.callbacks import EMA
 from difflab.data import DigitsDataModule
 from difflab.data.device_batches import DeviceBatches
 from difflab.samplers import AncestralSampler, DDIMSampler
-from tests.conftest import ROOT, tiny_diffusion_module
+from tests.conftest import ROOT, bare_trainer, tiny_diffusion_module
 
 DEVICE = os.environ.get("DIFFLAB_GPU_TEST_DEVICE", "cuda")
 pytestmark = [
@@ -97,18 +97,13 @@ def test_gpu_run_with_every_lever():
     m = fused_module(compile="reduce-overhead", channels_last=True)
     dm = DigitsDataModule(image_size=8, batch_size=16)
     kind = _LoaderKind()
-    trainer = pl.Trainer(
+    trainer = bare_trainer(
         accelerator="gpu" if DEVICE == "cuda" else "cpu",
         devices=1,
         precision="bf16-mixed",
         gradient_clip_val=1.0,
         max_steps=6,
         callbacks=[EMA(decay=0.9), kind],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*(does not have many workers|Skipping val loop).*")

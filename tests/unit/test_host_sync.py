@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 from difflab.losses import DiffusionLoss, LossAwareTimestepSampler
 from difflab.samplers import AncestralSampler, DDIMSampler
-from tests.conftest import tiny_diffusion_module
+from tests.conftest import bare_trainer, tiny_diffusion_module
 
 SYNCING = {  # on CUDA each of these waits for the queued kernels
     "item",
@@ -94,15 +94,7 @@ def fit_syncs(steps: int) -> list[str]:
 
     m = module(optimizer=functools.partial(torch.optim.Adam, fused=True))  # foreach Adam reads its CPU step counts
     m.log = pl.LightningModule.log.__get__(m)  # the real one (the test helper mutes it)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        log_every_n_steps=1000,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = bare_trainer(max_epochs=1, log_every_n_steps=1000, enable_progress_bar=True)
     data = TensorDataset(torch.rand(4 * steps, 1, 8, 8) * 2 - 1, torch.zeros(4 * steps, dtype=torch.long))
     with warnings.catch_warnings(), HostSyncs() as syncs:
         warnings.filterwarnings("ignore", ".*(does not have many workers|Skipping val loop).*")

@@ -6,14 +6,13 @@ import functools
 import warnings
 from collections.abc import Callable
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from difflab.modules import DiffusionModule
 from difflab.utils.speed import CompileMode
-from tests.conftest import tiny_diffusion_module
+from tests.conftest import bare_trainer, tiny_diffusion_module
 
 module = tiny_diffusion_module
 
@@ -79,17 +78,7 @@ def fit_three_steps(precision: str, fused: bool, clip: float | None) -> Diffusio
     # eps=1e-4: Adam divides by sqrt(v) + eps, so a larger eps keeps rounding of near-zero gradients small
     m = module(optimizer=functools.partial(torch.optim.Adam, lr=1e-2, eps=1e-4, fused=fused))
     data = TensorDataset(torch.rand(12, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1, torch.zeros(12))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=3,
-        precision=precision,
-        gradient_clip_val=clip,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = bare_trainer(max_steps=3, precision=precision, gradient_clip_val=clip)
     torch.manual_seed(0)  # the same t and noise draws in every run
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -125,15 +114,7 @@ def test_compile_never_recompiles_per_step(monkeypatch):
     m = module(compile="default")
     m.configure_model()
     data = TensorDataset(torch.rand(26, 1, 8, 8) * 2 - 1, torch.zeros(26))  # 6 batches of 4, then one of 2
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = bare_trainer(max_epochs=2)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         trainer.fit(m, DataLoader(data, batch_size=4))

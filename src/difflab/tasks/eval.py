@@ -13,8 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from difflab.metrics import GenerativeMetrics
-from difflab.modules import load_module
-from difflab.tasks.sample import resolve_device
+from difflab.tasks.sample import load_for_sampling, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +68,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"metrics={names}: unknown {sorted(unknown)}; expected fid, kid, is, nll")
     device = resolve_device(cfg.device)
-    module, record = load_module(
-        cfg.ckpt,
-        sampler=cfg.get("sampler"),
-        map_location=device,
-        compile=cfg.get("compile"),
-        precision=cfg.get("precision"),
-    )
-    module.sample_batch_size = int(cfg.batch_size)
+    module, record = load_for_sampling(cfg, device)
     dataset, data_cfg = _dataset(cfg, record)
     results: dict[str, Any] = {}
     if set(names) - {"nll"}:

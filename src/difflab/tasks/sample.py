@@ -9,12 +9,25 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from difflab.modules import load_module
+from difflab.modules import DiffusionModule, load_module
 from difflab.tasks.sample_modes import interpolate, reconstruct
 from difflab.utils.distributed import gather_shards, init_from_env, rank_world, shard
 from difflab.utils.images import save_grid, save_npz
 
 log = logging.getLogger(__name__)
+
+
+def load_for_sampling(cfg: DictConfig, device: torch.device) -> tuple[DiffusionModule, dict[str, Any]]:
+    """``cfg.ckpt`` on ``device`` with the command line's sampler, compile, precision and batch size."""
+    module, record = load_module(
+        cfg.ckpt,
+        sampler=cfg.get("sampler"),
+        map_location=device,
+        compile=cfg.get("compile"),
+        precision=cfg.get("precision"),
+    )
+    module.sample_batch_size = int(cfg.batch_size)
+    return module, record
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,14 +80,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     mode = cfg.get("mode", "generate")
     if world > 1 and mode != "generate":
         raise ValueError(f"mode={mode}: runs in one process; launch it without torchrun (only generate is sharded)")
-    module, record = load_module(
-        cfg.ckpt,
-        sampler=cfg.get("sampler"),
-        map_location=device,
-        compile=cfg.get("compile"),
-        precision=cfg.get("precision"),
-    )
-    module.sample_batch_size = int(cfg.batch_size)
+    module, record = load_for_sampling(cfg, device)
     if mode == "reconstruct":
         return reconstruct(cfg, module, record, device)
     if mode == "interpolate":
