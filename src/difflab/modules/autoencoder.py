@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from difflab.losses.autoencoder import AutoencoderLoss
+from difflab.modules.optim import clip_gradients
 from difflab.modules.step_logging import log_train_step
 from difflab.networks.autoencoder import Autoencoder
 from difflab.networks.regularizers import Regularizer
@@ -101,7 +102,7 @@ class AutoencoderModule(pl.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         if self.gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+            clip_gradients(self, optimizer, self.gradient_clip_val, "norm")  # fused optimizers too
         optimizer.step()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

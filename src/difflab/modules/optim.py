@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch.optim.lr_scheduler import LambdaLR
 
 
@@ -26,3 +29,15 @@ def clips_itself(optimizer: Any, precision: str) -> bool:
     """
     inner = getattr(optimizer, "optimizer", optimizer)  # through LightningOptimizer
     return bool(getattr(inner, "_step_supports_amp_scaling", False)) and precision != "16-mixed"
+
+
+def clip_gradients(
+    module: pl.LightningModule, optimizer: Any, gradient_clip_val: float | None, gradient_clip_algorithm: str | None
+) -> None:
+    """``module.clip_gradients``, also for a fused optimizer under ``bf16-mixed`` (see :func:`clips_itself`)."""
+    if gradient_clip_val and clips_itself(optimizer, module.trainer.precision):
+        # Lightning's own clipping, without the mixed-precision plugin's refusal
+        algorithm = GradClipAlgorithmType(gradient_clip_algorithm or GradClipAlgorithmType.NORM)
+        Precision.clip_gradients(module.trainer.precision_plugin, optimizer, gradient_clip_val, algorithm)
+        return
+    module.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
