@@ -358,12 +358,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     runs.append(lambda args, device: bench_ema(args, device, build_net(args), record))
     if args.accuracy_steps > 0:
         runs.append(accuracy)
+    runs = [(bench, args) for bench in runs]  # each measurement with the flags it runs under
     if args.peer != "none":
-        runs += [functools.partial(f, which=args.peer, peak=peak) for f in (bench_train_bare, bench_sample)]
+        peer = peer_args(args)
+        runs += [(functools.partial(f, which=args.peer, peak=peak), peer) for f in (bench_train_bare, bench_sample)]
     records = []
-    for bench in runs:
-        peer = getattr(bench, "keywords", {}).get("which", "difflab") != "difflab"
-        records.append(bench(peer_args(args) if peer else args, device))
+    for bench, run_args in runs:
+        records.append(bench(run_args, device))
         print(json.dumps(records[-1]), flush=True)
     records.append(summary(records, args, peak))
     print(json.dumps(records[-1]), flush=True)

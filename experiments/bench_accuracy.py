@@ -142,11 +142,12 @@ def bench_accuracy(
             with side.scope():
                 eps[name] = side.eps(x_t, t)
     rel_err = ((eps["fast"] - eps["plain"]).norm() / eps["plain"].norm()).item()
+    rtol = output_rtol(args.precision, device)
     fields = {
         "output_rel_err": round(rel_err, 6),
         "output_max_abs_err": round((eps["fast"] - eps["plain"]).abs().max().item(), 6),
-        "output_rtol": output_rtol(args.precision, device),
-        "outputs_agree": rel_err <= output_rtol(args.precision, device),
+        "output_rtol": rtol,
+        "outputs_agree": rel_err <= rtol,
         "loss_steps": steps,
         "loss_plain": [round(v, 5) for v in curves["plain"].tolist()],
         "loss_fast": [round(v, 5) for v in curves["fast"].tolist()],

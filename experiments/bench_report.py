@@ -61,8 +61,7 @@ def summary(records: list[dict], args: argparse.Namespace, peak: float | None) -
         out["lightning_gap_pct"] = round((bare / light - 1.0) * 100.0, 2)
     if "accuracy" in by:  # the fast path against fp32 eager (bench_accuracy.py)
         for key in ("outputs_agree", "output_rel_err", "loss_curves_agree", "loss_final_rel_diff"):
-            if key in by["accuracy"]:
-                out[key] = by["accuracy"][key]
+            out[key] = by["accuracy"][key]
     if args.peer != "none":
         out["peer_levers"] = args.peer_levers
         out[f"train_speedup_vs_{args.peer}"] = round(bare / by[f"train_bare_{args.peer}"]["images_per_s"], 3)

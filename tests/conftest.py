@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import subprocess
 import sys
@@ -61,6 +62,14 @@ def tiny_diffusion_module(num_timesteps: int = 50, **kwargs) -> DiffusionModule:
     )
     module.log = lambda *args, **kw: None
     return module
+
+
+def load_bench():
+    """``experiments/bench.py`` as a module (the script is not part of the package)."""
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "experiments" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
 
 
 def bare_trainer(**kwargs) -> pl.Trainer:

@@ -10,7 +10,6 @@ the benchmark's accuracy verdict for bf16 on a GPU. ``DIFFLAB_GPU_TEST_DEVICE=cp
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import warnings
 
@@ -22,7 +21,7 @@ from difflab.callbacks import EMA
 from difflab.data import DigitsDataModule
 from difflab.data.device_batches import DeviceBatches
 from difflab.samplers import AncestralSampler, DDIMSampler
-from tests.conftest import ROOT, bare_trainer, tiny_diffusion_module
+from tests.conftest import bare_trainer, load_bench, tiny_diffusion_module
 
 DEVICE = os.environ.get("DIFFLAB_GPU_TEST_DEVICE", "cuda")
 pytestmark = [
@@ -118,9 +117,7 @@ def test_gpu_run_with_every_lever():
 
 def test_bench_accuracy_bf16():
     """The benchmark's own verdict on this device: bf16 + channels_last + fused Adam against strict fp32."""
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "experiments" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench()
     args = bench.parse_args(
         f"--net unet_s --device {DEVICE} --precision bf16 --batch-size 16 --image-size 32 --channels 3 "
         "--channels-last --fused-optimizer --accuracy-steps 50".split()

@@ -1,17 +1,14 @@
 """`make bench` must run on CPU (a smoke run: no timing is asserted)."""
 
-import importlib.util
 import json
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import load_bench
 
 
 def test_bench_script_runs_on_cpu(capsys):
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "experiments" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench()
     bench.main(
         [
             "--net",
@@ -46,13 +43,6 @@ def test_bench_script_runs_on_cpu(capsys):
     assert kinds["sample"]["image_steps_per_s"] > 0
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "experiments" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
 @pytest.mark.parametrize("net", ["unet_s", "unet_m"])
 def test_diffusers_peer_has_the_same_shape(net):
     """The peer of `--peer diffusers` is the same network family: parameter count within 2% (unet_m: diffusers'
@@ -60,7 +50,7 @@ def test_diffusers_peer_has_the_same_shape(net):
     pytest.importorskip("diffusers")
     import torch
 
-    bench = _load_bench()
+    bench = load_bench()
     args = bench.parse_args(["--net", net, "--channels", "3", "--image-size", "32"])
     ours, peer = bench.build_net(args), bench.build_net(args, "diffusers")
     n_ours, n_peer = bench.count_params(ours), bench.count_params(peer)
@@ -75,7 +65,7 @@ def test_diffusers_peer_has_the_same_shape(net):
 
 def test_bench_with_peer_prints_ratios(capsys):
     pytest.importorskip("diffusers")
-    bench = _load_bench()
+    bench = load_bench()
     records = bench.main(
         "--net unet_s --device cpu --batch-size 2 --image-size 16 --channels 1 --train-steps 1 --warmup-steps 0 "
         "--sample-steps 1 --sample-batch-size 2 --peer diffusers --channels-last --skip-lightning".split()
@@ -92,7 +82,7 @@ def test_bench_with_peer_prints_ratios(capsys):
 def _accuracy(argv: str, optimise=None) -> dict:
     import torch
 
-    bench = _load_bench()
+    bench = load_bench()
     args = bench.parse_args(f"--net unet_s --device cpu --batch-size 4 --image-size 16 --channels 1 {argv}".split())
     device = torch.device("cpu")
     if optimise is None:
@@ -133,7 +123,7 @@ def test_accuracy_check_catches_a_wrong_fast_path():
 
 
 def test_peer_runs_as_the_anchor_unless_asked():
-    bench = _load_bench()
+    bench = load_bench()
     args = bench.parse_args("--compile --channels-last --fused-optimizer".split())
     assert args.compile == "default" and args.peer_levers == "anchor"
     anchor = bench.peer_args(args)
