@@ -231,7 +231,7 @@ def test_steps_out_of_order_or_after_the_end_fail(linear):
         ("dpmpp_3m", {"steps": 2}, r"sampler.steps=2: DPMSolverMultistepSampler\(order=3\) needs steps >= 3"),
         ("unipc", {"order": 3, "steps": 2}, "needs steps >= 3"),
         ("euler", {"steps": 1001}, "expected 1 <= steps <= T=1000"),
-        ("heun", {"sigma_schedule": "karras", "sigma_max": 500.0}, "sampler.sigma_max=500.0: outside"),
+        ("heun", {"sigma_schedule": "karras", "sigma_max": 0.005}, "sampler.sigma_max=0.005: below the model's"),
         ("dpmpp_2m", {"sigma_schedule": "karras", "sigma_min": 1e-4}, "sampler.sigma_min=0.0001: outside"),
         ("euler", {"sigma_max": 10.0}, "sigma_schedule=karras|uniform_lambda"),
         ("euler", {"sigma_schedule": "karras", "sigma_min": 5.0, "sigma_max": 2.0}, "must be below"),
@@ -242,3 +242,12 @@ def test_steps_out_of_order_or_after_the_end_fail(linear):
 def test_bad_configuration_fails_at_construction(linear, name, kwargs, match):
     with pytest.raises(ValueError, match=match):
         solver(name, linear, **kwargs)
+
+
+def test_sigma_max_is_capped_at_the_models_largest_sigma(linear):
+    """EDM's σ_max = 80 on a schedule whose last σ is 157 starts at 80; on one that ends at 37 (scaled_linear) at 37."""
+    assert float(solver("heun", linear, steps=5, sigma_schedule="karras", sigma_max=80.0).sigmas[0]) == 80.0
+    small = GaussianDiffusion("scaled_linear")
+    sampler = solver("heun", small, steps=5, sigma_schedule="karras", sigma_max=80.0)
+    assert float(sampler.sigmas[0]) == pytest.approx(small.continuous.sigma_max)
+    assert float(sampler.timesteps[0]) == pytest.approx(999.0)

@@ -4,8 +4,10 @@ A solver integrates from σ_0 = σ_max down to σ_N = 0 over N levels (``steps``
   model           the model's own timesteps, picked by ``spacing`` (even | leading | trailing | quadratic)
   karras          σ_i = (σ_max^{1/ρ} + i/(N−1) (σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ   (Karras et al. 2022, eq. 5; ρ = 7)
   uniform_lambda  λ_i = −log σ_i uniform between λ(σ_max) and λ(σ_min)       (Lu et al. 2022, "logSNR" steps)
-σ_min/σ_max default to the model's σ at t = 0 and t = T − 1; a σ outside that range is an error (the network never
-saw it). Off-table σ reach the network as fractional timesteps (log σ interpolated, :class:`ContinuousSchedule`).
+σ_min defaults to the model's σ at t = 0 (a smaller one is an error: the network never saw it); σ_max is an upper
+bound, capped at the model's σ at t = T − 1 (null: that σ; EDM's 80 starts a cosine-schedule model, whose last σ is
+2·10⁴, where the data is already drowned, instead of spending steps above it). Off-table σ reach the network as
+fractional timesteps (log σ interpolated, :class:`ContinuousSchedule`).
 The last level is σ = 0, the data: every solver's last step returns the x̂_0 of its last evaluation (the limit
 λ → ∞ of each update; diffusers' ``final_sigmas_type="zero"``).
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from difflab.samplers.base import Sampler, spaced_timesteps
+from difflab.samplers.base import Sampler, SamplerOutput, spaced_timesteps
 from difflab.schedules import ContinuousSchedule, NoiseLevel
 from difflab.utils.enums import StrEnumChoice, parse_enum
 
@@ -42,8 +44,7 @@ def solver_sigmas(
     if schedule is SigmaSchedule.MODEL:
         t = spaced_timesteps(view.num_timesteps, num_steps, spacing).flip(0)
         return view.sigmas[t], t.to(torch.float64)
-    lo = view.sigma_min if sigma_min is None else float(sigma_min)
-    hi = view.sigma_max if sigma_max is None else float(sigma_max)
+    lo, hi = sigma_range(view, sigma_min, sigma_max)
     ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
     if schedule is SigmaSchedule.KARRAS:
         sigmas = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
@@ -52,26 +53,33 @@ def solver_sigmas(
     return sigmas, view.sigma_to_t(sigmas)
 
 
+def sigma_range(view: ContinuousSchedule, sigma_min: float | None, sigma_max: float | None) -> tuple[float, float]:
+    """(σ_min, σ_max) of the karras/uniform_lambda steps: the model's ends, σ_max capped at the model's largest σ."""
+    lo = view.sigma_min if sigma_min is None else float(sigma_min)
+    hi = view.sigma_max if sigma_max is None else min(float(sigma_max), view.sigma_max)
+    return lo, hi
+
+
 def check_sigma_range(view: ContinuousSchedule, schedule: SigmaSchedule, sigma_min, sigma_max, rho: float) -> None:
     """Clear errors for σ bounds the model cannot take (construction time)."""
     if schedule is SigmaSchedule.MODEL and (sigma_min is not None or sigma_max is not None):
         raise ValueError(
             "sampler.sigma_min/sigma_max apply to sigma_schedule=karras|uniform_lambda; with sigma_schedule=model "
-            "the steps are the model's own timesteps (choose them with sampler.spacing)"
+            "the steps are the model's own timesteps (choose them with sampler.spacing): set both to null"
         )
     if rho <= 0:
         raise ValueError(f"sampler.rho={rho}: expected > 0 (Karras et al. use 7)")
-    lo = view.sigma_min if sigma_min is None else float(sigma_min)
-    hi = view.sigma_max if sigma_max is None else float(sigma_max)
-    tol = 1e-6
-    for key, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
-        if value is not None and not view.sigma_min * (1 - tol) <= float(value) <= view.sigma_max * (1 + tol):
-            raise ValueError(
-                f"sampler.{key}={value}: outside the model's noise levels; its schedule (T={view.num_timesteps}) "
-                f"has σ from {view.sigma_min:.4g} (t=0) to {view.sigma_max:.4g} (t=T-1); null takes those"
-            )
+    where = (
+        f"the model's schedule (T={view.num_timesteps}) has σ from {view.sigma_min:.4g} (t=0) "
+        f"to {view.sigma_max:.4g} (t=T-1)"
+    )
+    if sigma_min is not None and not view.sigma_min * (1 - 1e-6) <= float(sigma_min) < view.sigma_max:
+        raise ValueError(f"sampler.sigma_min={sigma_min}: outside the model's noise levels; {where}; null: t=0")
+    if sigma_max is not None and float(sigma_max) <= view.sigma_min:
+        raise ValueError(f"sampler.sigma_max={sigma_max}: below the model's smallest noise level; {where}")
+    lo, hi = sigma_range(view, sigma_min, sigma_max)
     if not lo < hi:
-        raise ValueError(f"sampler.sigma_min={lo:.4g} must be below sampler.sigma_max={hi:.4g}")
+        raise ValueError(f"sampler.sigma_min={lo:.4g} must be below sampler.sigma_max={hi:.4g} ({where})")
 
 
 class ContinuousSampler(Sampler):
@@ -80,8 +88,9 @@ class ContinuousSampler(Sampler):
     sigma_schedule: ``model`` (default; ``spacing`` picks the model's timesteps) | ``karras`` | ``uniform_lambda``.
     rho: ρ of the Karras schedule. sigma_min, sigma_max: ends of the karras/uniform_lambda steps (None: the model's).
 
-    Subclasses set ``min_steps`` and implement :meth:`step`; multistep state lives in ``self.state`` and is reset by
-    ``set_timesteps``. ``timesteps`` (float32) are the network inputs, one per evaluation, in order.
+    Subclasses set ``min_steps`` and implement :meth:`solve` (one update, given x̂_0 and ε̂ of the evaluation);
+    multistep state lives in ``self.state`` and is reset by ``set_timesteps``. ``timesteps`` (float32) are the
+    network inputs, one per evaluation, in order.
     """
 
     min_steps = 1
@@ -156,10 +165,23 @@ class ContinuousSampler(Sampler):
         self._eval += 1
         return k
 
-    def denoise(self, model_output: torch.Tensor, x_t: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x̂_0, ε̂) (fp32, thresholded as configured) of a network output at level i."""
-        x0, eps, _ = self.predict_at(model_output, x_t, self.levels[i])
-        return x0, eps
+    def step(
+        self,
+        model_output: torch.Tensor,
+        t: float | torch.Tensor,
+        x_t: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> SamplerOutput:
+        i = self.plan[self.advance(t)]
+        x0, eps, _ = self.predict_at(model_output, x_t, self.levels[i])  # fp32, thresholded as configured
+        prev = self.solve(i, x_t.float(), x0, eps, generator)
+        return SamplerOutput(prev_sample=prev.to(x_t.dtype), pred_x0=x0)
+
+    def solve(
+        self, i: int, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """The next x_t (fp32) from x = x_t at level i, with the evaluation's x̂_0 and ε̂ there."""
+        raise NotImplementedError
 
     def noise(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """z ~ N(0, I) shaped like x (fp32), from ``generator``."""

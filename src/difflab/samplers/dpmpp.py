@@ -19,7 +19,6 @@ import math
 
 import torch
 
-from difflab.samplers.base import SamplerOutput
 from difflab.samplers.continuous import ContinuousSampler
 
 LOWER_ORDER_FINAL_BELOW = 15  # steps under which the second-to-last step drops to order 2 (diffusers' choice)
@@ -65,24 +64,15 @@ class DPMSolverMultistepSampler(ContinuousSampler):
             order = min(order, 2)
         return order
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        t: float | torch.Tensor,
-        x_t: torch.Tensor,
-        generator: torch.Generator | None = None,
-    ) -> SamplerOutput:
-        i = self.plan[self.advance(t)]
-        x0, _ = self.denoise(model_output, x_t, i)
+    def solve(self, i, x, x0, eps, generator):
         history = self.state.setdefault("x0", [])
         history.append(x0)
         del history[: -self.order]
         if self.levels[i + 1].sigma == 0:  # the limit λ → ∞ of every order
-            return SamplerOutput(prev_sample=x0.to(x_t.dtype), pred_x0=x0)
+            return x0
         order = self.order_at(i)
         lambdas = [self.levels[j].lambda_ for j in range(i - order + 1, i + 2)]
-        prev = self.update(x_t.float(), multistep_terms(history, lambdas, order), i, generator)
-        return SamplerOutput(prev_sample=prev.to(x_t.dtype), pred_x0=x0)
+        return self.update(x, multistep_terms(history, lambdas, order), i, generator)
 
     def update(
         self, x: torch.Tensor, terms: tuple[torch.Tensor, ...], i: int, generator: torch.Generator | None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from difflab.samplers.base import SamplerOutput
 from difflab.samplers.continuous import ContinuousSampler
 
 
@@ -24,15 +23,6 @@ def euler_update(x0: torch.Tensor, eps: torch.Tensor, sigma_to: float) -> torch.
 class EulerSampler(ContinuousSampler):
     """``sampler=euler``: first-order probability-flow ODE solver; the arguments as :class:`ContinuousSampler`."""
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        t: float | torch.Tensor,
-        x_t: torch.Tensor,
-        generator: torch.Generator | None = None,
-    ) -> SamplerOutput:
-        i = self.plan[self.advance(t)]
-        x0, eps = self.denoise(model_output, x_t, i)
+    def solve(self, i, x, x0, eps, generator):
         to = self.levels[i + 1]
-        prev = euler_update(x0, eps, to.sigma) * to.alpha
-        return SamplerOutput(prev_sample=prev.to(x_t.dtype), pred_x0=x0)
+        return euler_update(x0, eps, to.sigma) * to.alpha

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
-from difflab.samplers.base import SamplerOutput
 from difflab.samplers.continuous import ContinuousSampler
 from difflab.samplers.euler import euler_update
 
@@ -35,18 +32,10 @@ class EulerAncestralSampler(ContinuousSampler):
         self.eta = float(eta)
         super().__init__(*args, **kwargs)
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        t: float | torch.Tensor,
-        x_t: torch.Tensor,
-        generator: torch.Generator | None = None,
-    ) -> SamplerOutput:
-        i = self.plan[self.advance(t)]
-        x0, eps = self.denoise(model_output, x_t, i)
+    def solve(self, i, x, x0, eps, generator):
         to = self.levels[i + 1]
         down, up = ancestral_sigmas(self.levels[i].sigma, to.sigma, self.eta)
         x_next = euler_update(x0, eps, down)
         if up > 0:
-            x_next = x_next + up * self.noise(x_t, generator)
-        return SamplerOutput(prev_sample=(x_next * to.alpha).to(x_t.dtype), pred_x0=x0)
+            x_next = x_next + up * self.noise(x, generator)
+        return x_next * to.alpha

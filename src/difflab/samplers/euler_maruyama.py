@@ -13,28 +13,17 @@ from __future__ import annotations
 
 import math
 
-import torch
-
-from difflab.samplers.base import SamplerOutput
 from difflab.samplers.continuous import ContinuousSampler
 
 
 class EulerMaruyamaSampler(ContinuousSampler):
     """``sampler=euler_maruyama``; the arguments as :class:`ContinuousSampler`."""
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        t: float | torch.Tensor,
-        x_t: torch.Tensor,
-        generator: torch.Generator | None = None,
-    ) -> SamplerOutput:
-        i = self.plan[self.advance(t)]
-        x0, eps = self.denoise(model_output, x_t, i)
+    def solve(self, i, x, x0, eps, generator):
         s, to = self.levels[i], self.levels[i + 1]
         if to.sigma == 0:
-            return SamplerOutput(prev_sample=x0.to(x_t.dtype), pred_x0=x0)
+            return x0
         jump = s.sigma**2 - to.sigma**2  # −Δ(σ²) > 0
         # x̃ − jump ε̂/σ = x̂_0 + (σ − jump/σ) ε̂ = x̂_0 + (σ'²/σ) ε̂ (since x̃ = x̂_0 + σ ε̂)
-        x_next = x0 + (to.sigma**2 / s.sigma) * eps + math.sqrt(jump) * self.noise(x_t, generator)
-        return SamplerOutput(prev_sample=(x_next * to.alpha).to(x_t.dtype), pred_x0=x0)
+        x_next = x0 + (to.sigma**2 / s.sigma) * eps + math.sqrt(jump) * self.noise(x, generator)
+        return x_next * to.alpha

@@ -10,9 +10,6 @@ HeunDiscreteScheduler, so the usual loop runs unchanged. Karras σ steps (ρ = 7
 
 from __future__ import annotations
 
-import torch
-
-from difflab.samplers.base import SamplerOutput
 from difflab.samplers.continuous import ContinuousSampler
 from difflab.samplers.euler import euler_update
 
@@ -24,24 +21,14 @@ class HeunSampler(ContinuousSampler):
         """Level 0 once, then each later level twice: the corrector of the step into it, then its own predictor."""
         return [0] + [i for i in range(1, num_steps) for _ in (0, 1)]
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        t: float | torch.Tensor,
-        x_t: torch.Tensor,
-        generator: torch.Generator | None = None,
-    ) -> SamplerOutput:
-        k = self.advance(t)
-        i = self.plan[k]
-        x0, eps = self.denoise(model_output, x_t, i)
+    def solve(self, i, x, x0, eps, generator):
         level = self.levels[i]
-        if "pending" in self.state:  # corrector: x_t is the Euler prediction x̃' at level i
+        if "pending" in self.state:  # corrector: x is the Euler prediction x̃' at level i
             x_pred, d_start, start = self.state.pop("pending")
             # x̃_i + Δσ (d_i + d')/2 = x̃' + Δσ (d' − d_i)/2: no difference of large numbers
-            x_next = x_pred + (level.sigma - self.levels[start].sigma) * (eps - d_start) / 2
-            return SamplerOutput(prev_sample=(x_next * level.alpha).to(x_t.dtype), pred_x0=x0)
+            return (x_pred + (level.sigma - self.levels[start].sigma) * (eps - d_start) / 2) * level.alpha
         to = self.levels[i + 1]
         x_pred = euler_update(x0, eps, to.sigma)
         if to.sigma > 0:  # keep x̃' and d_i for the corrector at level i + 1
             self.state["pending"] = (x_pred, eps, i)
-        return SamplerOutput(prev_sample=(x_pred * to.alpha).to(x_t.dtype), pred_x0=x0)
+        return x_pred * to.alpha

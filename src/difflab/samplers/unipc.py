@@ -17,7 +17,6 @@ import math
 
 import torch
 
-from difflab.samplers.base import SamplerOutput
 from difflab.samplers.dpmpp import DPMSolverMultistepSampler
 
 
@@ -71,24 +70,14 @@ class UniPCSampler(DPMSolverMultistepSampler):
             res = sum((rho * d for rho, d in zip(rhos[:-1], d1s, strict=True)), rhos[-1] * (new_x0 - m0))
         return out - (to.alpha * b_h) * res
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        t: float | torch.Tensor,
-        x_t: torch.Tensor,
-        generator: torch.Generator | None = None,
-    ) -> SamplerOutput:
-        i = self.plan[self.advance(t)]
-        x0, _ = self.denoise(model_output, x_t, i)
+    def solve(self, i, x, x0, eps, generator):
         history = self.state.setdefault("x0", [])
-        x = x_t.float()
         if self.corrector and history:  # UniC: correct x_i with x̂_0(x_i) (evaluated at the uncorrected x_i)
             x = self._update(self.state["last_x"], history, i - 1, self.state["last_order"], new_x0=x0)
         history.append(x0)
         del history[: -self.order]
         if self.levels[i + 1].sigma == 0:
-            return SamplerOutput(prev_sample=x0.to(x_t.dtype), pred_x0=x0)
+            return x0
         order = self.order_at(i)
         self.state["last_x"], self.state["last_order"] = x, order
-        prev = self._update(x, history, i, order)
-        return SamplerOutput(prev_sample=prev.to(x_t.dtype), pred_x0=x0)
+        return self._update(x, history, i, order)

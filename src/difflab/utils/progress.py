@@ -21,16 +21,20 @@ class SamplingProgress:
             unit="step",
             disable=None if enabled else True,
             dynamic_ncols=True,
-            leave=False,
         )
-        self.nfe_per_chain, self.images, self.start = nfe_per_chain, 0, time.perf_counter()
+        self.nfe_per_chain, self.nfe, self.images, self.start = nfe_per_chain, 0, 0, time.perf_counter()
 
     def update(self, nfe: int) -> None:
+        self.nfe = nfe
+        self.bar.set_postfix_str(self.postfix(), refresh=False)
         self.bar.update(1)
-        self.bar.set_postfix_str(f"NFE {nfe}/{self.nfe_per_chain}, {self.rate():.1f} img/s", refresh=False)
 
     def batch_done(self, num_images: int) -> None:
         self.images += num_images
+        self.bar.set_postfix_str(self.postfix(), refresh=False)  # shown by the next update or by close()
+
+    def postfix(self) -> str:
+        return f"NFE {self.nfe}/{self.nfe_per_chain}, {self.rate():.1f} img/s"
 
     def rate(self) -> float:
         """Finished images per second since the start."""
