@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from difflab import samplers
 from difflab.losses import DiffusionLoss, LossAwareTimestepSampler
 from difflab.samplers import AncestralSampler, DDIMSampler
 from tests.conftest import bare_trainer, tiny_diffusion_module
@@ -73,7 +74,20 @@ def test_training_step_has_no_host_sync(kwargs):
         assert syncs.calls == []
 
 
-@pytest.mark.parametrize("sampler", [AncestralSampler, functools.partial(DDIMSampler, steps=5, eta=0.5)])
+SAMPLERS = [  # DDPM, DDIM and each ODE/SDE solver (Karras steps: fractional timesteps)
+    AncestralSampler,
+    functools.partial(DDIMSampler, steps=5, eta=0.5),
+    functools.partial(samplers.EulerSampler, steps=5),
+    functools.partial(samplers.HeunSampler, steps=4, sigma_schedule="karras"),
+    functools.partial(samplers.EulerAncestralSampler, steps=5),
+    functools.partial(samplers.EulerMaruyamaSampler, steps=5, sigma_schedule="karras"),
+    functools.partial(samplers.DPMSolverMultistepSampler, steps=6, order=3, sigma_schedule="uniform_lambda"),
+    functools.partial(samplers.DPMSolverSDESampler, steps=5, dynamic_threshold=0.995),
+    functools.partial(samplers.UniPCSampler, steps=6, order=3, sigma_schedule="karras"),
+]
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_sampler_steps_have_no_host_sync(sampler):
     m = module().eval()
     built = m.build_sampler(sampler)
@@ -82,7 +96,7 @@ def test_sampler_steps_have_no_host_sync(sampler):
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad(), HostSyncs() as syncs:
         for t in timesteps:  # sample_loop's body
-            t_batch = torch.full((x.shape[0],), t, dtype=torch.long)
+            t_batch = torch.full((x.shape[0],), t, dtype=built.timesteps.dtype)
             x = built.step(m(x, t_batch), t, x).prev_sample
     assert syncs.calls == []
 

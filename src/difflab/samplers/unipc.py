@@ -15,25 +15,27 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from difflab.samplers.dpmpp import DPMSolverMultistepSampler
 
 
-def unipc_coefficients(rks: list[float], hh: float, order: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """(R, b, hφ_1, B(h)) of the UniPC order conditions for ratios ``rks`` (r_1 … r_{p−1}, 1) and hh = −h (float64)."""
+def unipc_coefficients(rks: list[float], hh: float, order: int) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """(R, b, hφ_1, B(h)) of the UniPC order conditions for ratios ``rks`` (r_1 … r_{p−1}, 1) and hh = −h: float64
+    NumPy on the host (a ≤ 3×3 system per step; no device work, no sync)."""
     h_phi_1 = math.expm1(hh)
     h_phi_k = h_phi_1 / hh - 1.0
     b_h = math.expm1(hh)  # bh2
     factorial = 1
     rows, b = [], []
-    r = torch.tensor(rks, dtype=torch.float64)
+    r = np.asarray(rks, dtype=np.float64)
     for j in range(1, order + 1):
         rows.append(r ** (j - 1))
         b.append(h_phi_k * factorial / b_h)
         factorial *= j + 1
         h_phi_k = h_phi_k / hh - 1.0 / factorial
-    return torch.stack(rows), torch.tensor(b, dtype=torch.float64), h_phi_1, b_h
+    return np.stack(rows), np.asarray(b), h_phi_1, b_h
 
 
 class UniPCSampler(DPMSolverMultistepSampler):
@@ -63,10 +65,10 @@ class UniPCSampler(DPMSolverMultistepSampler):
         if new_x0 is None:
             if order == 1:
                 return out
-            rhos = [0.5] if order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1]).tolist()
+            rhos = [0.5] if order == 2 else np.linalg.solve(R[:-1, :-1], b[:-1]).tolist()
             res = sum(rho * d for rho, d in zip(rhos, d1s, strict=True))
         else:
-            rhos = [0.5] if order == 1 else torch.linalg.solve(R, b).tolist()
+            rhos = [0.5] if order == 1 else np.linalg.solve(R, b).tolist()
             res = sum((rho * d for rho, d in zip(rhos[:-1], d1s, strict=True)), rhos[-1] * (new_x0 - m0))
         return out - (to.alpha * b_h) * res
 
