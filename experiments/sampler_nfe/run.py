@@ -99,7 +99,7 @@ def generate(module, sampler, steps: int, num: int, batch: int, device, y=None, 
 def cell(module, gm, name: str, nfe: int, args, device, **overrides) -> dict[str, Any]:
     sampler = module.build_sampler(sampler_factory(name, **overrides))
     steps = steps_for(sampler, nfe)
-    images, seconds = generate(module, sampler, steps, args.num_samples, args.batch_size, device)
+    images, seconds = generate(module, sampler, steps, args.num_samples, args.batch_size, device, seed=args.seed)
     gm.update_fake(images)
     values = gm.compute()
     row = {"sampler": name, "target_nfe": nfe, "nfe": sampler.num_evaluations(steps), "steps": steps}
@@ -117,7 +117,7 @@ def part_schedules(module, gm, args, device) -> list[dict]:
     rows = []
     for name in args.schedule_samplers:
         for tag, schedule in SCHEDULES.items():
-            for nfe in (10, 20):
+            for nfe in args.schedule_nfe:
                 rows.append(cell(module, gm, name, nfe, args, device, **schedule) | {"schedule": tag})
     return rows
 
@@ -134,7 +134,7 @@ def part_cfg(args, device) -> list[dict]:
             sampler = module.build_sampler(sampler_factory(name, **overrides))
             steps = steps_for(sampler, nfe)
             images, seconds = generate(
-                module, sampler, steps, args.num_samples, args.batch_size, device, labels, args.guidance
+                module, sampler, steps, args.num_samples, args.batch_size, device, labels, args.guidance, args.seed
             )
             gm.update_fake(images)
             values = gm.compute()
@@ -189,10 +189,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=SAMPLERS)
     p.add_argument("--nfe", type=int, nargs="+", default=NFE)
     p.add_argument("--schedule-samplers", nargs="+", choices=SAMPLERS, default=SCHEDULE_SAMPLERS)
+    p.add_argument("--schedule-nfe", type=int, nargs="+", default=[10, 20])
     p.add_argument("--guidance", type=float, default=3.0, help="w of the cfg part")
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--num-real", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0, help="batch b starts from the generator seeded seed + b")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tag", default="cpu", help="results_<tag>.json and fid_vs_nfe_<tag>.png")
     args = p.parse_args(argv)
