@@ -59,10 +59,13 @@ SCHEDULES = {  # part "schedules": σ steps of the solvers (every key set: each 
     "karras": {"sigma_schedule": "karras", "sigma_max": None},
     "karras_80": {"sigma_schedule": "karras", "sigma_max": 80.0},
     "uniform_lambda": {"sigma_schedule": "uniform_lambda", "sigma_max": None},
+    "uniform_lambda_80": {"sigma_schedule": "uniform_lambda", "sigma_max": 80.0},
 }
 SCHEDULE_SAMPLERS = ["euler", "heun", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "unipc"]
 CFG_ROWS = [  # part "cfg": (name, sampler, overrides, NFE values)
     ("DDIM (η = 0), static clip", "ddim", {}, [50]),
+    ("DDIM (η = 0), no thresholding", "ddim", {"clip_denoised": False}, [50]),
+    ("DDIM (η = 0), dynamic 0.995", "ddim", {"dynamic_threshold": 0.995}, [50]),
     ("DPM-Solver++(2M), no thresholding", "dpmpp_2m", {"clip_denoised": False}, [10, 15, 20]),
     ("DPM-Solver++(2M), static clip", "dpmpp_2m", {}, [10, 15, 20]),
     ("DPM-Solver++(2M), dynamic 0.995", "dpmpp_2m", {"dynamic_threshold": 0.995}, [10, 15, 20]),
@@ -129,7 +132,9 @@ def part_cfg(args, device) -> list[dict]:
     classifier = load_classifier("fmnist_cls")[0].to(device)
     labels = torch.arange(args.num_samples) % module.num_classes
     rows = []
-    for title, name, overrides, nfes in CFG_ROWS:
+    for title, name, overrides, nfes in (
+        row for row in CFG_ROWS if args.cfg_samplers is None or row[1] in args.cfg_samplers
+    ):
         for nfe in nfes:
             sampler = module.build_sampler(sampler_factory(name, **overrides))
             steps = steps_for(sampler, nfe)
@@ -153,15 +158,20 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in dict.fromkeys(r["sampler"] for r in rows):
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    markers = "os^vDP*Xph"
+    for k, name in enumerate(dict.fromkeys(r["sampler"] for r in rows)):
         cells = [r for r in rows if r["sampler"] == name]
-        style = "--" if name in ("ddim", "ddpm") else "-"
-        ax.plot([r["nfe"] for r in cells], [r["fid_fmnist_cls"] for r in cells], style, marker="o", label=name)
+        style = {"linestyle": "--", "linewidth": 2.5} if name in ("ddim", "ddpm") else {}
+        ax.plot(
+            [r["nfe"] for r in cells], [r["fid_fmnist_cls"] for r in cells], marker=markers[k % 10], label=name, **style
+        )
     ax.set(xscale="log", yscale="log", xlabel="network evaluations (NFE)", ylabel="FID (fmnist_cls features)")
     ax.set_xticks([5, 10, 15, 20, 50], labels=["5", "10", "15", "20", "50"])
-    ax.legend(fontsize=7, ncol=2)
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.legend(fontsize=7, ncol=2, title="euler = ddim (same chain)", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -182,6 +192,7 @@ def tables(result: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", nargs="+", choices=["nfe", "schedules", "cfg"], default=["nfe", "schedules", "cfg"])
+    p.add_argument("--replot", action="store_true", help="only redraw the plot and tables from results_<tag>.json")
     p.add_argument("--train", default=SIMPLE, help="src/train.py overrides of the unconditional model")
     p.add_argument("--run-dir", default=str(ROOT / "logs" / "iddpm_nll" / "cpu" / "simple"))
     p.add_argument("--cfg-train", default=CFG, help="src/train.py overrides of the class-conditional model")
@@ -191,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--schedule-samplers", nargs="+", choices=SAMPLERS, default=SCHEDULE_SAMPLERS)
     p.add_argument("--schedule-nfe", type=int, nargs="+", default=[10, 20])
     p.add_argument("--guidance", type=float, default=3.0, help="w of the cfg part")
+    p.add_argument("--cfg-samplers", nargs="+", default=None, help="only the cfg rows of these samplers")
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--num-real", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=500)
@@ -201,6 +213,10 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     out = OUT / f"results_{args.tag}.json"
     result: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}  # parts run separately add up
+    if args.replot:
+        plot(result["nfe"], OUT / f"fid_vs_nfe_{args.tag}.png")
+        tables(result)
+        return
     result.update(hardware=hardware(), **{f"args_{part}": vars(args) for part in args.part})
     if {"nfe", "schedules"} & set(args.part):
         ckpt = ensure_checkpoint(Path(args.run_dir), args.train.split())
@@ -219,7 +235,10 @@ def main(argv: list[str] | None = None) -> None:
             result["schedules"] = [r for r in result.get("schedules", []) if key(r) not in done] + new
             write_json(out, result)
     if "cfg" in args.part:
-        result["cfg"] = part_cfg(args, device)
+        new = part_cfg(args, device)
+        key = lambda r: (r["row"], r["target_nfe"])  # noqa: E731
+        done = {key(r) for r in new}
+        result["cfg"] = [r for r in result.get("cfg", []) if key(r) not in done] + new
         write_json(out, result)
     tables(result)
 
