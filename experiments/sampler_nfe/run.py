@@ -225,7 +225,12 @@ def main(argv: list[str] | None = None) -> None:
         gm = real_metrics(test, args.num_real, ("fid", "is"), "fmnist_cls", device, data_key)
         result.update(ckpt=str(ckpt), global_step=record["global_step"])
         if "nfe" in args.part:
-            result["nfe"] = part_nfe(module, gm, args, device)
+            new = part_nfe(module, gm, args, device)
+            key = lambda r: (r["sampler"], r["target_nfe"])  # noqa: E731
+            done = {key(r) for r in new}  # a rerun of some samplers replaces their cells only
+            order = {name: k for k, name in enumerate(SAMPLERS)}
+            rows = [r for r in result.get("nfe", []) if key(r) not in done] + new
+            result["nfe"] = sorted(rows, key=lambda r: (order[r["sampler"]], r["target_nfe"]))
             plot(result["nfe"], OUT / f"fid_vs_nfe_{args.tag}.png")
             write_json(out, result)
         if "schedules" in args.part:

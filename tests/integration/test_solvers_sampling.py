@@ -37,6 +37,20 @@ def test_sample_py_with_every_solver(checkpoint, tmp_path, name):  # noqa: F811
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [([], "DPMSolverSDESampler"), (["~sampler"], "AncestralSampler"), (["sampler=unipc"], "UniPCSampler")],
+)
+def test_sample_py_default_is_the_studys_best_at_20_nfe(checkpoint, tmp_path, overrides, expected):  # noqa: F811
+    """conf/sample.yaml defaults to dpmpp_2m_sde, 20 steps (experiments/sampler_nfe); ~sampler: the checkpoint's."""
+    from difflab.tasks.sample import load_for_sampling
+
+    module, _ = load_for_sampling(compose_config([f"ckpt={checkpoint}", *overrides], tmp_path, "sample"), "cpu")
+    assert type(module.sampler).__name__ == expected
+    if not overrides:
+        assert module.sampler.num_evaluations() == 20
+
+
 def test_progress_bar_shows_nfe_on_a_tty_and_nothing_otherwise(checkpoint, tmp_path, monkeypatch, capfd):  # noqa: F811
     run(checkpoint, tmp_path / "quiet", "sampler=heun", "sampler.steps=3", "num_samples=2")
     assert "sampling" not in capfd.readouterr().err  # pytest's stderr is not a TTY

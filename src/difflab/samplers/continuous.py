@@ -86,7 +86,8 @@ class ContinuousSampler(Sampler):
     """Base of the ODE/SDE solvers. Extra arguments (the others as :class:`Sampler`):
 
     sigma_schedule: ``model`` (default; ``spacing`` picks the model's timesteps) | ``karras`` | ``uniform_lambda``.
-    rho: ρ of the Karras schedule. sigma_min, sigma_max: ends of the karras/uniform_lambda steps (None: the model's).
+    rho: ρ of the Karras schedule. sigma_min, sigma_max: ends of the karras/uniform_lambda steps (None: the model's
+    σ at t = 0 and t = T − 1; sigma_max is capped at the latter).
 
     Subclasses set ``min_steps`` and implement :meth:`solve` (one update, given x̂_0 and ε̂ of the evaluation);
     multistep state lives in ``self.state`` and is reset by ``set_timesteps``. ``timesteps`` (float32) are the
@@ -149,8 +150,8 @@ class ContinuousSampler(Sampler):
     def num_evaluations(self, num_steps: int | None = None) -> int:
         return len(self.evaluation_plan(num_steps or self.num_steps))
 
-    def _on_set_timesteps(self, ascending: torch.Tensor) -> None:  # pragma: no cover - set_timesteps is overridden
-        raise NotImplementedError
+    def _on_set_timesteps(self, ascending: torch.Tensor) -> None:  # pragma: no cover
+        raise NotImplementedError("the solvers override set_timesteps")
 
     def advance(self, t: float | torch.Tensor) -> int:
         """Check that ``t`` is the next evaluation of the chain and return its position in ``timesteps``."""

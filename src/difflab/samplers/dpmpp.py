@@ -40,11 +40,10 @@ def multistep_terms(history: list[torch.Tensor], lambdas: list[float], order: in
     return m0, d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1), (d1_0 - d1_1) / (r0 + r1)
 
 
-class DPMSolverMultistepSampler(ContinuousSampler):
-    """``sampler=dpmpp_2m`` (order 2) and ``dpmpp_3m`` (order 3); order 1 is DDIM. The other arguments as
-    :class:`ContinuousSampler`; ``lower_order_final`` as above (default true, as diffusers)."""
+class MultistepSampler(ContinuousSampler):
+    """What the multistep solvers share: ``order`` (one of ``orders``), ``lower_order_final``, steps >= order."""
 
-    orders = (1, 2, 3)
+    orders: tuple[int, ...] = (1, 2, 3)
 
     def __init__(self, *args, order: int = 2, lower_order_final: bool = True, **kwargs) -> None:
         if order not in self.orders:
@@ -55,6 +54,11 @@ class DPMSolverMultistepSampler(ContinuousSampler):
 
     def describe(self) -> str:
         return f"(order={self.order})"
+
+
+class DPMSolverMultistepSampler(MultistepSampler):
+    """``sampler=dpmpp_2m`` (order 2) and ``dpmpp_3m`` (order 3); order 1 is DDIM. The other arguments as
+    :class:`ContinuousSampler`; ``lower_order_final`` as above (default true, as diffusers)."""
 
     def order_at(self, i: int) -> int:
         """The order of step i: warm-up, the lower-order final steps, else ``self.order``."""

@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from difflab.samplers.dpmpp import DPMSolverMultistepSampler
+from difflab.samplers.dpmpp import MultistepSampler
 
 
 def unipc_coefficients(rks: list[float], hh: float, order: int) -> tuple[np.ndarray, np.ndarray, float, float]:
@@ -38,7 +38,7 @@ def unipc_coefficients(rks: list[float], hh: float, order: int) -> tuple[np.ndar
     return np.stack(rows), np.asarray(b), h_phi_1, b_h
 
 
-class UniPCSampler(DPMSolverMultistepSampler):
+class UniPCSampler(MultistepSampler):
     """``sampler=unipc``; ``order`` 2 or 3 (the predictor's; the corrector adds one), ``corrector`` (default true;
     false: UniP alone), ``lower_order_final``; the others as :class:`ContinuousSampler`."""
 
