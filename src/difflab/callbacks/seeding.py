@@ -21,8 +21,7 @@ def capture_random_state(device: torch.device) -> dict[str, Any]:
     version, internal, gauss_next = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos)}
-        | {"has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": gauss},
         "python": [version, list(internal), gauss_next],
     }
     if device.type == "cuda":
@@ -34,7 +33,7 @@ def restore_random_state(state: dict[str, Any], device: torch.device) -> None:
     """Set the global generators to :func:`capture_random_state`'s ``state``."""
     torch.set_rng_state(state["torch"])
     numpy = state["numpy"]
-    keys = numpy["keys"].numpy().astype(np.uint32)
+    keys = np.asarray(numpy["keys"], dtype=np.uint32)
     np.random.set_state((numpy["kind"], keys, numpy["pos"], numpy["has_gauss"], numpy["gauss"]))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
