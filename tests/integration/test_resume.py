@@ -142,3 +142,24 @@ def test_wandb_resumes_its_run_id(tmp_path, monkeypatch):
     record = torch.load(resumed["checkpoint"], weights_only=True)["difflab"]["loggers"][0]
     assert record["class"] == "WandbLogger" and record["version"] == run_id
     assert list((tmp_path / "resumed" / "wandb").glob(f"offline-run-*-{run_id}"))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_resume_is_bit_exact(tmp_path):
+    """Under 2-process CPU DDP: each rank's random stream and its share of the epoch order come back."""
+    from tests.conftest import run_cli
+
+    def launch(name: str, *extra: str) -> Path:
+        run_dir = tmp_path / name
+        proc = run_cli(
+            "train.py", *EXACT, "trainer=ddp_cpu", f"hydra.run.dir={run_dir}", *extra, cwd=tmp_path, timeout=600
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return run_dir / "checkpoints" / "last.ckpt"
+
+    full = launch("full", "trainer.max_steps=5")  # 96 images over 2 ranks: 3 steps an epoch
+    first = launch("first", "trainer.max_steps=2")
+    resumed = launch("resumed", "trainer.max_steps=5", f"ckpt_path={first}")
+    assert max_abs_diff(str(full), str(resumed)) == {"current_model_state": 0.0, "state_dict": 0.0}
+    states = torch.load(first, weights_only=True)[CHECKPOINT_KEY]
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])  # one stream per rank

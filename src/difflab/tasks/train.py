@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from difflab.callbacks import RunRecord, TrainingRandomState
 from difflab.modules import read_run_record
-from difflab.utils.checkpoint_io import checkpoints_trusted, trusted_checkpoints
+from difflab.utils.checkpoint_io import AtomicCheckpointIO, checkpoints_trusted, trusted_checkpoints
 from difflab.utils.config import instantiate_group
 from difflab.utils.images import image_grid, save_grid, save_npz
 from difflab.utils.loggers import finish_loggers, log_image, resume_logger_kwargs
@@ -71,7 +71,10 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         # e.g. the autoencoder: its discriminator takes no part in a step before disc_start, and the discriminator
         # step leaves the autoencoder out; plain DDP stops at the first step with an "unused parameters" error
         extra["strategy"] = "ddp_find_unused_parameters_true"
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
+    plugins = [AtomicCheckpointIO()]  # a kill or a full disk never leaves a partial checkpoint
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, **extra
+    )
     for logger in loggers:
         logger.log_hyperparams(run_config)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not checkpoints_trusted())

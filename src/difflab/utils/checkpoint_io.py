@@ -1,4 +1,5 @@
-"""Opening checkpoint files without running code from them.
+"""Opening checkpoint files without running code from them, and writing them so that a kill or a full disk never
+leaves a partial one.
 
 A ``.ckpt``/``.pt`` file is a pickle: unpickled in full (``torch.load(weights_only=False)``) it can call any Python
 function while it loads, before a single check of ours has run. Every file difflab opens — ``sample.py``/``eval.py``
@@ -12,6 +13,8 @@ needs nothing beyond torch's default allow-list (tested for every model, optimiz
 A file that needs full unpickling — a foreign or crafted one, or one whose writer stored Python objects — is refused
 with a message naming it. ``trust_checkpoint=true`` on the command line (:func:`trusted_checkpoints`) opens such files
 in full: only for files you made yourself or got from someone you trust.
+
+Writing: :class:`AtomicCheckpointIO` (the trainer's checkpoint plugin in ``src/train.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import os
 import pickle
 import pickletools
 import re
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 log = logging.getLogger(__name__)
 
@@ -109,3 +114,46 @@ def _unsafe_message(where: str, torch_message: str) -> str:
         "trust where it came from (e.g. a checkpoint from an older version), add trust_checkpoint=true to the "
         "command line to open it in full."
     )
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint I/O with each file written to a temporary file in its own directory, flushed to the disk
+    (fsync) and renamed over the target (``os.replace``, atomic within a filesystem).
+
+    Why not Lightning's own atomic save: it goes through fsspec's local transaction, which writes the temporary file
+    into the system temp directory and *moves* it into place; when that is another filesystem (a tmpfs ``/tmp``, a
+    network log dir) the move is a copy into the target path, so a kill or a full disk during the copy leaves a
+    truncated ``last.ckpt`` where the previous good one was. Here a failed write (e.g. ``OSError`` ENOSPC) removes
+    its temporary file and leaves the previous checkpoint exactly as it was.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with temporary.open("wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
