@@ -70,6 +70,31 @@ def test_a_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(tmp_path, m
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step0000002.ckpt"]  # no temporary file
 
 
+def test_a_full_disk_while_the_file_is_put_in_place_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """Lightning's own save writes into the system temp directory and moves the file into place: across filesystems
+    (a tmpfs /tmp) that move is a copy into last.ckpt itself, and a full disk during it left a truncated last.ckpt.
+    Ours writes beside the target and renames: nothing is copied into place."""
+    import shutil
+    import tempfile
+
+    other = Path("/dev/shm")
+    if not (other.is_dir() and os.access(other, os.W_OK) and other.stat().st_dev != tmp_path.stat().st_dev):
+        pytest.skip("needs a second writable filesystem (/dev/shm) for the system temp directory")
+    monkeypatch.setattr(tempfile, "tempdir", str(other))
+    copyfile = shutil.copyfile
+
+    def disk_full_mid_copy(src, dst, *args, **kwargs):
+        if Path(dst).name == "last.ckpt" and Path(dst).exists():  # a later save of last.ckpt: fill the disk
+            Path(dst).write_bytes(Path(src).read_bytes()[:100])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return copyfile(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", disk_full_mid_copy)
+    train(compose_config([*TINY, *EVERY_2, "trainer.max_steps=6"], tmp_path))
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 6
+
+
 KILL_TRIALS = 20
 
 
@@ -87,6 +112,7 @@ def test_kill_9_during_checkpoint_writes_never_leaves_a_bad_file(tmp_path):
     ]
     env = {**os.environ, "DIFFLAB_ROOT": str(tmp_path)}
     rng = random.Random(0)
+    mid_write = 0  # trials killed while a file was being written (its temporary file is left behind)
     for trial in range(KILL_TRIALS):
         run_dir = tmp_path / f"trial{trial}"
         checkpoints = run_dir / "checkpoints"
@@ -108,3 +134,5 @@ def test_kill_9_during_checkpoint_writes_never_leaves_a_bad_file(tmp_path):
         assert "last.ckpt" in steps, f"trial {trial}: {steps}"
         newest_step_file = max((s for name, s in steps.items() if name != "last.ckpt"), default=0)
         assert steps["last.ckpt"] >= newest_step_file, f"trial {trial}: last.ckpt older than a step file: {steps}"
+        mid_write += bool(list(checkpoints.glob(".*.tmp")))
+    assert mid_write > 0, "no kill landed during a write: the test did not test anything"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -121,6 +122,28 @@ def test_csv_history_is_kept_and_continued(tmp_path):
     fit(tmp_path / "resumed", "trainer.max_steps=8", f"ckpt_path={checkpoint}")
     metrics = tmp_path / "first" / "csv" / "version_0" / "metrics.csv"
     assert logged_steps(metrics) == list(range(8))  # 0-3 from the first run, 4-7 from the resumed one
+
+
+class CsvOnDisk(pl.Callback):
+    """Records the steps in ``path`` (metrics.csv) as they are on disk when training step ``step`` starts."""
+
+    seen: list[int] = []
+
+    def __init__(self, path: str, step: int) -> None:
+        self.path, self.step = Path(path), step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            CsvOnDisk.seen[:] = logged_steps(self.path) if self.path.is_file() else []
+
+
+def test_the_history_up_to_a_checkpoint_is_on_disk_before_the_next_step(tmp_path):
+    """What a kill after a save would leave: the CSV rows up to the checkpoint's step, flushed (Lightning's CSV logger
+    writes every 100 steps otherwise), so the resumed run continues the history without a gap."""
+    metrics = tmp_path / "csv" / "version_0" / "metrics.csv"
+    snapshot = [f"+callbacks.snapshot._target_={__name__}.CsvOnDisk", f"+callbacks.snapshot.path={metrics}"]
+    fit(tmp_path, "trainer.max_steps=6", *EVERY_4, *snapshot, "+callbacks.snapshot.step=5")  # saved at step 4
+    assert CsvOnDisk.seen == [0, 1, 2, 3, 4]
 
 
 def test_tensorboard_history_is_kept_and_continued(tmp_path):
