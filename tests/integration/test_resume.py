@@ -138,8 +138,8 @@ class CsvOnDisk(pl.Callback):
 
 
 def test_the_history_up_to_a_checkpoint_is_on_disk_before_the_next_step(tmp_path):
-    """What a kill after a save would leave: the CSV rows up to the checkpoint's step, flushed (Lightning's CSV logger
-    writes every 100 steps otherwise), so the resumed run continues the history without a gap."""
+    """What a kill after a save would leave: the CSV rows up to the checkpoint's step are on disk (Lightning flushes
+    the loggers after every logged row), so the resumed run continues the history without a gap."""
     metrics = tmp_path / "csv" / "version_0" / "metrics.csv"
     snapshot = [f"+callbacks.snapshot._target_={__name__}.CsvOnDisk", f"+callbacks.snapshot.path={metrics}"]
     fit(tmp_path, "trainer.max_steps=6", *EVERY_4, *snapshot, "+callbacks.snapshot.step=5")  # saved at step 4
