@@ -38,10 +38,10 @@ EXEMPT = {
 TINY_SIZES = {
     "net.model_channels": "16",
     "net.channel_mult": "[1,2]",
-    "net.attention_resolutions": "[8]",
     "net.num_heads": "2",
     "net.num_head_channels": "-1",
     "schedule.num_timesteps": "20",
+    "sampler.steps": "5",
     "trainer.max_steps": "2",
     "trainer.limit_train_batches": "2",
     "trainer.limit_val_batches": "1",
@@ -196,9 +196,13 @@ def training_args(args: list[str], tmp_path: Path) -> list[str]:
     if "FashionMNIST" in composed.data._target_ or "ImageFolder" in composed.data._target_:
         extra += ["data=digits", f"data.image_size={composed.data.image_size}"]
     composed = compose_config([*one_job, *extra], tmp_path)
-    extra += [f"{k}={v}" for k, v in TINY_SIZES.items() if OmegaConf.select(composed, k) is not None]
+    absent = object()
+    extra += [f"{k}={v}" for k, v in TINY_SIZES.items() if OmegaConf.select(composed, k, default=absent) is not absent]
     if OmegaConf.select(composed, "model.loss.disc_start") is not None:
         extra.append("model.loss.disc_start=1")
+    if OmegaConf.select(composed, "net.attention_resolutions") is not None:  # the second of the two levels
+        size = composed.data.image_size // (4 if "autoencoder_ckpt" in composed.model else 1)  # f = 4 latents
+        extra.append(f"net.attention_resolutions=[{size // 2}]")
     return [*args, *extra]
 
 

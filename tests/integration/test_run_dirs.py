@@ -27,6 +27,20 @@ def test_run_and_sweep_dirs_use_it():
     assert hydra["run"]["dir"].startswith("${unique_dir:") and hydra["sweep"]["dir"].startswith("${unique_dir:")
 
 
+def test_a_multiruns_sweep_dir_resolves_before_hydras_config_is_set(tmp_path, monkeypatch):
+    """Hydra's launcher resolves hydra.sweep.dir before it sets its config: `python src/train.py -m ...` (README)
+    failed with "HydraConfig was not set" while paths.root_dir read ${hydra:runtime.cwd}."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    monkeypatch.delenv("DIFFLAB_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["schedule=cosine"], return_hydra_config=True)
+    HydraConfig.instance().cfg = None
+    assert cfg.hydra.sweep.dir.startswith(str(tmp_path / "logs" / "train" / "multiruns"))
+
+
 def test_only_unused_run_dirs_are_removed_on_error(tmp_path):
     for name, content in [("unused", None), ("used", "checkpoints")]:
         run_dir = tmp_path / name
