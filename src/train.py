@@ -1,17 +1,20 @@
 """Train a diffusion model: ``python src/train.py [group=option ...] [key=value ...]``."""
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from difflab.tasks.train import train
 from difflab.utils.config import register_resolvers
+from difflab.utils.run_dir import remove_if_unused_on_error
 
 register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    result = train(cfg)
+    with remove_if_unused_on_error(HydraConfig.get().runtime.output_dir):
+        result = train(cfg)
     metric = cfg.get("optimized_metric")
     return result["metrics"].get(metric) if metric else None
 

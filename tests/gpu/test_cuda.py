@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from difflab.callbacks import EMA
+from difflab.callbacks import EMA, NonFiniteGuard, TrainingRandomState
 from difflab.data import DigitsDataModule
 from difflab.data.device_batches import DeviceBatches
 from difflab.samplers import AncestralSampler, DDIMSampler
@@ -68,6 +68,33 @@ def test_training_step_never_syncs(kwargs):
             opt.zero_grad(set_to_none=True)
             ema.update(m)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("action", ["stop", "skip"])
+def test_nonfinite_guard_and_training_random_stream_never_sync(action):
+    """The per-step work of the callbacks every training run has: the swap of the training random stream around
+    the step and the guard's gradient check (with a fused optimizer's sync-free skip), a NaN step included."""
+    m = fused_module()
+    opt = m.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    trainer = bare_trainer(accelerator="gpu" if DEVICE == "cuda" else "cpu", devices=1)
+    guard, stream = NonFiniteGuard(action), TrainingRandomState(0)
+    guard.on_train_start(trainer, m)
+    stream.on_train_start(trainer, m)
+    batch = (torch.rand(4, 1, 8, 8, device=DEVICE) * 2 - 1, torch.zeros(4, dtype=torch.long, device=DEVICE))
+    for step in range(3):
+        with NoSync():
+            stream.on_train_batch_start(trainer, m)
+            m.training_step(batch, 0).backward()
+            if step == 1:
+                next(m.parameters()).grad.fill_(float("nan"))
+            guard.on_before_optimizer_step(trainer, m, opt)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            stream.on_train_batch_end(trainer, m)
+    # skip: the NaN step is dropped; stop (noticed at the next logging step): the NaN weights spoil the next step
+    assert int(guard._first) == 1 and int(guard._count) == (1 if action == "skip" else 2)
+    assert all(torch.isfinite(p).all() for p in m.parameters()) == (action == "skip")
 
 
 @pytest.mark.parametrize("sampler", [AncestralSampler, functools.partial(DDIMSampler, steps=5, eta=0.5)])

@@ -27,12 +27,12 @@ def test_learned_variance_with_simple_loss_is_refused(tiny_cfg):
 def test_importance_sampler_state_survives_checkpoint_and_resume(tiny_cfg, tmp_path):
     common = ["model=iddpm_vlb", "trainer.limit_train_batches=3", "model.timestep_sampler.history=1"]
     first = train(tiny_cfg(*common, "trainer.max_steps=3", output_dir=tmp_path / "a"))
-    saved = torch.load(first["checkpoint"], weights_only=False)["timestep_sampler"]
+    saved = torch.load(first["checkpoint"], weights_only=True)["timestep_sampler"]
     assert int(saved["loss_counts"].sum()) == 3 * 16
     second = train(
         tiny_cfg(*common, "trainer.max_steps=6", f"ckpt_path={first['checkpoint']}", output_dir=tmp_path / "b")
     )
-    resumed = torch.load(second["checkpoint"], weights_only=False)["timestep_sampler"]
+    resumed = torch.load(second["checkpoint"], weights_only=True)["timestep_sampler"]
     assert int(resumed["loss_counts"].sum()) == 6 * 16  # continued from the saved history, not from zero
     sampler = LossAwareTimestepSampler(20, history=1)
     sampler.load_state_dict(resumed)

@@ -79,7 +79,7 @@ def test_stage1_checkpoint_loads_frozen(autoencoder_ckpt):
     ae, config = load_autoencoder(autoencoder_ckpt)
     assert not any(p.requires_grad for p in ae.parameters()) and not ae.training
     assert ae.latent_shape == (3, 8, 8) and config["model"]["_target_"].endswith("AutoencoderModule")
-    checkpoint = torch.load(autoencoder_ckpt, weights_only=False)
+    checkpoint = torch.load(autoencoder_ckpt, weights_only=True)
     assert checkpoint["batches_seen"] == 4 and checkpoint["global_step"] == 7  # 1 plain + 3 GAN batches (2 steps)
 
 
@@ -127,7 +127,7 @@ def test_scale_by_std_gives_unit_variance_latents_and_is_restored(autoencoder_ck
     z = module.scale_factor * module.autoencoder.encode(x, sample=True)
     torch.testing.assert_close(z.std(), torch.tensor(1.0), atol=1e-4, rtol=0)
     _, result = trained_ldm
-    checkpoint = torch.load(result["checkpoint"], weights_only=False)
+    checkpoint = torch.load(result["checkpoint"], weights_only=True)
     scale = checkpoint["latent_scale_factor"]
     assert scale is not None and scale != 1.0
     loaded, _ = load_module(result["checkpoint"])
@@ -136,7 +136,7 @@ def test_scale_by_std_gives_unit_variance_latents_and_is_restored(autoencoder_ck
 
 def test_ldm_checkpoint_loads_without_the_stage1_file(trained_ldm, tmp_path, monkeypatch):
     _, result = trained_ldm
-    checkpoint = torch.load(result["checkpoint"], weights_only=False)
+    checkpoint = torch.load(result["checkpoint"], weights_only=True)
     assert checkpoint["autoencoder_config"]["model"]["_target_"] == "difflab.modules.AutoencoderModule"
     checkpoint["difflab"]["config"]["model"]["autoencoder_ckpt"] = str(tmp_path / "moved_or_deleted.ckpt")
     alone = tmp_path / "ldm.ckpt"
@@ -156,13 +156,13 @@ def test_ldm_checkpoint_loads_without_the_stage1_file(trained_ldm, tmp_path, mon
 
 def test_resume_keeps_the_scale_factor(trained_ldm, tmp_path):
     cfg, result = trained_ldm
-    first = torch.load(result["checkpoint"], weights_only=False)["latent_scale_factor"]
+    first = torch.load(result["checkpoint"], weights_only=True)["latent_scale_factor"]
     cfg.trainer.max_steps = 3
     cfg.ckpt_path = result["checkpoint"]
     cfg.paths.output_dir = str(tmp_path)
     cfg.callbacks.model_checkpoint.dirpath = str(tmp_path / "checkpoints")
     resumed = train(cfg)
-    checkpoint = torch.load(resumed["checkpoint"], weights_only=False)
+    checkpoint = torch.load(resumed["checkpoint"], weights_only=True)
     assert checkpoint["global_step"] == 3 and checkpoint["latent_scale_factor"] == first
 
 
@@ -247,7 +247,7 @@ def ddp_cpu_run(tmp_path: Path, *overrides: str) -> tuple[Path, dict]:
         timeout=400,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir, torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    return run_dir, torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
 
 
 def test_ddp_cpu_autoencoder(tmp_path):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from difflab.losses import DiffusionLoss, TimestepSampler, UniformTimestepSampler, full_chain_bpd
-from difflab.modules.optim import clip_gradients
+from difflab.modules.optim import check_optimizer, clip_gradients
 from difflab.modules.step_logging import log_train_step
 from difflab.samplers import AncestralSampler, DDIMSampler, Sampler, sample_loop
 from difflab.samplers.guidance import classifier_free_guidance
@@ -94,6 +94,7 @@ class DiffusionModule(pl.LightningModule):
         self.loss_fn.check(self.variance_type)
         self.timestep_sampler = (timestep_sampler or UniformTimestepSampler)(schedule.num_timesteps)
         self.sampler = self.build_sampler(sampler)
+        check_optimizer(optimizer, "model.optimizer")
         self._optimizer, self._lr_scheduler = optimizer, lr_scheduler
         self.sample_batch_size = sample_batch_size
         self.compile_mode = parse_enum(CompileMode, compile, "model.compile")
@@ -221,8 +222,14 @@ class DiffusionModule(pl.LightningModule):
 
         ``generator`` (on ``self.device``) makes the result reproducible. For a class-conditional model ``y``
         (num_samples,) gives the labels (default: all classes in turn) and ``guidance_scale`` the CFG weight w
-        (default: the model's).
+        (default: the model's); an unconditional model refuses a ``guidance_scale`` (it would be ignored).
         """
+        if guidance_scale is not None and not self.conditional:
+            raise ValueError(
+                f"guidance_scale={guidance_scale}: this checkpoint's model is unconditional (it has no classes), so "
+                "there is nothing to guide towards; classifier-free guidance needs a class-conditional model "
+                "(python src/train.py experiment=cfg) or a conditioned latent diffusion model"
+            )
         sampler = sampler or self.sampler
         if self.num_classes and y is None:
             y = torch.arange(num_samples) % self.num_classes
@@ -244,6 +251,11 @@ class DiffusionModule(pl.LightningModule):
     def condition(self, y: torch.Tensor | None, generator: torch.Generator | None = None) -> torch.Tensor | None:
         """Data labels → what ``model_fn`` takes as condition (the labels here; latent diffusion's conditioner)."""
         return y
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the network takes a condition (classes here; latent diffusion: a conditioner)."""
+        return bool(self.num_classes)
 
     @property
     def output_shape(self) -> tuple[int, ...]:

@@ -162,6 +162,10 @@ class LatentDiffusionModule(DiffusionModule):
         context, mask = self.conditioner(y)
         return self.net(x_t, t, context=context, context_mask=mask)
 
+    @property
+    def conditional(self) -> bool:
+        return self.conditioner is not None
+
     def condition(self, y: torch.Tensor | None, generator: torch.Generator | None = None) -> torch.Tensor | None:
         """Data labels y (B,) → the conditioner's condition (captions from templates for text conditioners)."""
         if self.conditioner is None or y is None:

@@ -103,7 +103,9 @@ class Sampler(abc.ABC):
         self.dynamic_threshold = dynamic_threshold
         if dynamic_threshold is not None and not 0.0 < dynamic_threshold <= 1.0:
             raise ValueError(f"sampler.dynamic_threshold={dynamic_threshold}: expected a percentile in (0, 1]")
-        self.num_steps = steps or diffusion.num_timesteps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"sampler.steps={steps!r}: expected a number of steps >= 1 (or null: all T steps)")
+        self.num_steps = diffusion.num_timesteps if steps is None else steps
         self.timesteps = torch.empty(0, dtype=torch.long)
         self.set_timesteps(self.num_steps)
 
@@ -113,7 +115,7 @@ class Sampler(abc.ABC):
 
     def set_timesteps(self, num_steps: int | None = None) -> None:
         """Choose the sub-sequence of [0, T) to visit; ``self.timesteps`` becomes it in descending order."""
-        num_steps = num_steps or self.num_steps
+        num_steps = self.num_steps if num_steps is None else num_steps  # 0 is an error, not "the default"
         ascending = spaced_timesteps(self.num_timesteps, num_steps, self.spacing)
         self.timesteps = ascending.flip(0)
         self._index = {int(t): i for i, t in enumerate(ascending.tolist())}

@@ -12,8 +12,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from difflab.callbacks import RankSeedCallback, RunRecord
+from difflab.callbacks import RunRecord, TrainingRandomState
 from difflab.modules import read_run_record
+from difflab.utils.checkpoint_io import AtomicCheckpointIO, checkpoints_trusted, trusted_checkpoints
 from difflab.utils.config import instantiate_group
 from difflab.utils.images import image_grid, save_grid, save_npz
 from difflab.utils.loggers import finish_loggers, log_image, resume_logger_kwargs
@@ -22,12 +23,13 @@ log = logging.getLogger(__name__)
 
 
 def _resume_overrides(cfg: DictConfig, ckpt_path: str | None) -> dict[str, dict[str, Any]]:
-    """Logger kwargs that continue the logger runs recorded in ``ckpt_path`` (validates the file early)."""
+    """Logger kwargs that continue the logger runs recorded in ``ckpt_path`` (validates the file early, before
+    anything is built, and opens it safely: see :mod:`difflab.utils.checkpoint_io`)."""
     if not ckpt_path:
         return {}
-    record = read_run_record(ckpt_path)
+    record = read_run_record(ckpt_path, "ckpt_path")
     return {
-        entry._target_: resume_logger_kwargs(entry._target_, record.get("loggers", []))
+        entry._target_: resume_logger_kwargs(entry._target_, record.get("loggers", []), record["global_step"])
         for entry in (cfg.get("logger") or {}).values()
         if entry is not None
     }
@@ -45,14 +47,20 @@ def write_samples(module: Any, cfg: DictConfig, out_dir: Path, loggers: list[Any
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit the configured model; returns the final metrics (floats) and the paths written."""
+    """Fit the configured model; returns the final metrics (floats) and the paths written. Checkpoints
+    (``ckpt_path``, ``model.autoencoder_ckpt``) are opened safely unless ``trust_checkpoint``."""
+    with trusted_checkpoints(cfg.get("trust_checkpoint", False)):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = cfg.get("ckpt_path")
     logger_overrides = _resume_overrides(cfg, ckpt_path)
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     model: pl.LightningModule = instantiate(cfg.model)
     run_config = OmegaConf.to_container(cfg, resolve=True)
-    callbacks = [*instantiate_group(cfg.get("callbacks")), RunRecord(run_config), RankSeedCallback(cfg.seed)]
+    callbacks = [*instantiate_group(cfg.get("callbacks")), RunRecord(run_config), TrainingRandomState(cfg.seed)]
     loggers = instantiate_group(cfg.get("logger"), logger_overrides)
     if not loggers:  # LearningRateMonitor refuses to run without a logger; `logger=none` is a valid choice
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -63,10 +71,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # e.g. the autoencoder: its discriminator takes no part in a step before disc_start, and the discriminator
         # step leaves the autoencoder out; plain DDP stops at the first step with an "unused parameters" error
         extra["strategy"] = "ddp_find_unused_parameters_true"
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
+    plugins = [AtomicCheckpointIO()]  # a kill or a full disk never leaves a partial checkpoint
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, **extra
+    )
     for logger in loggers:
         logger.log_hyperparams(run_config)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not checkpoints_trusted())
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("test"):
         trainer.test(model, datamodule=datamodule, verbose=False)
