@@ -54,9 +54,9 @@ def model_log_variance(
     FIXED_SMALL: ``log_variance_small`` = log β̃ (clipped at the first step);
     FIXED_LARGE: ``log_variance_large`` = log β with β̃_1 in place of β at the first step (a better decoder L_0);
     LEARNED_RANGE: v log β + (1 − v) log β̃ with v = (output + 1)/2 (Nichol & Dhariwal eq. 15), where the upper
-    end is ``log_betas``, the *unclipped* log β: at the first step it is log β_1, not log β̃_1 as in the fixed_large
-    array (otherwise both ends are log β̃_1 there and the variance output is ignored, as improved-diffusion's
-    ``max_log = log(betas)``).
+    end is ``log_betas``, the *unclipped* log β (improved-diffusion's ``max_log = log(betas)``): at t = 0 it is
+    log β_0, not the fixed_large array's log β̃_1 (with that, both ends are log β̃_1 at t = 0 and the variance
+    output is ignored there: a wrong decoder L_0 and no gradient for it).
     """
     if variance_type is VarianceType.FIXED_SMALL:
         return log_variance_small
