@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         "spacing": args.spacing,
     }
     if args.update:
-        payload = merged(out / f"results{suffix}.json", payload, module.num_timesteps)
+        payload = merged(out / f"results{suffix}.json", payload, module.diffusion.num_timesteps)
     write_json(out / f"results{suffix}.json", payload)
     table, steps = payload["table"], payload["steps"]
     plot(table, steps, out / f"fid_vs_steps{suffix}.png")
@@ -109,10 +109,11 @@ def merged(path: Path, new: dict, num_timesteps: int) -> dict:
     for key in ("global_step", "num_samples", "num_real", "steps"):
         if old[key] != new[key]:
             raise ValueError(f"--update: {path.name} has {key}={old[key]!r}, this run {new[key]!r}")
+    spacing = old.get("spacing", "leading")  # the default of the runs written before the key
     for steps in new["steps"]:
-        before, now = (spaced_timesteps(num_timesteps, steps, r["spacing"]).tolist() for r in (old, new))
+        before, now = (spaced_timesteps(num_timesteps, steps, s).tolist() for s in (spacing, new["spacing"]))
         if before != now:
-            raise ValueError(f"--update: spacing {old['spacing']} and {new['spacing']} differ at S={steps}")
+            raise ValueError(f"--update: spacing {spacing} and {new['spacing']} differ at S={steps}")
     table = {name: {int(s): v for s, v in row.items()} for name, row in old["table"].items()}
     table.update(new["table"])
     rerun = {**old.get("rerun", {}), **{name: time.strftime("%Y-%m-%d") for name in new["table"]}}
