@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -15,6 +16,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, open_dict
 
 from difflab.modules import DiffusionModule
@@ -62,6 +64,28 @@ def tiny_diffusion_module(num_timesteps: int = 50, **kwargs) -> DiffusionModule:
     )
     module.log = lambda *args, **kw: None
     return module
+
+
+def perturb_weights(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> None:
+    """Add seeded N(0, scale²) noise to every parameter: moves a fresh model off its zero-initialised output layer
+    (whose ε̂ is exactly 0, with gradients only in that layer), or stands in for an optimizer step."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_((torch.randn(p.shape, generator=generator) * scale).to(p.device))
+
+
+@contextlib.contextmanager
+def raises_in_config(error: type[Exception], match: str):
+    """``pytest.raises(error, match=...)`` for an error raised while ``hydra.utils.instantiate`` builds an object:
+    Hydra wraps it in an InstantiationException that keeps the message, so the type is checked on the original
+    error (the ``__cause__`` chain)."""
+    with pytest.raises((error, InstantiationException), match=match) as info:
+        yield info
+    cause = info.value
+    while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    assert isinstance(cause, error), f"expected {error.__name__}, got {type(cause).__name__}: {cause}"
 
 
 def load_bench():

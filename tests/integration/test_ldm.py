@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -13,7 +14,7 @@ from hydra.utils import instantiate
 from difflab.modules import LatentDiffusionModule, load_autoencoder, load_module
 from difflab.tasks.sample import sample
 from difflab.tasks.train import train
-from tests.conftest import TINY, compose_config, run_cli
+from tests.conftest import TINY, bare_trainer, compose_config, raises_in_config, run_cli
 
 AE_TINY = [
     "data=digits",
@@ -73,6 +74,19 @@ def test_autoencoder_trains_fused_with_clipping_in_bf16(tmp_path):
     assert cfg.model.optimizer.fused and cfg.model.disc_optimizer.fused and cfg.model.gradient_clip_val
     metrics = train(cfg)["metrics"]
     assert np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["train/d_loss"])
+
+    class GradientNorms(pl.Callback):  # the norm each optimizer steps with (after the module's clipping)
+        def __init__(self) -> None:
+            self.norms: list[float] = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            grads = [p.grad.float() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            self.norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    cfg.model.gradient_clip_val = 1e-3  # far below the gradients' own norm, so every step is clipped to it
+    module, datamodule, norms = instantiate(cfg.model), instantiate(cfg.data), GradientNorms()
+    bare_trainer(precision="bf16-mixed", max_steps=4, callbacks=[norms]).fit(module, datamodule)
+    assert len(norms.norms) == 4 and all(n == pytest.approx(1e-3, rel=1e-2) for n in norms.norms), norms.norms
 
 
 def test_stage1_checkpoint_loads_frozen(autoencoder_ckpt):
@@ -167,21 +181,33 @@ def test_resume_keeps_the_scale_factor(trained_ldm, tmp_path):
 
 
 def test_sample_from_a_prompt(trained_ldm, tmp_path):
+    """The prompt reaches the network: two prompts, the same seed, different images. The 2-step checkpoint's
+    weights are perturbed first (its zero-initialised output layer barely depends on the context yet)."""
     _, result = trained_ldm
-    cfg = compose_config(
-        [
-            "ckpt=" + result["checkpoint"],
-            "num_samples=3",
-            "prompt=a photo of a handwritten seven",
-            "guidance_scale=2",
-            "sampler=ddim",
-            "sampler.steps=4",
-        ],
-        tmp_path,
-        config_name="sample",
-    )
-    out = sample(cfg)
-    assert np.load(out["npz"])["arr_0"].shape == (3, 16, 16, 1)
+    checkpoint = torch.load(result["checkpoint"], weights_only=False)
+    generator = torch.Generator().manual_seed(0)
+    for key, value in checkpoint["state_dict"].items():
+        if key.startswith(("net.", "conditioner.")) and value.is_floating_point():
+            value.add_(torch.randn(value.shape, generator=generator) * 0.1)
+    torch.save(checkpoint, tmp_path / "perturbed.ckpt")
+    images = {}
+    for prompt in ("a photo of a handwritten seven", "a photo of a handwritten two"):
+        cfg = compose_config(
+            [
+                f"ckpt={tmp_path / 'perturbed.ckpt'}",
+                "num_samples=3",
+                f"prompt={prompt}",
+                "guidance_scale=2",
+                "sampler=ddim",
+                "sampler.steps=4",
+            ],
+            tmp_path / prompt.split()[-1],
+            config_name="sample",
+        )
+        images[prompt] = np.load(sample(cfg)["npz"])["arr_0"].astype(int)
+    seven, two = images.values()
+    assert seven.shape == (3, 16, 16, 1)
+    assert np.abs(seven - two).max() > 4  # the same seed: identical if the prompt were ignored (13 here)
 
 
 def test_guidance_in_latent_space_uses_the_null_caption(trained_ldm):
@@ -214,16 +240,16 @@ def test_ldm_training_drops_conditions_to_the_null_caption(autoencoder_ckpt, tin
 
 
 def test_missing_or_wrong_autoencoder_checkpoint_fails_at_construction(tiny_cfg, tmp_path):
-    with pytest.raises(Exception, match="experiment=autoencoder_kl_f4"):
+    with raises_in_config(FileNotFoundError, match="experiment=autoencoder_kl_f4"):
         instantiate(tiny_cfg("model=ldm", "model.autoencoder_ckpt=null").model)
-    with pytest.raises(Exception, match="no such file"):
+    with raises_in_config(FileNotFoundError, match="no such file"):
         instantiate(tiny_cfg("model=ldm", f"model.autoencoder_ckpt={tmp_path / 'nope.ckpt'}").model)
-    with pytest.raises(Exception, match="no shipped checkpoint"):
+    with raises_in_config(FileNotFoundError, match="no shipped checkpoint"):
         instantiate(tiny_cfg("model=ldm", "model.autoencoder_ckpt=shipped:nothing").model)
 
 
 def test_autoencoder_of_other_data_is_refused(autoencoder_ckpt, tiny_cfg):
-    with pytest.raises(Exception, match="trained on images of shape"):
+    with raises_in_config(ValueError, match="trained on images of shape"):
         instantiate(tiny_cfg("model=ldm", f"model.autoencoder_ckpt={autoencoder_ckpt}", "data.image_size=32").model)
 
 

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from difflab.modules import DiffusionModule
 from difflab.utils.speed import CompileMode
-from tests.conftest import bare_trainer, tiny_diffusion_module
+from tests.conftest import bare_trainer, perturb_weights, tiny_diffusion_module
 
 module = tiny_diffusion_module
 
@@ -26,17 +26,21 @@ def loss_and_grads(m: DiffusionModule, x: torch.Tensor) -> tuple[torch.Tensor, l
 
 
 def assert_same_path(plain: DiffusionModule, fast: DiffusionModule) -> None:
+    perturb_weights(plain)  # off the zero output layer: otherwise ε̂ = 0 and only its 2 tensors get gradients
     fast.load_state_dict(plain.state_dict())
     assert plain.state_dict().keys() == fast.state_dict().keys()  # checkpoints move freely between the two
     x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     loss_a, grads_a = loss_and_grads(plain, x)
     loss_b, grads_b = loss_and_grads(fast, x)
+    assert all(g.abs().max() > 0 for g in grads_a)  # every parameter is compared through a non-zero gradient
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads_a, grads_b, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     plain.eval(), fast.eval()
     samples = [m.sample(2, generator=torch.Generator().manual_seed(2), num_steps=5) for m in (plain, fast)]
     torch.testing.assert_close(samples[1], samples[0], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # and the network's output, which the samples depend on, is not the all-zero one
+        assert plain(x, torch.tensor([0, 10, 25, 49])).abs().mean() > 0.01
 
 
 def test_channels_last_is_the_plain_path():
@@ -132,9 +136,7 @@ def test_sample_precision_autocasts_the_network_only():
     """model.sample_precision=bf16-mixed: the network runs under bf16 autocast in sample(), the sampler's arithmetic
     in fp32; the samples stay within bf16 rounding of the fp32 ones (same weights, same noise)."""
     plain, fast = module(), module(sample_precision="bf16-mixed")
-    with torch.no_grad():  # weights away from the zero-initialised output layer, so that ε̂ is not 0
-        for p in plain.net.parameters():
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    perturb_weights(plain.net)  # weights away from the zero-initialised output layer, so that ε̂ is not 0
     fast.load_state_dict(plain.state_dict())
     dtypes = {}
 
