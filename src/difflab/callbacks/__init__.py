@@ -1,4 +1,4 @@
-"""Lightning callbacks: EMA, checkpoints, run record, per-rank seeds, sample grids, metrics."""
+"""Lightning callbacks: EMA, checkpoints, run record, per-rank seeds, sample grids, metrics, throughput."""
 
 from difflab.callbacks.checkpoint import ModelCheckpoint
 from difflab.callbacks.ema import EMA
@@ -8,6 +8,7 @@ from difflab.callbacks.reconstruction_metrics import ReconstructionMetricsCallba
 from difflab.callbacks.run_record import RunRecord
 from difflab.callbacks.sample_grid import SampleGridCallback
 from difflab.callbacks.seeding import RankSeedCallback
+from difflab.callbacks.throughput import TrainThroughput
 
 __all__ = [
     "EMA",
@@ -18,4 +19,5 @@ __all__ = [
     "ReconstructionMetricsCallback",
     "RunRecord",
     "SampleGridCallback",
+    "TrainThroughput",
 ]
