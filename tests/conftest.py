@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from difflab.modules import DiffusionModule
-from difflab.networks import UNet
+from difflab.networks import DiT, UNet
 from difflab.schedules import GaussianDiffusion
 from difflab.utils.config import register_resolvers
 
@@ -45,14 +45,23 @@ TINY = [
     "samples.num_samples=4",
 ]
 
+# The same with net=dit_tiny at half its width (2 blocks of width 32, 2 heads, 2x2 patches).
+TINY_DIT = [o for o in TINY if not o.startswith("net")] + ["net=dit_tiny", "net.hidden_size=32", "net.num_heads=2"]
+
 register_resolvers()
 
-
-def tiny_diffusion_module(num_timesteps: int = 50, **kwargs) -> DiffusionModule:
-    """A seeded DDPM on 1x8x8 images with a 2-level, 16-channel UNet, outside any Trainer (``log`` is a no-op)."""
-    net = functools.partial(
+TINY_NETS = {
+    "unet": functools.partial(
         UNet, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,), num_groups=8
-    )
+    ),
+    "dit": functools.partial(DiT, patch_size=2, hidden_size=32, depth=2, num_heads=2, frequency_size=32),
+}
+
+
+def tiny_diffusion_module(num_timesteps: int = 50, net: str = "unet", **kwargs) -> DiffusionModule:
+    """A seeded DDPM on 1x8x8 images with a 2-level, 16-channel UNet (``net="dit"``: a 2-block, 32-wide DiT),
+    outside any Trainer (``log`` is a no-op)."""
+    net = TINY_NETS[net]
     torch.manual_seed(0)
     module = DiffusionModule(
         net=net,
