@@ -73,12 +73,25 @@ def tiny_diffusion_module(num_timesteps: int = 50, net: str = "unet", **kwargs) 
     return module
 
 
+def load_experiment(name: str):
+    """``experiments/<name>.py`` as a module (the scripts are not part of the package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_bench():
-    """``experiments/bench.py`` as a module (the script is not part of the package)."""
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "experiments" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    """``experiments/bench.py`` as a module."""
+    return load_experiment("bench")
+
+
+def cli_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """Assert that a ``run_cli`` process exited 0, showing the ends of its output otherwise."""
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+    )
+    return proc
 
 
 def bare_trainer(**kwargs) -> pl.Trainer:

@@ -1,4 +1,5 @@
-"""The DiT in every model (DDPM, iDDPM with learned variances, CFG; latent diffusion: tests/integration/test_ldm.py),
+"""The DiT in every model (DDPM, iDDPM with learned variances and L_hybrid or L_vlb, CFG; latent diffusion:
+tests/integration/test_ldm.py),
 the README's commands with it, and multirun sweeps with their summary table."""
 
 from __future__ import annotations
@@ -12,25 +13,19 @@ from hydra.utils import instantiate
 from difflab.modules import load_module
 from difflab.tasks.train import train
 from tests.conftest import TINY_DIT, compose_config, run_cli
+from tests.conftest import cli_ok as _ok
 
 
-@pytest.mark.parametrize("model", ["ddpm", "iddpm", "cfg"])
+@pytest.mark.parametrize("model", ["ddpm", "iddpm", "iddpm_vlb", "cfg"])
 def test_fast_dev_run_with_a_dit(model, tmp_path):
     cfg = compose_config([*TINY_DIT, f"model={model}", "debug=fast"], tmp_path)
     module = instantiate(cfg.model)
     assert type(module.net).__name__ == "DiT"
-    assert module.net.out_channels == (2 if model == "iddpm" else 1)  # learned Σ: 2C outputs
+    assert module.net.out_channels == (2 if model.startswith("iddpm") else 1)  # learned Σ: 2C outputs
     assert (module.net.embed.class_table is not None) == (model == "cfg")  # class embedding + null class
     result = train(cfg)
     assert np.isfinite(result["metrics"]["train/loss"])
     assert np.load(result["npz"])["arr_0"].shape == (4, 16, 16, 1)
-
-
-def _ok(proc):
-    assert proc.returncode == 0, (
-        f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
-    )
-    return proc
 
 
 # the README's `python src/train.py net=dit_s2` with tiny sizes substituted (digits, 2 images a batch, one step)

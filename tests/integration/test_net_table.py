@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_experiment
 
 
 def test_readme_holds_the_generated_net_table():
-    spec = importlib.util.spec_from_file_location("net_table", ROOT / "experiments" / "net_table.py")
-    net_table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(net_table)
+    net_table = load_experiment("net_table")
     generated = net_table.table()
     readme = (ROOT / "README.md").read_text()
     assert net_table.readme_with_table(readme, generated) == readme, "run: python experiments/net_table.py --write"
