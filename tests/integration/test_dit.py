@@ -1,6 +1,5 @@
 """The DiT in every model (DDPM, iDDPM with learned variances and L_hybrid or L_vlb, CFG; latent diffusion:
-tests/integration/test_ldm.py),
-the README's commands with it, and multirun sweeps with their summary table."""
+tests/integration/test_ldm.py), the README's commands with it, and multirun sweeps with their summary table."""
 
 from __future__ import annotations
 
