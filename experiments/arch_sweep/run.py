@@ -136,6 +136,10 @@ def run_sweep(scale: str, space: str) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
+def _relative(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
+
+
 def results(scale: str) -> list[dict[str, Any]]:
     """One record per job of both spaces, from the sweeps' run summaries."""
     records = []
@@ -159,34 +163,71 @@ def results(scale: str) -> list[dict[str, Any]]:
                     "fid": metrics.get("final/fid_fmnist_cls"),
                     "kid": metrics.get("final/kid_fmnist_cls"),
                     "val_loss": metrics.get("val/loss"),
-                    "job_dir": str(sweep_dir(scale, space) / row["job"]),
+                    "job_dir": _relative(sweep_dir(scale, space) / row["job"]),
                 }
             )
     return records
 
 
 def plot(records: list[dict[str, Any]], x_key: str, x_label: str, path: Path, title: str) -> None:
+    """FID against ``x_key`` (log scale): colour = space, triangle = DiT, circle = UNet; dashed lines join the DiTs
+    of one width in a space (their patch sizes), the paper's "smaller patches, more Gflops" axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     colors = {"pixel": "tab:blue", "latent": "tab:orange"}
-    for r in records:
-        if r["fid"] is None or r[x_key] is None:
-            continue
+    done = [r for r in records if r["fid"] is not None and r[x_key] is not None]
+    for r in done:
         ax.scatter(r[x_key], r["fid"], color=colors[r["space"]], marker="^" if r["family"] == "DiT" else "o", s=45)
         ax.annotate(r["net"], (r[x_key], r["fid"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     for space, color in colors.items():
+        widths = {r["net"].rstrip("0123456789") for r in done if r["space"] == space and r["family"] == "DiT"}
+        for width in widths:
+            line = sorted((r[x_key], r["fid"]) for r in done if r["space"] == space and r["net"][:-1] == width)
+            ax.plot(*zip(*line, strict=True), color=color, linestyle="--", linewidth=0.8)
         ax.scatter([], [], color=color, label=f"{space} (triangle: DiT, circle: UNet)")
     ax.set_xscale("log")
+    xs = [r[x_key] for r in done]
+    if xs:
+        ticks = [m * 10.0**e for e in range(-4, 5) for m in (1, 2, 5) if min(xs) / 1.5 <= m * 10.0**e <= max(xs) * 1.5]
+        ax.set_xticks(ticks)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(x_label)
     ax.set_ylabel("FID (fmnist_cls features) ↓")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def sample_figure(records: list[dict[str, Any]], path: Path) -> None:
+    """Each job's final sample grid (``samples/samples.png``, EMA weights, the study's sampler), a row per space."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spaces = list(dict.fromkeys(r["space"] for r in records))
+    cols = max(sum(r["space"] == s for r in records) for s in spaces)
+    fig, axes = plt.subplots(len(spaces), cols, figsize=(2.2 * cols, 2.4 * len(spaces)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, space in enumerate(spaces):
+        rows = sorted((r for r in records if r["space"] == space), key=lambda r: r["gflops_per_forward"] or 0.0)
+        for j, r in enumerate(rows):
+            grid = ROOT / r["job_dir"] / "samples" / "samples.png"
+            if grid.is_file():
+                axes[i, j].imshow(plt.imread(grid), cmap="gray")
+            fid = "" if r["fid"] is None else f", FID {r['fid']:.1f}"
+            axes[i, j].set_title(f"{space}: {r['net']}{fid}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
@@ -214,12 +255,13 @@ def report(scale: str) -> None:
     records = results(scale)
     label = "CPU scale" if scale == "cpu" else "GPU"
     write_json(OUT / f"results_{scale}.json", {"hardware": hardware(), "records": records})
-    steps = next(o for o in COMMON[scale] if o.startswith("trainer.max_steps=")).split("=")[1]
-    budget = f"{label}: every net {steps} steps"
+    setting = dict(o.split("=", 1) for o in COMMON[scale] if "=" in o)
+    budget = f"{label}: every net {setting['trainer.max_steps']} steps of {setting['data.batch_size']}"
     x_gflops = "Gflops per forward (multiply-adds, DiT's count)"
     plot(records, "gflops_per_forward", x_gflops, OUT / f"fid_vs_gflops_{scale}.png", f"{budget}: FID vs Gflops")
     x_compute = "training compute (Tflops = Gflops x 3 x training images)"
     plot(records, "train_tflops", x_compute, OUT / f"fid_vs_compute_{scale}.png", f"{budget}: FID vs compute")
+    sample_figure(records, OUT / f"samples_{scale}.png")
     print(table(records))
     print(json.dumps({"commands": {s: " ".join(sweep_command(scale, s)) for s in SPACES[scale]}}, indent=2))
 
