@@ -20,7 +20,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, open_dict
 
 from difflab.modules import DiffusionModule
-from difflab.networks import UNet
+from difflab.networks import DiT, UNet
 from difflab.schedules import GaussianDiffusion
 from difflab.utils.config import register_resolvers
 
@@ -47,14 +47,23 @@ TINY = [
     "samples.num_samples=4",
 ]
 
+# The same with net=dit_tiny at half its width (2 blocks of width 32, 2 heads, 2x2 patches).
+TINY_DIT = [o for o in TINY if not o.startswith("net")] + ["net=dit_tiny", "net.hidden_size=32", "net.num_heads=2"]
+
 register_resolvers()
 
-
-def tiny_diffusion_module(num_timesteps: int = 50, **kwargs) -> DiffusionModule:
-    """A seeded DDPM on 1x8x8 images with a 2-level, 16-channel UNet, outside any Trainer (``log`` is a no-op)."""
-    net = functools.partial(
+TINY_NETS = {
+    "unet": functools.partial(
         UNet, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,), num_groups=8
-    )
+    ),
+    "dit": functools.partial(DiT, patch_size=2, hidden_size=32, depth=2, num_heads=2, frequency_size=32),
+}
+
+
+def tiny_diffusion_module(num_timesteps: int = 50, net: str = "unet", **kwargs) -> DiffusionModule:
+    """A seeded DDPM on 1x8x8 images with a 2-level, 16-channel UNet (``net="dit"``: a 2-block, 32-wide DiT),
+    outside any Trainer (``log`` is a no-op)."""
+    net = TINY_NETS[net]
     torch.manual_seed(0)
     module = DiffusionModule(
         net=net,
@@ -88,12 +97,25 @@ def raises_in_config(error: type[Exception], match: str):
     assert isinstance(cause, error), f"expected {error.__name__}, got {type(cause).__name__}: {cause}"
 
 
+def load_experiment(name: str):
+    """``experiments/<name>.py`` as a module (the scripts are not part of the package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_bench():
-    """``experiments/bench.py`` as a module (the script is not part of the package)."""
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "experiments" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    """``experiments/bench.py`` as a module."""
+    return load_experiment("bench")
+
+
+def cli_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """Assert that a ``run_cli`` process exited 0, showing the ends of its output otherwise."""
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+    )
+    return proc
 
 
 def bare_trainer(**kwargs) -> pl.Trainer:

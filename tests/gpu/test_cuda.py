@@ -48,10 +48,14 @@ def fused_module(**kwargs):
     return tiny_diffusion_module(num_timesteps=20, optimizer=adam, **kwargs).to(DEVICE)
 
 
+NETS = pytest.mark.parametrize("net", ["unet", "dit"])
+
+
 @pytest.mark.parametrize("kwargs", [{}, {"num_classes": 3, "p_uncond": 0.1}], ids=["ddpm", "cfg"])
-def test_training_step_never_syncs(kwargs):
+@NETS
+def test_training_step_never_syncs(kwargs, net):
     """Forward, loss, backward, clipping, the fused Adam step and the EMA update, in bf16 autocast."""
-    m = fused_module(**kwargs)
+    m = fused_module(net=net, **kwargs)
     opt = m.configure_optimizers()
     opt = opt["optimizer"] if isinstance(opt, dict) else opt
     ema = EMA(decay=0.9)
@@ -98,8 +102,9 @@ def test_nonfinite_guard_and_training_random_stream_never_sync(action):
 
 
 @pytest.mark.parametrize("sampler", [AncestralSampler, functools.partial(DDIMSampler, steps=5, eta=0.5)])
-def test_sampler_steps_never_sync(sampler):
-    m = fused_module().eval()
+@NETS
+def test_sampler_steps_never_sync(sampler, net):
+    m = fused_module(net=net).eval()
     built = m.build_sampler(sampler)
     built.set_timesteps()
     timesteps = built.timesteps.tolist()  # planned once per run, on the host
@@ -117,10 +122,11 @@ class _LoaderKind(pl.Callback):
         self.loader = trainer.train_dataloader
 
 
-def test_gpu_run_with_every_lever():
+@NETS
+def test_gpu_run_with_every_lever(net):
     """bf16-mixed, clipping with fused Adam, channels_last, compile with CUDA graphs, the EMA callback, the data set
     gathered on the device (data.on_device=auto): a short fit, then sampling through the compiled network."""
-    m = fused_module(compile="reduce-overhead", channels_last=True)
+    m = fused_module(compile="reduce-overhead", channels_last=True, net=net)
     dm = DigitsDataModule(image_size=8, batch_size=16)
     kind = _LoaderKind()
     trainer = bare_trainer(
@@ -142,11 +148,12 @@ def test_gpu_run_with_every_lever():
         assert samples.shape == (n, 1, 8, 8) and torch.isfinite(samples).all()
 
 
-def test_bench_accuracy_bf16():
+@pytest.mark.parametrize("net", ["unet_s", "dit_s4"])
+def test_bench_accuracy_bf16(net):
     """The benchmark's own verdict on this device: bf16 + channels_last + fused Adam against strict fp32."""
     bench = load_bench()
     args = bench.parse_args(
-        f"--net unet_s --device {DEVICE} --precision bf16 --batch-size 16 --image-size 32 --channels 3 "
+        f"--net {net} --device {DEVICE} --precision bf16 --batch-size 16 --image-size 32 --channels 3 "
         "--channels-last --fused-optimizer --accuracy-steps 50".split()
     )
     acc = bench.accuracy(args, torch.device(DEVICE))

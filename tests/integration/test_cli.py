@@ -7,13 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY, run_cli
-
-
-def _ok(proc):
-    assert proc.returncode == 0, (
-        f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
-    )
-    return proc
+from tests.conftest import cli_ok as _ok
 
 
 def test_cfg_job_prints_resolved_config(tmp_path):

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from difflab.modules import LatentDiffusionModule, load_autoencoder, load_module
 from difflab.tasks.sample import sample
 from difflab.tasks.train import train
-from tests.conftest import TINY, bare_trainer, compose_config, raises_in_config, run_cli
+from tests.conftest import TINY, TINY_DIT, bare_trainer, compose_config, raises_in_config, run_cli
 
 AE_TINY = [
     "data=digits",
@@ -111,6 +111,19 @@ def test_fast_dev_run_ldm_with_each_conditioner(conditioner, autoencoder_ckpt, t
     assert np.isfinite(result["metrics"]["train/loss"])
     images = np.load(result["npz"])["arr_0"]
     assert images.shape == (4, 16, 16, 1)  # decoded to pixel space
+
+
+@pytest.mark.parametrize("conditioner", ["class", "text_transformer"])
+def test_fast_dev_run_ldm_with_a_dit(conditioner, autoencoder_ckpt, tiny_cfg):
+    """net=dit_*: every block cross-attends to the conditioner's context (PixArt-α), padded tokens masked."""
+    overrides = [*TINY_DIT, "model=ldm", f"conditioner={conditioner}", f"model.autoencoder_ckpt={autoencoder_ckpt}"]
+    cfg = compose_config([*overrides, "debug=fast"], tiny_cfg().paths.output_dir)
+    module = instantiate(cfg.model)
+    assert type(module.net).__name__ == "DiT" and module.net.context_dim == module.conditioner.context_dim
+    assert all(block.cross_attn is not None for block in module.net.blocks)
+    result = train(cfg)
+    assert np.isfinite(result["metrics"]["train/loss"])
+    assert np.load(result["npz"])["arr_0"].shape == (4, 16, 16, 1)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,11 @@ def test_train_writes_checkpoint_samples_and_record(trained):
     assert checkpoint["difflab"]["loggers"][0]["class"] == "CSVLogger"
     ema, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
     assert any(not torch.equal(ema[k], raw[k]) for k in ema)
+    summary = json.loads((Path(cfg.paths.output_dir) / "run_summary.json").read_text())  # what sweep tables read
+    assert summary["status"] == "ok" and summary["metrics"]["train/loss"] == result["metrics"]["train/loss"]
+    assert summary["params"] == sum(p.numel() for p in load_module(ckpt)[0].net.parameters())
+    assert summary["gflops_per_forward"] > 0 and summary["train_images"] == 3 * cfg.data.batch_size
+    assert summary["wall_time_s"] > 0 and summary["train_images_per_s"] is None  # 3 steps < the clock's warm-up
 
 
 def test_resume_continues_step_ema_optimizer_and_logger_run(trained, tiny_cfg, tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from difflab.callbacks import TrainThroughput
 from difflab.losses import DiffusionLoss, LossAwareTimestepSampler
 from difflab.samplers import AncestralSampler, DDIMSampler
 from tests.conftest import bare_trainer, tiny_diffusion_module
@@ -64,8 +65,9 @@ def test_the_detector_sees_syncs():
     ],
     ids=["ddpm", "cfg", "iddpm_importance"],
 )
-def test_training_step_has_no_host_sync(kwargs):
-    m = module(**kwargs)
+@pytest.mark.parametrize("net", ["unet", "dit"])
+def test_training_step_has_no_host_sync(kwargs, net):
+    m = module(net=net, **kwargs)
     batch = (torch.rand(4, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 0]))
     for _ in range(3):
         with HostSyncs() as syncs:
@@ -74,8 +76,9 @@ def test_training_step_has_no_host_sync(kwargs):
 
 
 @pytest.mark.parametrize("sampler", [AncestralSampler, functools.partial(DDIMSampler, steps=5, eta=0.5)])
-def test_sampler_steps_have_no_host_sync(sampler):
-    m = module().eval()
+@pytest.mark.parametrize("net", ["unet", "dit"])
+def test_sampler_steps_have_no_host_sync(sampler, net):
+    m = module(net=net).eval()
     built = m.build_sampler(sampler)
     built.set_timesteps()  # once per run, as sample_loop does: plans the steps on the host
     timesteps = built.timesteps.tolist()
@@ -98,7 +101,8 @@ def fit_syncs(steps: int, nonfinite: str = "stop") -> list[str]:
 
     m = module(optimizer=functools.partial(torch.optim.Adam, fused=True))  # foreach Adam reads its CPU step counts
     m.log = pl.LightningModule.log.__get__(m)  # the real one (the test helper mutes it)
-    callbacks = [NonFiniteGuard(nonfinite), TrainingRandomState(0)]
+    # with the throughput clock every run has (it syncs the device only at the start, around validation, at the end)
+    callbacks = [NonFiniteGuard(nonfinite), TrainingRandomState(0), TrainThroughput(warmup_steps=1)]
     trainer = bare_trainer(max_epochs=1, log_every_n_steps=1000, enable_progress_bar=True, callbacks=callbacks)
     data = TensorDataset(torch.rand(4 * steps, 1, 8, 8) * 2 - 1, torch.zeros(4 * steps, dtype=torch.long))
     with warnings.catch_warnings(), HostSyncs() as syncs:

@@ -1,5 +1,5 @@
 """Lightning callbacks: EMA, checkpoints, run record, the training random stream, the non-finite guard, sample grids,
-metrics."""
+metrics, throughput."""
 
 from difflab.callbacks.checkpoint import ModelCheckpoint
 from difflab.callbacks.ema import EMA
@@ -10,6 +10,7 @@ from difflab.callbacks.reconstruction_metrics import ReconstructionMetricsCallba
 from difflab.callbacks.run_record import RunRecord
 from difflab.callbacks.sample_grid import SampleGridCallback
 from difflab.callbacks.seeding import TrainingRandomState
+from difflab.callbacks.throughput import TrainThroughput
 
 __all__ = [
     "EMA",
@@ -21,5 +22,6 @@ __all__ = [
     "ReconstructionMetricsCallback",
     "RunRecord",
     "SampleGridCallback",
+    "TrainThroughput",
     "TrainingRandomState",
 ]

@@ -18,6 +18,7 @@ from difflab.samplers import AncestralSampler, DDIMSampler, Sampler, sample_loop
 from difflab.samplers.guidance import classifier_free_guidance
 from difflab.schedules import GaussianDiffusion, Parameterization, VarianceType
 from difflab.utils.enums import parse_enum
+from difflab.utils.flops import gflops_per_forward
 from difflab.utils.speed import CompileMode, autocast_dtype, compile_in_place
 
 
@@ -130,6 +131,20 @@ class DiffusionModule(pl.LightningModule):
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """The network call; subclasses change how the condition reaches the network."""
         return self.net(self.net_input(x_t), t, y if self.num_classes else None)
+
+    @torch.no_grad()
+    def gflops_per_forward(self) -> float:
+        """Billions of multiply-adds of one network evaluation per image, DiT's "Gflops": the denoiser on x_t of the
+        diffusion space (latents for latent diffusion, whose conditioner counts and frozen autoencoder does not),
+        under the null condition. Counted in eval mode (no dropout draws from the RNG)."""
+        x_t = torch.zeros(1, *self.image_shape, device=self.device)
+        t = torch.zeros(1, dtype=torch.long, device=self.device)
+        was_training = self.training
+        self.eval()
+        try:
+            return gflops_per_forward(self.denoise, x_t, t, None)
+        finally:
+            self.train(was_training)
 
     def net_input(self, x_t: torch.Tensor) -> torch.Tensor:
         """x_t in the network's memory format (channels_last when ``model.channels_last``)."""
