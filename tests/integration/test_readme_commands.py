@@ -188,19 +188,38 @@ def dict_keys(args: list[str]) -> set[str]:
     return {a.partition("=")[0] for a in args}
 
 
+def sweep_jobs(args: list[str]) -> list[list[str]]:
+    """The jobs of a command line: one for a plain run, the cartesian product of its ``key=a,b`` lists for ``-m``."""
+    plain = [a for a in args if a != "-m"]
+    if "-m" not in args:
+        return [plain]
+    jobs: list[list[str]] = [[]]
+    for a in plain:
+        key, _, value = a.partition("=")
+        values = value.split(",") if "=" in a and "[" not in a else [value]
+        jobs = [[*job, f"{key}={v}" if "=" in a else a] for job in jobs for v in values]
+    return jobs
+
+
 def training_args(args: list[str], tmp_path: Path) -> list[str]:
-    """A training command's arguments plus tiny sizes and digits in place of Fashion-MNIST (at its image size)."""
-    one_job = [a.split(",")[0] if "=" in a and "[" not in a else a for a in args if a != "-m"]  # a sweep's first job
-    composed = compose_config(one_job, tmp_path)
+    """A training command's arguments plus tiny sizes and digits in place of Fashion-MNIST (at its image size).
+    A sweep gets only the sizes that every one of its jobs has (e.g. no UNet widths for a `net=unet_s,dit_tiny` job)."""
+    jobs = sweep_jobs(args)
+    composed = compose_config(jobs[0], tmp_path)
     extra = []
     if "FashionMNIST" in composed.data._target_ or "ImageFolder" in composed.data._target_:
         extra += ["data=digits", f"data.image_size={composed.data.image_size}"]
-    composed = compose_config([*one_job, *extra], tmp_path)
+    configs = [compose_config([*job, *extra], tmp_path) for job in jobs]
     absent = object()
-    extra += [f"{k}={v}" for k, v in TINY_SIZES.items() if OmegaConf.select(composed, k, default=absent) is not absent]
-    if OmegaConf.select(composed, "model.loss.disc_start") is not None:
+
+    def everywhere(key: str) -> bool:
+        return all(OmegaConf.select(c, key, default=absent) is not absent for c in configs)
+
+    extra += [f"{k}={v}" for k, v in TINY_SIZES.items() if everywhere(k)]
+    if all(OmegaConf.select(c, "model.loss.disc_start") is not None for c in configs):
         extra.append("model.loss.disc_start=1")
-    if OmegaConf.select(composed, "net.attention_resolutions") is not None:  # the second of the two levels
+    if all(OmegaConf.select(c, "net.attention_resolutions") is not None for c in configs):  # the second level
+        composed = configs[0]
         size = composed.data.image_size // (4 if "autoencoder_ckpt" in composed.model else 1)  # f = 4 latents
         extra.append(f"net.attention_resolutions=[{size // 2}]")
     return [*args, *extra]
