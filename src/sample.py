@@ -1,19 +1,18 @@
 """Sample from a checkpoint: ``python src/sample.py ckpt=PATH num_samples=64 [sampler=ddpm sampler.steps=250]``."""
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from difflab.tasks.sample import sample
 from difflab.utils.config import register_resolvers
-from difflab.utils.run_dir import remove_if_unused_on_error
+from difflab.utils.run_dir import removable_run_dir, remove_if_unused_on_error
 
 register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    with remove_if_unused_on_error(HydraConfig.get().runtime.output_dir):
+    with remove_if_unused_on_error(removable_run_dir()):
         sample(cfg)
 
 

@@ -1,19 +1,18 @@
 """Train a diffusion model: ``python src/train.py [group=option ...] [key=value ...]``."""
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from difflab.tasks.train import train
 from difflab.utils.config import register_resolvers
-from difflab.utils.run_dir import remove_if_unused_on_error
+from difflab.utils.run_dir import removable_run_dir, remove_if_unused_on_error
 
 register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    with remove_if_unused_on_error(HydraConfig.get().runtime.output_dir):
+    with remove_if_unused_on_error(removable_run_dir()):
         result = train(cfg)
     metric = cfg.get("optimized_metric")
     return result["metrics"].get(metric) if metric else None

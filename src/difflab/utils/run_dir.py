@@ -46,10 +46,21 @@ def is_unused(run_dir: Path) -> bool:
 def remove_if_unused_on_error(run_dir: str | Path | None) -> Iterator[None]:
     """Around a job: if it raises before writing anything into ``run_dir`` (e.g. a config value fails validation),
     remove the directory Hydra created for it, so failed starts leave no empty run dirs behind. A directory with
-    anything else in it (a checkpoint, a log folder) is kept."""
+    anything else in it (a checkpoint, a log folder) is kept. Pass ``None`` to keep it anyway: a multirun job's dir
+    stays, since the sweep summary gives the failed job a row (and the reason) read from its ``.hydra/``."""
     try:
         yield
     except BaseException:
         if run_dir is not None and not _launched_as_other_rank() and is_unused(Path(run_dir)):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+
+
+def removable_run_dir() -> str | None:
+    """The Hydra run dir of this job if a failed start may remove it (:func:`remove_if_unused_on_error`): a single
+    run's; ``None`` for a multirun job, whose dir keeps the sweep summary's record of the failure."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    return hydra_cfg.runtime.output_dir if hydra_cfg.mode == RunMode.RUN else None
