@@ -1,9 +1,10 @@
-"""Throughput benchmark of a UNet preset: training (bare loop and Lightning) and sampling.
+"""Throughput benchmark of a network preset (UNet or DiT): training (bare loop and Lightning) and sampling.
 
 Usage (``make bench`` runs the first line)::
 
     python experiments/bench.py --net unet_s --device cpu
     python experiments/bench.py --net unet_m --device cuda --precision bf16 --batch-size 128 --train-steps 50
+    python experiments/bench.py --net dit_s2 --device cuda --precision bf16 --channels 4 --peer diffusers
 
 Measurements, each printed to stdout as one JSON line:
 
@@ -12,7 +13,7 @@ Measurements, each printed to stdout as one JSON line:
 * ``train_lightning``: ``Trainer.fit`` of :class:`DiffusionModule` on the same net config (AdamW, no LR schedule)
   over an in-memory synthetic dataset; timed by a callback from the start of step ``warmup`` to the end of the
   last step. The summary line gives the Lightning overhead over the bare loop in % of time per step.
-* ``sample``: ``--sample-steps`` UNet forwards under ``torch.inference_mode`` plus one
+* ``sample``: ``--sample-steps`` network forwards under ``torch.inference_mode`` plus one
   :meth:`AncestralSampler.step` each; image-steps/s (one forward at batch B = B image-steps).
 * ``ema_update``: the EMA update after a training step, Lightning's ``EMAWeightAveraging`` vs
   ``difflab.callbacks.EMA`` (``bench_ema.py``): ms, operators and host syncs per update.
@@ -20,8 +21,9 @@ Measurements, each printed to stdout as one JSON line:
 On CUDA the clock is read only at the timing boundaries, after ``torch.cuda.synchronize()``. Lightning's own
 messages go to stderr, so stdout holds only the JSON lines. This is a benchmark, not a test.
 
-``--peer diffusers`` times diffusers' ``UNet2DModel`` of the same shape (see ``bench_peer.py``) with the same bare
-training loop and sampling loop, in the same process, and prints the ratios. ``--compile`` (``torch.compile``),
+``--peer diffusers`` times diffusers' ``UNet2DModel`` (``DiTTransformer2DModel`` for ``--net dit_*``) of the same
+shape (see ``bench_peer.py``) with the same bare training loop and sampling loop, in the same process, and prints
+the ratios. ``--compile`` (``torch.compile``),
 ``--channels-last`` and ``--fused-optimizer`` apply to both sides. MFU = achieved FLOP/s (FlopCounterMode's count
 of a step) over the dense matmul rate measured in the same run, in the run's precision.
 """
@@ -70,7 +72,7 @@ LR = 2e-4
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--net", default="unet_s", help="preset in conf/net/ (unet_s | unet_m)")
+    p.add_argument("--net", default="unet_s", help="preset in conf/net/ (unet_s | unet_m | dit_s2 | ...)")
     p.add_argument("--batch-size", type=int, default=16, help="training batch size")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--channels", type=int, default=3)
@@ -79,16 +81,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=10, help="timed training steps (after warm-up)")
     p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps before each measurement")
     p.add_argument("--sample-batch-size", type=int, default=16)
-    p.add_argument("--sample-steps", type=int, default=10, help="timed sampler steps (UNet forwards)")
+    p.add_argument("--sample-steps", type=int, default=10, help="timed sampler steps (network forwards)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--peer", choices=["none", "diffusers"], default="none", help="also time a peer UNet")
+    p.add_argument("--peer", choices=["none", "diffusers"], default="none", help="also time the peer network")
     p.add_argument(
         "--compile",
         nargs="?",
         const="default",
         default="none",
         choices=[m.value for m in CompileMode],
-        help="torch.compile the UNets (bare flag: mode default; reduce-overhead adds CUDA graphs)",
+        help="torch.compile the networks (bare flag: mode default; reduce-overhead adds CUDA graphs)",
     )
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--fused-optimizer", action="store_true", help="AdamW(fused=True) (both sides, as model.optimizer)")
@@ -116,7 +118,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def net_factory(name: str) -> Any:
-    """The ``_partial_`` UNet factory of conf/net/<name>.yaml."""
+    """The ``_partial_`` network factory of conf/net/<name>.yaml."""
     path = CONF_NET / f"{name}.yaml"
     if not path.is_file():
         presets = sorted(p.stem for p in CONF_NET.glob("*.yaml"))
@@ -125,7 +127,7 @@ def net_factory(name: str) -> Any:
 
 
 def build_net(args: argparse.Namespace, which: str = "difflab") -> nn.Module:
-    """difflab's UNet of preset ``--net``, or (``which="diffusers"``) the peer of the same shape."""
+    """difflab's network of preset ``--net``, or (``which="diffusers"``) the peer of the same shape."""
     if which == "diffusers":
         cfg = OmegaConf.to_container(OmegaConf.load(CONF_NET / f"{args.net}.yaml"))
         return diffusers_peer(cfg, args.channels, args.image_size)

@@ -1,4 +1,5 @@
-"""The peer side of ``experiments/bench.py``: diffusers' UNet2DModel in the shape of a difflab UNet preset, the FLOPs
+"""The peer side of ``experiments/bench.py``: diffusers' UNet2DModel (or DiTTransformer2DModel) in the shape of a
+difflab UNet (or DiT) preset, the FLOPs
 of a training step, the matmul rate of the same device (the denominator of MFU), and the device sync every timer
 of the benchmark reads the clock after.
 
@@ -12,31 +13,69 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+
+from difflab.utils.flops import count_flops
 
 
 class DiffusersPeer(nn.Module):
-    """``UNet2DModel`` with difflab's ``net(x_t, t) -> ε`` signature (diffusers returns an output dataclass)."""
+    """A diffusers model with difflab's ``net(x_t, t) -> ε`` signature (diffusers returns an output dataclass).
 
-    def __init__(self, unet: nn.Module) -> None:
+    ``DiTTransformer2DModel`` is always class-conditional: it gets class 0 for every image (difflab's DiT in the
+    benchmark is unconditional; the class embedding is one table row per image, no per-token work).
+    """
+
+    def __init__(self, model: nn.Module, class_conditional: bool = False) -> None:
         super().__init__()
-        self.unet = unet
+        self.model, self.class_conditional = model, class_conditional
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t).sample
+        if self.class_conditional:
+            return self.model(x, t, class_labels=torch.zeros_like(t)).sample
+        return self.model(x, t).sample
 
 
 def diffusers_peer(net_cfg: dict[str, Any], channels: int, image_size: int) -> nn.Module:
-    """The diffusers UNet of the same shape as a difflab UNet config (conf/net/*.yaml).
+    """The diffusers network of the same shape as a difflab net config (conf/net/*.yaml): a UNet or a DiT."""
+    try:
+        import diffusers  # noqa: F401
+    except ImportError as err:  # optional extra
+        raise SystemExit(f"--peer diffusers needs diffusers: pip install -e .[bench] ({err})") from err
+    if net_cfg["_target_"].endswith("DiT"):
+        return diffusers_dit(net_cfg, channels, image_size)
+    return diffusers_unet(net_cfg, channels, image_size)
+
+
+def diffusers_dit(net_cfg: dict[str, Any], channels: int, image_size: int) -> nn.Module:
+    """diffusers' ``DiTTransformer2DModel`` of a difflab DiT config: same depth, width, heads, patch size, MLP ratio 4
+    with tanh-GELU, adaLN-Zero. It differs in bookkeeping only: every block carries its own copy of the timestep MLP
+    and class table (diffusers' ``AdaLayerNormZero``), so it has more parameters for the same FLOPs per token."""
+    from diffusers import DiTTransformer2DModel  # optional extra, checked by diffusers_peer
+
+    if net_cfg.get("mlp_ratio", 4.0) != 4.0 or net_cfg.get("frequency_size", 256) != 256:
+        raise SystemExit("--peer diffusers: DiTTransformer2DModel has mlp_ratio 4 and 256 timestep frequencies")
+    heads = net_cfg["num_heads"]
+    dit = DiTTransformer2DModel(
+        num_attention_heads=heads,
+        attention_head_dim=net_cfg["hidden_size"] // heads,
+        in_channels=channels,
+        out_channels=channels,
+        num_layers=net_cfg["depth"],
+        sample_size=image_size,
+        patch_size=net_cfg["patch_size"],
+        num_embeds_ada_norm=1,
+    )
+    return DiffusersPeer(dit, class_conditional=True)
+
+
+def diffusers_unet(net_cfg: dict[str, Any], channels: int, image_size: int) -> nn.Module:
+    """The diffusers UNet of the same shape as a difflab UNet config.
 
     Levels ``model_channels * channel_mult``, ``num_res_blocks`` per level, attention blocks at the levels whose
     resolution is in ``attention_resolutions``, same GroupNorm groups, dropout and head count; the additive time
     embedding (diffusers' default, as DDPM and ``unet_m``). For ``unet_m`` this is diffusers' DDPM CIFAR-10 UNet.
     """
-    try:
-        from diffusers import UNet2DModel
-    except ImportError as err:  # optional extra
-        raise SystemExit(f"--peer diffusers needs diffusers: pip install -e .[bench] ({err})") from err
+    from diffusers import UNet2DModel  # optional extra, checked by diffusers_peer
+
     mult = list(net_cfg["channel_mult"])
     attn = [image_size // 2**i in set(net_cfg["attention_resolutions"]) for i in range(len(mult))]
     channels_out = tuple(net_cfg["model_channels"] * m for m in mult)
@@ -61,18 +100,14 @@ def diffusers_peer(net_cfg: dict[str, Any], channels: int, image_size: int) -> n
 
 def train_flops_per_image(net: nn.Module, x: torch.Tensor, t: torch.Tensor) -> float:
     """FLOPs of one forward + backward per image (torch's FlopCounterMode: matmuls and convolutions, 2 per MAC)."""
-    counter = FlopCounterMode(display=False)
-    with counter:
-        net(x, t).float().square().mean().backward()
+    flops = count_flops(lambda: net(x, t).float().square().mean().backward())
     net.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / x.shape[0]
+    return flops / x.shape[0]
 
 
+@torch.no_grad()
 def forward_flops_per_image(net: nn.Module, x: torch.Tensor, t: torch.Tensor) -> float:
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        net(x, t)
-    return counter.get_total_flops() / x.shape[0]
+    return count_flops(lambda: net(x, t)) / x.shape[0]
 
 
 def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, n: int = 8192, reps: int = 10) -> float | None:

@@ -5,13 +5,15 @@ from omegaconf import DictConfig
 
 from difflab.tasks.eval import evaluate
 from difflab.utils.config import register_resolvers
+from difflab.utils.run_dir import removable_run_dir, remove_if_unused_on_error
 
 register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    with remove_if_unused_on_error(removable_run_dir()):
+        evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,15 @@ from omegaconf import DictConfig
 
 from difflab.tasks.train import train
 from difflab.utils.config import register_resolvers
+from difflab.utils.run_dir import removable_run_dir, remove_if_unused_on_error
 
 register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    result = train(cfg)
+    with remove_if_unused_on_error(removable_run_dir()):
+        result = train(cfg)
     metric = cfg.get("optimized_metric")
     return result["metrics"].get(metric) if metric else None
 

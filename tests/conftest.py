@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -15,10 +16,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, open_dict
 
 from difflab.modules import DiffusionModule
-from difflab.networks import UNet
+from difflab.networks import DiT, UNet
 from difflab.schedules import GaussianDiffusion
 from difflab.utils.config import register_resolvers
 
@@ -57,14 +59,23 @@ TINY_GENERATIVE_METRICS = [
     "trainer.limit_train_batches=2",
 ]
 
+# The same with net=dit_tiny at half its width (2 blocks of width 32, 2 heads, 2x2 patches).
+TINY_DIT = [o for o in TINY if not o.startswith("net")] + ["net=dit_tiny", "net.hidden_size=32", "net.num_heads=2"]
+
 register_resolvers()
 
-
-def tiny_diffusion_module(num_timesteps: int = 50, **kwargs) -> DiffusionModule:
-    """A seeded DDPM on 1x8x8 images with a 2-level, 16-channel UNet, outside any Trainer (``log`` is a no-op)."""
-    net = functools.partial(
+TINY_NETS = {
+    "unet": functools.partial(
         UNet, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,), num_groups=8
-    )
+    ),
+    "dit": functools.partial(DiT, patch_size=2, hidden_size=32, depth=2, num_heads=2, frequency_size=32),
+}
+
+
+def tiny_diffusion_module(num_timesteps: int = 50, net: str = "unet", **kwargs) -> DiffusionModule:
+    """A seeded DDPM on 1x8x8 images with a 2-level, 16-channel UNet (``net="dit"``: a 2-block, 32-wide DiT),
+    outside any Trainer (``log`` is a no-op)."""
+    net = TINY_NETS[net]
     torch.manual_seed(0)
     module = DiffusionModule(
         net=net,
@@ -76,12 +87,47 @@ def tiny_diffusion_module(num_timesteps: int = 50, **kwargs) -> DiffusionModule:
     return module
 
 
+def perturb_weights(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> None:
+    """Add seeded N(0, scale²) noise to every parameter: moves a fresh model off its zero-initialised output layer
+    (whose ε̂ is exactly 0, with gradients only in that layer), or stands in for an optimizer step."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_((torch.randn(p.shape, generator=generator) * scale).to(p.device))
+
+
+@contextlib.contextmanager
+def raises_in_config(error: type[Exception], match: str):
+    """``pytest.raises(error, match=...)`` for an error raised while ``hydra.utils.instantiate`` builds an object:
+    Hydra wraps it in an InstantiationException that keeps the message, so the type is checked on the original
+    error (the ``__cause__`` chain)."""
+    with pytest.raises((error, InstantiationException), match=match) as info:
+        yield info
+    cause = info.value
+    while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    assert isinstance(cause, error), f"expected {error.__name__}, got {type(cause).__name__}: {cause}"
+
+
+def load_experiment(name: str):
+    """``experiments/<name>.py`` as a module (the scripts are not part of the package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_bench():
-    """``experiments/bench.py`` as a module (the script is not part of the package)."""
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "experiments" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    """``experiments/bench.py`` as a module."""
+    return load_experiment("bench")
+
+
+def cli_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """Assert that a ``run_cli`` process exited 0, showing the ends of its output otherwise."""
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+    )
+    return proc
 
 
 def bare_trainer(**kwargs) -> pl.Trainer:

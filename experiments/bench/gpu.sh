@@ -5,6 +5,7 @@
 #     bash experiments/bench/gpu.sh                      # anchor fast cudagraphs same_levers
 #     bash experiments/bench/gpu.sh fast cudagraphs
 #     SMOKE=1 bash experiments/bench/gpu.sh              # the same runs in miniature on a CPU (~9 minutes of Inductor)
+#     NET=dit_s2 CHANNELS=4 bash experiments/bench/gpu.sh anchor fast   # a DiT (32x32x4) vs DiTTransformer2DModel
 # The device image lacks hydra/omegaconf/diffusers: bash ../shared/device/prepare-wheels.sh diffusers==0.42.1,
 # carry .whl, and install it first as that script prints.
 set -uo pipefail
@@ -17,8 +18,8 @@ if [[ -n ${SMOKE:-} ]]; then
           --sample-batch-size 2 --sample-steps 1)
     acc=2
 else
-    base=(--net unet_m --device cuda --precision bf16 --batch-size 128 --train-steps 50 --warmup-steps 10
-          --sample-batch-size 512 --sample-steps 20)
+    base=(--net "${NET:-unet_m}" --channels "${CHANNELS:-3}" --device cuda --precision bf16 --batch-size 128
+          --train-steps 50 --warmup-steps 10 --sample-batch-size 512 --sample-steps 20)
     acc=300
     nvidia-smi > "$DEST/nvidia-smi.txt" 2>&1
 fi
@@ -37,11 +38,12 @@ for name in "${@:-anchor fast cudagraphs same_levers}"; do
     for run in $name; do
         [[ -n ${runs[$run]:-} ]] || { echo "unknown run '$run' (anchor fast cudagraphs same_levers)"; exit 2; }
         # shellcheck disable=SC2086  # the flags split on purpose
-        "$PY" experiments/bench.py "${base[@]}" --peer diffusers ${runs[$run]} > "$DEST/$run.jsonl" 2> "$DEST/$run.err"
+        file="$DEST/${NET:+${NET}_}$run"
+        "$PY" experiments/bench.py "${base[@]}" --peer diffusers ${runs[$run]} > "$file.jsonl" 2> "$file.err"
         rc=$?
         echo "== $run: rc=$rc"
-        tail -n 1 "$DEST/$run.jsonl"
-        [[ $rc == 0 ]] || { status=$rc; tail -n 20 "$DEST/$run.err"; }
+        tail -n 1 "$file.jsonl"
+        [[ $rc == 0 ]] || { status=$rc; tail -n 20 "$file.err"; }
     done
 done
 exit $status

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from difflab import samplers
-from difflab.callbacks import EMA
+from difflab.callbacks import EMA, NonFiniteGuard, TrainingRandomState
 from difflab.data import DigitsDataModule
 from difflab.data.device_batches import DeviceBatches
 from difflab.samplers import AncestralSampler, DDIMSampler
@@ -49,10 +49,14 @@ def fused_module(**kwargs):
     return tiny_diffusion_module(num_timesteps=20, optimizer=adam, **kwargs).to(DEVICE)
 
 
+NETS = pytest.mark.parametrize("net", ["unet", "dit"])
+
+
 @pytest.mark.parametrize("kwargs", [{}, {"num_classes": 3, "p_uncond": 0.1}], ids=["ddpm", "cfg"])
-def test_training_step_never_syncs(kwargs):
+@NETS
+def test_training_step_never_syncs(kwargs, net):
     """Forward, loss, backward, clipping, the fused Adam step and the EMA update, in bf16 autocast."""
-    m = fused_module(**kwargs)
+    m = fused_module(net=net, **kwargs)
     opt = m.configure_optimizers()
     opt = opt["optimizer"] if isinstance(opt, dict) else opt
     ema = EMA(decay=0.9)
@@ -71,6 +75,33 @@ def test_training_step_never_syncs(kwargs):
     assert torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("action", ["stop", "skip"])
+def test_nonfinite_guard_and_training_random_stream_never_sync(action):
+    """The per-step work of the callbacks every training run has: the swap of the training random stream around
+    the step and the guard's gradient check (with a fused optimizer's sync-free skip), a NaN step included."""
+    m = fused_module()
+    opt = m.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    trainer = bare_trainer(accelerator="gpu" if DEVICE == "cuda" else "cpu", devices=1)
+    guard, stream = NonFiniteGuard(action), TrainingRandomState(0)
+    guard.on_train_start(trainer, m)
+    stream.on_train_start(trainer, m)
+    batch = (torch.rand(4, 1, 8, 8, device=DEVICE) * 2 - 1, torch.zeros(4, dtype=torch.long, device=DEVICE))
+    for step in range(3):
+        with NoSync():
+            stream.on_train_batch_start(trainer, m)
+            m.training_step(batch, 0).backward()
+            if step == 1:
+                next(m.parameters()).grad.fill_(float("nan"))
+            guard.on_before_optimizer_step(trainer, m, opt)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            stream.on_train_batch_end(trainer, m)
+    # skip: the NaN step is dropped; stop (noticed at the next logging step): the NaN weights spoil the next step
+    assert int(guard._first) == 1 and int(guard._count) == (1 if action == "skip" else 2)
+    assert all(torch.isfinite(p).all() for p in m.parameters()) == (action == "skip")
+
+
 SAMPLERS = [  # DDPM, DDIM and each ODE/SDE solver (Karras steps: fractional timesteps)
     AncestralSampler,
     functools.partial(DDIMSampler, steps=5, eta=0.5),
@@ -85,8 +116,9 @@ SAMPLERS = [  # DDPM, DDIM and each ODE/SDE solver (Karras steps: fractional tim
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_sampler_steps_never_sync(sampler):
-    m = fused_module().eval()
+@NETS
+def test_sampler_steps_never_sync(sampler, net):
+    m = fused_module(net=net).eval()
     built = m.build_sampler(sampler)
     built.set_timesteps()
     timesteps = built.timesteps.tolist()  # planned once per run, on the host
@@ -104,10 +136,11 @@ class _LoaderKind(pl.Callback):
         self.loader = trainer.train_dataloader
 
 
-def test_gpu_run_with_every_lever():
+@NETS
+def test_gpu_run_with_every_lever(net):
     """bf16-mixed, clipping with fused Adam, channels_last, compile with CUDA graphs, the EMA callback, the data set
     gathered on the device (data.on_device=auto): a short fit, then sampling through the compiled network."""
-    m = fused_module(compile="reduce-overhead", channels_last=True)
+    m = fused_module(compile="reduce-overhead", channels_last=True, net=net)
     dm = DigitsDataModule(image_size=8, batch_size=16)
     kind = _LoaderKind()
     trainer = bare_trainer(
@@ -129,11 +162,12 @@ def test_gpu_run_with_every_lever():
         assert samples.shape == (n, 1, 8, 8) and torch.isfinite(samples).all()
 
 
-def test_bench_accuracy_bf16():
+@pytest.mark.parametrize("net", ["unet_s", "dit_s4"])
+def test_bench_accuracy_bf16(net):
     """The benchmark's own verdict on this device: bf16 + channels_last + fused Adam against strict fp32."""
     bench = load_bench()
     args = bench.parse_args(
-        f"--net unet_s --device {DEVICE} --precision bf16 --batch-size 16 --image-size 32 --channels 3 "
+        f"--net {net} --device {DEVICE} --precision bf16 --batch-size 16 --image-size 32 --channels 3 "
         "--channels-last --fused-optimizer --accuracy-steps 50".split()
     )
     acc = bench.accuracy(args, torch.device(DEVICE))

@@ -43,6 +43,25 @@ def test_bench_script_runs_on_cpu(capsys):
     assert kinds["sample"]["image_steps_per_s"] > 0
 
 
+def test_diffusers_dit_peer_has_the_same_shape():
+    """`--net dit_* --peer diffusers`: DiTTransformer2DModel of the same depth, width, heads and patches does the same
+    arithmetic (FLOPs within 1%); its extra parameters are exactly the copies of the timestep MLP and class table
+    that diffusers keeps in every block (AdaLayerNormZero)."""
+    pytest.importorskip("diffusers")
+    import torch
+
+    bench = load_bench()
+    args = bench.parse_args(["--net", "dit_s4", "--channels", "4", "--image-size", "32"])
+    ours, peer = bench.build_net(args), bench.build_net(args, "diffusers")
+    x, t = torch.zeros(1, 4, 32, 32), torch.zeros(1, dtype=torch.long)
+    f_ours, f_peer = bench.forward_flops_per_image(ours, x, t), bench.forward_flops_per_image(peer, x, t)
+    assert abs(f_ours / f_peer - 1) < 0.01, (f_ours, f_peer)
+    width, depth = 384, 12
+    timestep_mlp = 256 * width + width + width * width + width
+    # diffusers: a timestep MLP and a 2-row class table (class 0 + its null class) in each block; difflab: one MLP
+    assert bench.count_params(peer) - bench.count_params(ours) == depth * (timestep_mlp + 2 * width) - timestep_mlp
+
+
 @pytest.mark.parametrize("net", ["unet_s", "unet_m"])
 def test_diffusers_peer_has_the_same_shape(net):
     """The peer of `--peer diffusers` is the same network family: parameter count within 2% (unet_m: diffusers'
@@ -63,11 +82,12 @@ def test_diffusers_peer_has_the_same_shape(net):
     assert abs(f_ours / f_peer - 1) < 0.05, (f_ours, f_peer)
 
 
-def test_bench_with_peer_prints_ratios(capsys):
+@pytest.mark.parametrize("net", ["unet_s", "dit_tiny"])
+def test_bench_with_peer_prints_ratios(net, capsys):
     pytest.importorskip("diffusers")
     bench = load_bench()
     records = bench.main(
-        "--net unet_s --device cpu --batch-size 2 --image-size 16 --channels 1 --train-steps 1 --warmup-steps 0 "
+        f"--net {net} --device cpu --batch-size 2 --image-size 16 --channels 1 --train-steps 1 --warmup-steps 0 "
         "--sample-steps 1 --sample-batch-size 2 --peer diffusers --channels-last --skip-lightning".split()
     )
     summary = records[-1]

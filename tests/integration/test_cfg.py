@@ -8,6 +8,7 @@ import torch
 from hydra.utils import instantiate
 
 from difflab.tasks.train import train
+from tests.conftest import raises_in_config
 
 
 class LabelSpy(torch.nn.Module):
@@ -61,7 +62,7 @@ def test_guided_samples_are_reproducible_and_w_matters(tiny_cfg):
 
 
 def test_unconditional_model_refuses_p_uncond(tiny_cfg):
-    with pytest.raises(Exception, match="class-conditional"):
+    with raises_in_config(ValueError, match="class-conditional"):
         instantiate(tiny_cfg("model.p_uncond=0.1").model)
 
 
@@ -102,7 +103,9 @@ def test_guidance_sweep_as_a_sample_multirun(tiny_cfg, tmp_path):
     """The w sweep of the CFG study as a Hydra multirun over sampling: one job (and one .npz) per w."""
     from tests.conftest import run_cli
 
-    ckpt = train(tiny_cfg("model=cfg", "trainer.max_steps=2", "trainer.limit_train_batches=2"))["checkpoint"]
+    # long enough for the class embedding to matter (after 2 steps w changes the images by one grey level)
+    overrides = ["model=cfg", "trainer.max_steps=30", "model.optimizer.lr=2e-3", "trainer.val_check_interval=30"]
+    ckpt = train(tiny_cfg(*overrides))["checkpoint"]
     sweep = tmp_path / "sweep"
     proc = run_cli(
         "sample.py",
@@ -119,4 +122,5 @@ def test_guidance_sweep_as_a_sample_multirun(tiny_cfg, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     w0, w4 = (np.load(sweep / job / "samples.npz")["arr_0"] for job in ("0", "1"))
     assert w0.shape == w4.shape == (4, *w0.shape[1:])
+    assert np.abs(w0.astype(int) - w4.astype(int)).max() > 8  # the same noise and classes: w changed the images
     assert (sweep / "0" / "samples.png").is_file() and (sweep / "1" / "samples.png").is_file()

@@ -7,13 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY, run_cli
-
-
-def _ok(proc):
-    assert proc.returncode == 0, (
-        f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
-    )
-    return proc
+from tests.conftest import cli_ok as _ok
 
 
 def test_cfg_job_prints_resolved_config(tmp_path):
@@ -50,7 +44,7 @@ def test_ddp_cpu_two_processes_one_checkpoint_and_one_log_dir(tmp_path):
     assert "val/fid_fmnist_cls" in metrics_csv and "val/is_fmnist_cls" in metrics_csv
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt", "step0000004.ckpt"]
     assert [p.name for p in (run_dir / "csv").iterdir()] == ["version_0"]
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 4
     assert (run_dir / "samples" / "samples.png").is_file()
     assert not list(tmp_path.glob("logs/train/runs/*"))  # the second rank wrote into the same run dir
@@ -83,7 +77,7 @@ def test_multirun_two_jobs_with_wandb_offline(tmp_path):
         debug_log = (runs[0] / "logs" / "debug.log").read_text()
         assert debug_log.count("finishing run") == 1, "each job's wandb run is finished exactly once"
     schedules = {
-        torch.load(job / "checkpoints" / "last.ckpt", weights_only=False)["difflab"]["config"]["schedule"][
+        torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)["difflab"]["config"]["schedule"][
             "beta_schedule"
         ]
         for job in jobs

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -13,7 +14,7 @@ from hydra.utils import instantiate
 from difflab.modules import LatentDiffusionModule, load_autoencoder, load_module
 from difflab.tasks.sample import sample
 from difflab.tasks.train import train
-from tests.conftest import TINY, compose_config, run_cli
+from tests.conftest import TINY, TINY_DIT, bare_trainer, compose_config, raises_in_config, run_cli
 
 AE_TINY = [
     "data=digits",
@@ -74,12 +75,25 @@ def test_autoencoder_trains_fused_with_clipping_in_bf16(tmp_path):
     metrics = train(cfg)["metrics"]
     assert np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["train/d_loss"])
 
+    class GradientNorms(pl.Callback):  # the norm each optimizer steps with (after the module's clipping)
+        def __init__(self) -> None:
+            self.norms: list[float] = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            grads = [p.grad.float() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            self.norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    cfg.model.gradient_clip_val = 1e-3  # far below the gradients' own norm, so every step is clipped to it
+    module, datamodule, norms = instantiate(cfg.model), instantiate(cfg.data), GradientNorms()
+    bare_trainer(precision="bf16-mixed", max_steps=4, callbacks=[norms]).fit(module, datamodule)
+    assert len(norms.norms) == 4 and all(n == pytest.approx(1e-3, rel=1e-2) for n in norms.norms), norms.norms
+
 
 def test_stage1_checkpoint_loads_frozen(autoencoder_ckpt):
     ae, config = load_autoencoder(autoencoder_ckpt)
     assert not any(p.requires_grad for p in ae.parameters()) and not ae.training
     assert ae.latent_shape == (3, 8, 8) and config["model"]["_target_"].endswith("AutoencoderModule")
-    checkpoint = torch.load(autoencoder_ckpt, weights_only=False)
+    checkpoint = torch.load(autoencoder_ckpt, weights_only=True)
     assert checkpoint["batches_seen"] == 4 and checkpoint["global_step"] == 7  # 1 plain + 3 GAN batches (2 steps)
 
 
@@ -97,6 +111,19 @@ def test_fast_dev_run_ldm_with_each_conditioner(conditioner, autoencoder_ckpt, t
     assert np.isfinite(result["metrics"]["train/loss"])
     images = np.load(result["npz"])["arr_0"]
     assert images.shape == (4, 16, 16, 1)  # decoded to pixel space
+
+
+@pytest.mark.parametrize("conditioner", ["class", "text_transformer"])
+def test_fast_dev_run_ldm_with_a_dit(conditioner, autoencoder_ckpt, tiny_cfg):
+    """net=dit_*: every block cross-attends to the conditioner's context (PixArt-α), padded tokens masked."""
+    overrides = [*TINY_DIT, "model=ldm", f"conditioner={conditioner}", f"model.autoencoder_ckpt={autoencoder_ckpt}"]
+    cfg = compose_config([*overrides, "debug=fast"], tiny_cfg().paths.output_dir)
+    module = instantiate(cfg.model)
+    assert type(module.net).__name__ == "DiT" and module.net.context_dim == module.conditioner.context_dim
+    assert all(block.cross_attn is not None for block in module.net.blocks)
+    result = train(cfg)
+    assert np.isfinite(result["metrics"]["train/loss"])
+    assert np.load(result["npz"])["arr_0"].shape == (4, 16, 16, 1)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +154,7 @@ def test_scale_by_std_gives_unit_variance_latents_and_is_restored(autoencoder_ck
     z = module.scale_factor * module.autoencoder.encode(x, sample=True)
     torch.testing.assert_close(z.std(), torch.tensor(1.0), atol=1e-4, rtol=0)
     _, result = trained_ldm
-    checkpoint = torch.load(result["checkpoint"], weights_only=False)
+    checkpoint = torch.load(result["checkpoint"], weights_only=True)
     scale = checkpoint["latent_scale_factor"]
     assert scale is not None and scale != 1.0
     loaded, _ = load_module(result["checkpoint"])
@@ -136,7 +163,7 @@ def test_scale_by_std_gives_unit_variance_latents_and_is_restored(autoencoder_ck
 
 def test_ldm_checkpoint_loads_without_the_stage1_file(trained_ldm, tmp_path, monkeypatch):
     _, result = trained_ldm
-    checkpoint = torch.load(result["checkpoint"], weights_only=False)
+    checkpoint = torch.load(result["checkpoint"], weights_only=True)
     assert checkpoint["autoencoder_config"]["model"]["_target_"] == "difflab.modules.AutoencoderModule"
     checkpoint["difflab"]["config"]["model"]["autoencoder_ckpt"] = str(tmp_path / "moved_or_deleted.ckpt")
     alone = tmp_path / "ldm.ckpt"
@@ -156,32 +183,44 @@ def test_ldm_checkpoint_loads_without_the_stage1_file(trained_ldm, tmp_path, mon
 
 def test_resume_keeps_the_scale_factor(trained_ldm, tmp_path):
     cfg, result = trained_ldm
-    first = torch.load(result["checkpoint"], weights_only=False)["latent_scale_factor"]
+    first = torch.load(result["checkpoint"], weights_only=True)["latent_scale_factor"]
     cfg.trainer.max_steps = 3
     cfg.ckpt_path = result["checkpoint"]
     cfg.paths.output_dir = str(tmp_path)
     cfg.callbacks.model_checkpoint.dirpath = str(tmp_path / "checkpoints")
     resumed = train(cfg)
-    checkpoint = torch.load(resumed["checkpoint"], weights_only=False)
+    checkpoint = torch.load(resumed["checkpoint"], weights_only=True)
     assert checkpoint["global_step"] == 3 and checkpoint["latent_scale_factor"] == first
 
 
 def test_sample_from_a_prompt(trained_ldm, tmp_path):
+    """The prompt reaches the network: two prompts, the same seed, different images. The 2-step checkpoint's
+    weights are perturbed first (its zero-initialised output layer barely depends on the context yet)."""
     _, result = trained_ldm
-    cfg = compose_config(
-        [
-            "ckpt=" + result["checkpoint"],
-            "num_samples=3",
-            "prompt=a photo of a handwritten seven",
-            "guidance_scale=2",
-            "sampler=ddim",
-            "sampler.steps=4",
-        ],
-        tmp_path,
-        config_name="sample",
-    )
-    out = sample(cfg)
-    assert np.load(out["npz"])["arr_0"].shape == (3, 16, 16, 1)
+    checkpoint = torch.load(result["checkpoint"], weights_only=False)
+    generator = torch.Generator().manual_seed(0)
+    for key, value in checkpoint["state_dict"].items():
+        if key.startswith(("net.", "conditioner.")) and value.is_floating_point():
+            value.add_(torch.randn(value.shape, generator=generator) * 0.1)
+    torch.save(checkpoint, tmp_path / "perturbed.ckpt")
+    images = {}
+    for prompt in ("a photo of a handwritten seven", "a photo of a handwritten two"):
+        cfg = compose_config(
+            [
+                f"ckpt={tmp_path / 'perturbed.ckpt'}",
+                "num_samples=3",
+                f"prompt={prompt}",
+                "guidance_scale=2",
+                "sampler=ddim",
+                "sampler.steps=4",
+            ],
+            tmp_path / prompt.split()[-1],
+            config_name="sample",
+        )
+        images[prompt] = np.load(sample(cfg)["npz"])["arr_0"].astype(int)
+    seven, two = images.values()
+    assert seven.shape == (3, 16, 16, 1)
+    assert np.abs(seven - two).max() > 4  # the same seed: identical if the prompt were ignored (13 here)
 
 
 @pytest.mark.parametrize("solver", ["dpmpp_2m", "heun", "dpmpp_2m_sde"])
@@ -224,16 +263,16 @@ def test_ldm_training_drops_conditions_to_the_null_caption(autoencoder_ckpt, tin
 
 
 def test_missing_or_wrong_autoencoder_checkpoint_fails_at_construction(tiny_cfg, tmp_path):
-    with pytest.raises(Exception, match="experiment=autoencoder_kl_f4"):
+    with raises_in_config(FileNotFoundError, match="experiment=autoencoder_kl_f4"):
         instantiate(tiny_cfg("model=ldm", "model.autoencoder_ckpt=null").model)
-    with pytest.raises(Exception, match="no such file"):
+    with raises_in_config(FileNotFoundError, match="no such file"):
         instantiate(tiny_cfg("model=ldm", f"model.autoencoder_ckpt={tmp_path / 'nope.ckpt'}").model)
-    with pytest.raises(Exception, match="no shipped checkpoint"):
+    with raises_in_config(FileNotFoundError, match="no shipped checkpoint"):
         instantiate(tiny_cfg("model=ldm", "model.autoencoder_ckpt=shipped:nothing").model)
 
 
 def test_autoencoder_of_other_data_is_refused(autoencoder_ckpt, tiny_cfg):
-    with pytest.raises(Exception, match="trained on images of shape"):
+    with raises_in_config(ValueError, match="trained on images of shape"):
         instantiate(tiny_cfg("model=ldm", f"model.autoencoder_ckpt={autoencoder_ckpt}", "data.image_size=32").model)
 
 
@@ -257,7 +296,7 @@ def ddp_cpu_run(tmp_path: Path, *overrides: str) -> tuple[Path, dict]:
         timeout=400,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir, torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    return run_dir, torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
 
 
 def test_ddp_cpu_autoencoder(tmp_path):

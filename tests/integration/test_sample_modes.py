@@ -107,10 +107,31 @@ def test_torchrun_two_processes_draw_shares_and_gather_them(checkpoint, tmp_path
     np.testing.assert_array_equal(shared[2], single[1])  # rank 0's second sample lands at index 2
 
 
-def test_gather_shards_restores_the_order():
-    from difflab.utils.distributed import shard
+def test_gather_shards_restores_the_order(monkeypatch):
+    """gather_shards on "rank 0 of 3" with unequal shares of 7 samples: all_gather (simulated here; the real one
+    runs in the torchrun test above) returns the padded shares of every rank, and the result is the 7 samples in
+    their original order."""
+    from difflab.utils import distributed
+    from difflab.utils.distributed import gather_shards, shard
 
     num, world = 7, 3
     parts = [shard(num, r, world) for r in range(world)]
     assert sorted(torch.cat(parts).tolist()) == list(range(num))
     assert [p.numel() for p in parts] == [3, 2, 2]
+
+    def share(rank: int) -> torch.Tensor:  # sample i is filled with the value i
+        return torch.stack([torch.full((2, 2), float(i)) for i in shard(num, rank, world)])
+
+    def all_gather(outputs: list[torch.Tensor], padded: torch.Tensor) -> None:
+        assert padded.shape[0] == 3  # every share padded to the longest
+        for rank, out in enumerate(outputs):
+            out.zero_()
+            out[: parts[rank].numel()] = share(rank)
+
+    monkeypatch.setattr(distributed, "rank_world", lambda: (0, world))
+    monkeypatch.setattr(distributed.dist, "all_gather", all_gather)
+    expected = torch.arange(num, dtype=torch.float32)[:, None, None].expand(num, 2, 2)
+    torch.testing.assert_close(gather_shards(share(0), num), expected)
+    monkeypatch.undo()
+    single = torch.randn(4, 3)
+    assert gather_shards(single, 4) is single  # one process: the identity

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,7 @@ def test_train_writes_checkpoint_samples_and_record(trained):
     assert Path(result["grid"]).is_file()
     npz = np.load(result["npz"])
     assert npz["arr_0"].shape == (4, 16, 16, 1) and npz["arr_0"].dtype == np.uint8
-    checkpoint = torch.load(ckpt, weights_only=False)
+    checkpoint = torch.load(ckpt, weights_only=True)
     assert checkpoint["global_step"] == 3
     # the EMA callback: EMA weights in state_dict, raw weights beside them, 3 updates averaged
     assert "current_model_state" in checkpoint and int(checkpoint["averaging_state"]["n_averaged"]) == 3
@@ -56,13 +57,18 @@ def test_train_writes_checkpoint_samples_and_record(trained):
     assert checkpoint["difflab"]["loggers"][0]["class"] == "CSVLogger"
     ema, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
     assert any(not torch.equal(ema[k], raw[k]) for k in ema)
+    summary = json.loads((Path(cfg.paths.output_dir) / "run_summary.json").read_text())  # what sweep tables read
+    assert summary["status"] == "ok" and summary["metrics"]["train/loss"] == result["metrics"]["train/loss"]
+    assert summary["params"] == sum(p.numel() for p in load_module(ckpt)[0].net.parameters())
+    assert summary["gflops_per_forward"] > 0 and summary["train_images"] == 3 * cfg.data.batch_size
+    assert summary["wall_time_s"] > 0 and summary["train_images_per_s"] is None  # 3 steps < the clock's warm-up
 
 
 def test_resume_continues_step_ema_optimizer_and_logger_run(trained, tiny_cfg, tmp_path):
     cfg, first = trained
-    saved = torch.load(first["checkpoint"], weights_only=False)
+    saved = torch.load(first["checkpoint"], weights_only=True)
     _, second = short_run(tiny_cfg, tmp_path / "resumed", 6, f"ckpt_path={first['checkpoint']}")
-    resumed = torch.load(second["checkpoint"], weights_only=False)
+    resumed = torch.load(second["checkpoint"], weights_only=True)
     assert resumed["global_step"] == 6
     assert int(resumed["averaging_state"]["n_averaged"]) == 6  # EMA continued, not restarted
     step_saved = saved["optimizer_states"][0]["state"][0]["step"]
@@ -97,7 +103,7 @@ def test_sample_with_another_sampler_config(trained, tmp_path):
 def test_loaded_module_uses_ema_weights(trained):
     _, result = trained
     module, record = load_module(result["checkpoint"])
-    checkpoint = torch.load(result["checkpoint"], weights_only=False)
+    checkpoint = torch.load(result["checkpoint"], weights_only=True)
     for name, value in module.state_dict().items():
         torch.testing.assert_close(value, checkpoint["state_dict"][name])
     assert record["config"]["data"]["_target_"].endswith("DigitsDataModule")
@@ -133,7 +139,7 @@ def test_last_checkpoint_holds_the_final_step_when_max_steps_stops_mid_epoch(tin
     # saves every 4 steps, max_steps stops at step 6: Lightning's own ModelCheckpoint leaves last.ckpt at step 4
     every_4 = ["callbacks.model_checkpoint.every_n_train_steps=4", "callbacks.model_checkpoint.every_n_epochs=null"]
     _, result = short_run(tiny_cfg, tmp_path, 6, "trainer.limit_train_batches=10", *every_4)
-    checkpoint = torch.load(result["checkpoint"], weights_only=False)
+    checkpoint = torch.load(result["checkpoint"], weights_only=True)
     assert checkpoint["global_step"] == 6
     assert int(checkpoint["averaging_state"]["n_averaged"]) == 6
     # written before the EMA callback copies the EMA over the raw weights: both are still there, distinct
@@ -165,13 +171,13 @@ def test_last_checkpoint_holds_the_final_step_when_should_stop_is_set(tmp_path):
     )
     trainer.fit(BoringModel())
     assert trainer.global_step == 7
-    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 7
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 7
 
 
 def test_training_from_device_batches(tiny_cfg, tmp_path):
     # data.on_device: the set copied to the training device once, batches gathered there (the CPU here)
     _, result = short_run(tiny_cfg, tmp_path, 4, "data.on_device=true")
-    checkpoint = torch.load(result["checkpoint"], weights_only=False)
+    checkpoint = torch.load(result["checkpoint"], weights_only=True)
     assert checkpoint["global_step"] == 4 and np.isfinite(result["metrics"]["train/loss"])
 
 

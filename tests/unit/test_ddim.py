@@ -74,14 +74,20 @@ def test_oracle_ddim_is_exact_for_a_point_mass_at_ten_steps():
     torch.testing.assert_close(x, torch.full_like(x, MU), rtol=0, atol=1e-4)
 
 
-def test_sigma_hat_values_and_clamped_direction():
+def test_sigma_hat_is_ancestral_fixed_large_on_the_same_steps():
+    """σ̂ = sqrt(1 − ᾱ_τi/ᾱ_τi−1) around the posterior mean of the jump (the DDIM code's ``ddpm_steps``): the same
+    numbers as the respaced ancestral sampler with σ² = β from the same x_t, output and generator."""
     diffusion = GaussianDiffusion(num_timesteps=1000)
-    sampler = DDIMSampler(diffusion, steps=10, sigma="hat")
-    kept = sampler.timesteps.flip(0)
-    ab = diffusion.alphas_cumprod_64[kept]
-    expected = (1 - ab[1:] / ab[:-1]).sqrt()
-    torch.testing.assert_close(sampler._table["sigma"][1:].double(), expected, rtol=1e-5, atol=1e-7)
-    assert sampler._table["sigma"][0] == 0 and torch.all(sampler._table["dir_coef"] >= 0)
+    ddim = DDIMSampler(diffusion, steps=10, sigma="hat", spacing="leading")
+    ddpm = AncestralSampler(diffusion, steps=10, variance_type="fixed_large", spacing="leading")
+    ab = diffusion.alphas_cumprod_64[ddim.timesteps.flip(0)]
+    torch.testing.assert_close(ddim._table["sigma"][1:].double(), (1 - ab[1:] / ab[:-1]).sqrt(), rtol=1e-5, atol=1e-7)
+    x = torch.randn(8, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    out = torch.randn(8, 1, 3, 3, generator=torch.Generator().manual_seed(1))
+    for t in ddim.timesteps.tolist():
+        a = ddim.step(out, t, x, torch.Generator().manual_seed(t)).prev_sample
+        b = ddpm.step(out, t, x, torch.Generator().manual_seed(t)).prev_sample
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_ddim_arguments_name_the_key():

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from difflab.callbacks import EMA
-from tests.conftest import tiny_diffusion_module
+from tests.conftest import perturb_weights, tiny_diffusion_module
 from tests.unit.test_host_sync import HostSyncs
 
 
@@ -37,10 +37,7 @@ def fitted(callback):
 
 def perturb(module, seed: int) -> None:
     """Stand-in for an optimizer step: move every parameter."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    perturb_weights(module, seed, scale=0.1)
 
 
 def averaged(callback) -> list[torch.Tensor]:
@@ -120,10 +117,35 @@ def test_checkpoint_round_trip_restores_the_host_counter():
 
 
 def test_ema_copy_on_another_device_than_the_module():
+    """On a CPU-only machine the other device is ``meta`` (no values): the copy stays there, in the module's shapes,
+    the module's own weights are not moved or changed, and the host counter advances; the values are checked on
+    CUDA by the next test."""
     module, ema = fitted(EMA(decay=0.9, device="meta"))
-    assert next(ema._average_model.module.parameters()).device.type == "meta"
+    before = [p.detach().clone() for p in module.parameters()]
     ema.update(module)  # the module's weights are moved to the EMA's device
     ema.update(module)
+    copies = averaged(ema)
+    assert all(c.device.type == "meta" for c in copies) and ema._num_updates == 2
+    assert [c.shape for c in copies] == [b.shape for b in before]
+    for p, b in zip(module.parameters(), before, strict=True):
+        assert p.device.type == "cpu" and torch.equal(p, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_ema_copy_on_the_cpu_of_a_cuda_module():
+    """``callbacks.ema.device=cpu`` for a model on the GPU: the CPU copy has the closed-form EMA values."""
+    module, ema = fitted(EMA(decay=0.9, device="cpu"))
+    module.cuda()
+    history = []
+    for step in range(3):
+        perturb(module, step)
+        history.append([p.detach().cpu().clone() for p in module.parameters()])
+        ema.update(module)
+    expected = [0.9 * (0.9 * a + 0.1 * b) + 0.1 * c for a, b, c in zip(*history, strict=True)]
+    for a, e in zip(averaged(ema), expected, strict=True):
+        assert a.device.type == "cpu"
+        torch.testing.assert_close(a, e)
 
 
 @pytest.mark.parametrize("kwargs", [{"decay": 1.0}, {"decay": -0.1}, {"update_every_n_steps": 0}])

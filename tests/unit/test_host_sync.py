@@ -12,6 +12,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from difflab import samplers
+from difflab.callbacks import TrainThroughput
 from difflab.losses import DiffusionLoss, LossAwareTimestepSampler
 from difflab.samplers import AncestralSampler, DDIMSampler
 from tests.conftest import bare_trainer, tiny_diffusion_module
@@ -65,8 +66,9 @@ def test_the_detector_sees_syncs():
     ],
     ids=["ddpm", "cfg", "iddpm_importance"],
 )
-def test_training_step_has_no_host_sync(kwargs):
-    m = module(**kwargs)
+@pytest.mark.parametrize("net", ["unet", "dit"])
+def test_training_step_has_no_host_sync(kwargs, net):
+    m = module(net=net, **kwargs)
     batch = (torch.rand(4, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 0]))
     for _ in range(3):
         with HostSyncs() as syncs:
@@ -88,8 +90,9 @@ SAMPLERS = [  # DDPM, DDIM and each ODE/SDE solver (Karras steps: fractional tim
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_sampler_steps_have_no_host_sync(sampler):
-    m = module().eval()
+@pytest.mark.parametrize("net", ["unet", "dit"])
+def test_sampler_steps_have_no_host_sync(sampler, net):
+    m = module(net=net).eval()
     built = m.build_sampler(sampler)
     built.set_timesteps()  # once per run, as sample_loop does: plans the steps on the host
     timesteps = built.timesteps.tolist()
@@ -101,14 +104,20 @@ def test_sampler_steps_have_no_host_sync(sampler):
     assert syncs.calls == []
 
 
-def fit_syncs(steps: int) -> list[str]:
-    """The syncing calls of one epoch of ``steps`` training steps through ``Trainer.fit``, progress bar on."""
+def fit_syncs(steps: int, nonfinite: str = "stop") -> list[str]:
+    """The syncing calls of one epoch of ``steps`` training steps through ``Trainer.fit``, progress bar on, with the
+    callbacks every training run has: the non-finite guard (``nonfinite``: its action) and the training random
+    stream."""
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader, TensorDataset
 
+    from difflab.callbacks import NonFiniteGuard, TrainingRandomState
+
     m = module(optimizer=functools.partial(torch.optim.Adam, fused=True))  # foreach Adam reads its CPU step counts
     m.log = pl.LightningModule.log.__get__(m)  # the real one (the test helper mutes it)
-    trainer = bare_trainer(max_epochs=1, log_every_n_steps=1000, enable_progress_bar=True)
+    # with the throughput clock every run has (it syncs the device only at the start, around validation, at the end)
+    callbacks = [NonFiniteGuard(nonfinite), TrainingRandomState(0), TrainThroughput(warmup_steps=1)]
+    trainer = bare_trainer(max_epochs=1, log_every_n_steps=1000, enable_progress_bar=True, callbacks=callbacks)
     data = TensorDataset(torch.rand(4 * steps, 1, 8, 8) * 2 - 1, torch.zeros(4 * steps, dtype=torch.long))
     with warnings.catch_warnings(), HostSyncs() as syncs:
         warnings.filterwarnings("ignore", ".*(does not have many workers|Skipping val loop).*")
@@ -117,10 +126,12 @@ def fit_syncs(steps: int) -> list[str]:
     return syncs.calls
 
 
-def test_fit_reads_the_loss_back_only_when_it_logs():
+@pytest.mark.parametrize("nonfinite", ["stop", "skip"])
+def test_fit_reads_the_loss_back_only_when_it_logs(nonfinite):
     """Lightning reads a ``prog_bar`` step metric back after every batch (with a progress bar or without), so the
     modules show the epoch's mean loss there and send the step loss to the logger only, which reads it back every
     ``log_every_n_steps``. With nothing to log in between, three times the steps make no more reads: those at the
-    start and the end of the fit (the epoch's means, the model's move back to the CPU), none per step."""
-    short, long = fit_syncs(6), fit_syncs(18)
+    start and the end of the fit (the epoch's means, the model's move back to the CPU), none per step; the
+    non-finite guard (either action, with a fused optimizer) and the training random stream add none per step."""
+    short, long = fit_syncs(6, nonfinite), fit_syncs(18, nonfinite)
     assert long == short and short.count("item") < 6

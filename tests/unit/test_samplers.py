@@ -110,6 +110,7 @@ def test_learned_range_interpolates_log_variances():
     [
         ("even", [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]),
         ("leading", [0, 100, 200, 300, 400, 500, 600, 700, 800, 900]),
+        ("ddim_uniform", [0, 100, 200, 300, 400, 500, 600, 700, 800, 900]),
         ("trailing", [99, 199, 299, 399, 499, 599, 699, 799, 899, 999]),
         ("quadratic", [0, 9, 39, 88, 158, 246, 355, 483, 632, 800]),  # as the DDIM code (numpy) gives
     ],
@@ -121,7 +122,7 @@ def test_spacing_reference_values(spacing, expected):
     assert torch.all(sampler.timesteps[1:] < sampler.timesteps[:-1])  # strictly decreasing
 
 
-def test_ddimK_spacing_matches_improved_diffusion():
+def test_leading_spacing_and_bad_spacings():
     assert spaced_timesteps(1000, 50, "leading").tolist() == list(range(0, 1000, 20))
     with pytest.raises(ValueError, match="sampler.spacing=quadratic"):
         spaced_timesteps(100, 100, "quadratic")

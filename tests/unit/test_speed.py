@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from difflab.modules import DiffusionModule
 from difflab.utils.speed import CompileMode
-from tests.conftest import bare_trainer, tiny_diffusion_module
+from tests.conftest import bare_trainer, perturb_weights, tiny_diffusion_module
 
 module = tiny_diffusion_module
 
@@ -26,24 +26,34 @@ def loss_and_grads(m: DiffusionModule, x: torch.Tensor) -> tuple[torch.Tensor, l
 
 
 def assert_same_path(plain: DiffusionModule, fast: DiffusionModule) -> None:
+    perturb_weights(plain)  # off the zero output layer: otherwise ε̂ = 0 and only its 2 tensors get gradients
     fast.load_state_dict(plain.state_dict())
     assert plain.state_dict().keys() == fast.state_dict().keys()  # checkpoints move freely between the two
     x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     loss_a, grads_a = loss_and_grads(plain, x)
     loss_b, grads_b = loss_and_grads(fast, x)
+    assert all(g.abs().max() > 0 for g in grads_a)  # every parameter is compared through a non-zero gradient
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads_a, grads_b, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     plain.eval(), fast.eval()
     samples = [m.sample(2, generator=torch.Generator().manual_seed(2), num_steps=5) for m in (plain, fast)]
     torch.testing.assert_close(samples[1], samples[0], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # and the network's output, which the samples depend on, is not the all-zero one
+        assert plain(x, torch.tensor([0, 10, 25, 49])).abs().mean() > 0.01
 
 
-def test_channels_last_is_the_plain_path():
-    fast = module(channels_last=True)
-    weight = next(p for p in fast.net.parameters() if p.dim() == 4 and p.shape[1] > 1)
-    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
-    assert_same_path(module(), fast)
+NETS = pytest.mark.parametrize("net", ["unet", "dit"])
+
+
+@NETS
+def test_channels_last_is_the_plain_path(net):
+    """For the DiT only the patch embedding is a convolution (one input channel here: both layouts coincide)."""
+    fast = module(channels_last=True, net=net)
+    if net == "unet":
+        weight = next(p for p in fast.net.parameters() if p.dim() == 4 and p.shape[1] > 1)
+        assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    assert_same_path(module(net=net), fast)
 
 
 def test_compile_is_in_place_and_idempotent():
@@ -61,10 +71,11 @@ def test_compile_is_in_place_and_idempotent():
 
 
 @pytest.mark.slow  # Inductor compiles forward, backward and a second batch size: ~3 minutes on 2 CPU cores
-def test_compile_is_the_plain_path():
-    fast = module(compile="default")
+@NETS
+def test_compile_is_the_plain_path(net):
+    fast = module(compile="default", net=net)
     fast.configure_model()
-    assert_same_path(module(), fast)
+    assert_same_path(module(net=net), fast)
 
 
 def test_bad_speed_options_fail_at_construction():
@@ -97,7 +108,8 @@ def test_fused_adam_with_clipping_is_the_foreach_path(precision):
     assert any(not torch.allclose(a, b) for a, b in zip(fused.parameters(), unclipped.parameters(), strict=True))
 
 
-def test_compile_never_recompiles_per_step(monkeypatch):
+@NETS
+def test_compile_never_recompiles_per_step(net, monkeypatch):
     """model.compile: Dynamo traces the network once for the training batch, once more when the epoch's last, smaller
     batch makes the batch dimension dynamic, and once for eval mode; never again, whatever the timesteps, the batch
     size or the number of sampling steps, and with no graph breaks (one graph per trace). Dynamo decides all of this
@@ -111,7 +123,7 @@ def test_compile_never_recompiles_per_step(monkeypatch):
     compile_module = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda net, **kw: compile_module(net, backend=counting_backend))
     torch._dynamo.reset()
-    m = module(compile="default")
+    m = module(compile="default", net=net)
     m.configure_model()
     data = TensorDataset(torch.rand(26, 1, 8, 8) * 2 - 1, torch.zeros(26))  # 6 batches of 4, then one of 2
     trainer = bare_trainer(max_epochs=2)
@@ -128,13 +140,12 @@ def test_compile_never_recompiles_per_step(monkeypatch):
     torch._dynamo.reset()
 
 
-def test_sample_precision_autocasts_the_network_only():
+@NETS
+def test_sample_precision_autocasts_the_network_only(net):
     """model.sample_precision=bf16-mixed: the network runs under bf16 autocast in sample(), the sampler's arithmetic
     in fp32; the samples stay within bf16 rounding of the fp32 ones (same weights, same noise)."""
-    plain, fast = module(), module(sample_precision="bf16-mixed")
-    with torch.no_grad():  # weights away from the zero-initialised output layer, so that ε̂ is not 0
-        for p in plain.net.parameters():
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    plain, fast = module(net=net), module(sample_precision="bf16-mixed", net=net)
+    perturb_weights(plain.net)  # weights away from the zero-initialised output layer, so that ε̂ is not 0
     fast.load_state_dict(plain.state_dict())
     dtypes = {}
 

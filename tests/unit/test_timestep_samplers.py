@@ -37,13 +37,17 @@ def test_probabilities_follow_root_mean_square_loss():
 
 
 def test_importance_weights_make_the_estimator_unbiased():
+    """E_{t~p}[w_t L_t] = (1/T) Σ_t L_t with the sampler's own weights w_t = 1/(T p_t), whatever p is."""
     sampler, scale = filled()
     losses = scale**2  # a synthetic loss table L_t
     p = sampler.probabilities().double()
-    exact = (p * (1.0 / (len(p) * p)) * losses).sum()
-    assert exact.item() == pytest.approx(losses.mean().item(), rel=1e-6)
     torch.manual_seed(0)
     t, w = sampler.sample(400_000, "cpu")
+    weight_of_t = torch.zeros(len(p), dtype=torch.float64).index_put_((t,), w.double())  # the weight drawn with t
+    torch.testing.assert_close(weight_of_t, 1.0 / (len(p) * p), rtol=1e-5, atol=0)
+    assert (p * weight_of_t * losses).sum().item() == pytest.approx(losses.mean().item(), rel=1e-6)
+    # the Monte Carlo estimate, which would miss by > 10 % with unit weights (p is far from uniform)
+    assert (p * losses).sum().item() > 1.1 * losses.mean().item()
     assert (w.double() * losses[t]).mean().item() == pytest.approx(losses.mean().item(), rel=1e-2)
 
 

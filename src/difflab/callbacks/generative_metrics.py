@@ -78,6 +78,7 @@ class GenerativeMetricsCallback(pl.Callback):
         dataset = getattr(datamodule, self.real_split, None)
         if dataset is None:
             raise ValueError(f"callbacks.generative_metrics.real_split={self.real_split!r}: no such split")
+        dataset = getattr(dataset, "source", dataset)  # model.cache_latents replaced the images by latents
         for x, _ in DataLoader(dataset, batch_size=self.batch_size, shuffle=False):  # the same on every rank
             yield x
 
@@ -130,6 +131,9 @@ class GenerativeMetricsCallback(pl.Callback):
             # The last validation may have evaluated these very weights (EMA, same step, same seed): reuse it.
             last = self._last
             values = last[1] if last and last[0] == trainer.global_step else self.evaluate(trainer, pl_module)
+            final = {f"final/{k}": v for k, v in values.items()}
+            # also in callback_metrics (self.log is closed in on_train_end): the run's final metrics, run_summary.json
+            trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in final.items()})
             if trainer.is_global_zero:
                 for logger in trainer.loggers:
-                    logger.log_metrics({f"final/{k}": v for k, v in values.items()}, step=trainer.global_step)
+                    logger.log_metrics(final, step=trainer.global_step)

@@ -11,7 +11,11 @@ from difflab.utils.loggers import logger_identity
 
 
 class RunRecord(pl.Callback):
-    """Store the resolved run config and the logger identities (for ``ckpt_path=`` resume) in checkpoints."""
+    """Store the resolved run config and the logger identities (for ``ckpt_path=`` resume) in checkpoints.
+
+    The record is plain containers (the config from ``OmegaConf.to_container``), so checkpoints open with
+    ``torch.load(weights_only=True)``.
+    """
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config

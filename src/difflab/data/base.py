@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from difflab.data.device_batches import DeviceBatches
+from difflab.data.order import EpochSampler, ResumableDataLoader
 from difflab.data.transforms import InMemoryImageDataset, collate_images, prepare_images
 
 DIGIT_NAMES = tuple(
@@ -193,12 +194,14 @@ class ImageDataModule(pl.LightningDataModule):
             return self.on_device
         return self._on_cuda() and isinstance(self.train, InMemoryImageDataset)
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset: Dataset, sampler: EpochSampler | None = None) -> DataLoader:
+        """Training (``sampler`` given: resumable, in the epoch order, incomplete batches dropped) or evaluation
+        batches in a fixed order."""
+        return (DataLoader if sampler is None else ResumableDataLoader)(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train,
+            sampler=sampler,
+            drop_last=sampler is not None,
             num_workers=self.num_workers,
             pin_memory=self._on_cuda() if self.pin_memory is None else self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
@@ -206,36 +209,41 @@ class ImageDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader | DeviceBatches:
-        """Shuffled, ``drop_last=True`` batches of (x (B, C, S, S), y (B,)); with ``on_device``, gathered on the
-        training device from a copy of the whole set there (:class:`DeviceBatches`)."""
+        """Shuffled, ``drop_last=True`` batches of (x (B, C, S, S), y (B,)) in the (seed, epoch) order of
+        :mod:`difflab.data.order` (resumable mid-epoch, this rank's share under DDP); with ``on_device``, gathered
+        on the training device from a copy of the whole set there (:class:`DeviceBatches`)."""
         self.setup()
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        epoch = (lambda: trainer.current_epoch) if trainer else (lambda: 0)
         if not self._resolved_on_device():
-            return self._loader(self.train, train=True)
+            flip = bool(getattr(self.train, "random_flip", False))
+            sampler = EpochSampler(len(self.train), self.batch_size, self.seed, epoch, rank, world_size, flip)
+            return self._loader(self.train, sampler)
         if not isinstance(self.train, InMemoryImageDataset):  # e.g. replaced by latent diffusion's latent cache
             raise ValueError(
                 f"data.on_device=true needs the in-memory image set, but the training set is a "
                 f"{type(self.train).__name__} (model.cache_latents=true? it keeps the latents on the host)"
             )
-        trainer = self.trainer
         return DeviceBatches(
             self.train,
             self.batch_size,
             trainer.strategy.root_device if trainer else "cpu",
             self.seed,
-            epoch=(lambda: trainer.current_epoch) if trainer else (lambda: 0),
-            rank=trainer.global_rank if trainer else 0,
-            world_size=trainer.world_size if trainer else 1,
+            epoch=epoch,
+            rank=rank,
+            world_size=world_size,
         )
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches in a fixed order."""
         self.setup()
-        return self._loader(self.val, train=False)
+        return self._loader(self.val)
 
     def test_dataloader(self) -> DataLoader:
         """Test batches in a fixed order."""
         self.setup()
-        return self._loader(self.test, train=False)
+        return self._loader(self.test)
 
 
 class HeldOutTestDataModule(ImageDataModule):

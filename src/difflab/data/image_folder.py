@@ -66,10 +66,12 @@ class ImageFileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``key``: an index, or (index, flip) from the training order (:class:`difflab.data.order.EpochSampler`)."""
+        index, flip = key if isinstance(key, tuple) else (key, None)
         x = to_unit_range(load_image(self.paths[index], self.channels, self.size))
         if self.random_flip:
-            x = random_hflip(x.unsqueeze(0))[0]
+            x = random_hflip(x.unsqueeze(0), None if flip is None else torch.tensor([flip]))[0]
         return x, self.labels[index]
 
 

@@ -72,10 +72,21 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return images.to(torch.float32).div_(127.5).sub_(1.0)
 
 
-def random_hflip(x: torch.Tensor) -> torch.Tensor:
-    """Flip each image of (B, C, H, W) horizontally with probability 1/2 (the global RNG of x's device)."""
-    flip = (torch.rand(x.shape[0], device=x.device) < 0.5).view(-1, *([1] * (x.ndim - 1)))
-    return torch.where(flip, x.flip(-1), x)
+def random_hflip(x: torch.Tensor, flips: torch.Tensor | None = None) -> torch.Tensor:
+    """Flip the images of (B, C, H, W) horizontally where ``flips`` (B,) is true; without ``flips``, each with
+    probability 1/2 from the global RNG of x's device (training draws its flips from the epoch order instead)."""
+    if flips is None:
+        flips = torch.rand(x.shape[0], device=x.device) < 0.5
+    return torch.where(flips.to(x.device).view(-1, *([1] * (x.ndim - 1))), x.flip(-1), x)
+
+
+def split_keys(keys: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Item keys → indices (B,) and flip decisions (B,) or None: a key is an index or, from the training order
+    (:class:`difflab.data.order.EpochSampler`), an (index, flip) pair."""
+    if keys and isinstance(keys[0], tuple):
+        indices, flips = zip(*keys, strict=True)
+        return torch.as_tensor(indices, dtype=torch.int64), torch.as_tensor(flips, dtype=torch.bool)
+    return torch.as_tensor(keys, dtype=torch.int64), None
 
 
 class StackedSamples(list):
@@ -109,19 +120,20 @@ class InMemoryImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.batch(torch.tensor([index]))
+    def __getitem__(self, key: int | tuple[int, bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.batch(*split_keys([key]))
         return x[0], y[0]
 
-    def __getitems__(self, indices: list[int]) -> StackedSamples:
-        return StackedSamples(*self.batch(torch.as_tensor(indices, dtype=torch.int64)))
+    def __getitems__(self, keys: list) -> StackedSamples:
+        return StackedSamples(*self.batch(*split_keys(keys)))
 
-    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Items ``indices`` (B,) stacked: x (B, channels, S, S) float32 in [-1, 1], y (B,), on the images' device."""
+    def batch(self, indices: torch.Tensor, flips: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items ``indices`` (B,) stacked: x (B, channels, S, S) float32 in [-1, 1], y (B,), on the images' device;
+        with ``random_flip``, flipped where ``flips`` (B,) says (drawn at random without it)."""
         x = self.images[indices]
         if x.shape[1] != self.channels:
             x = x.expand(-1, self.channels, -1, -1)
         x = to_unit_range(x)
         if self.random_flip:
-            x = random_hflip(x)
+            x = random_hflip(x, flips)
         return x, self.labels[indices]

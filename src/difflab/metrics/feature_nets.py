@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from difflab.networks import ClassifierNet
+from difflab.utils.checkpoint_io import load_checkpoint
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 FEATURE_NETS = ("inception", "fmnist_cls", "mnist_cls")
@@ -72,7 +73,7 @@ def load_classifier(name: str, weights_dir: Path | None = None) -> tuple[Classif
     path = (weights_dir or WEIGHTS_DIR) / f"{name}.pt"
     if not path.is_file():
         raise FeatureNetUnavailable(f"metrics.feature_net={name}: no weights file {path}")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = load_checkpoint(path, f"metrics.feature_net={name}")
     net = ClassifierNet(**blob["net_kwargs"])
     net.load_state_dict(blob["state_dict"])
     return net.eval(), blob["meta"]

@@ -20,6 +20,7 @@ from torch import nn
 
 from difflab.metrics import feature_nets
 from difflab.metrics.feature_nets import make_metric, to_metric_input
+from difflab.utils.checkpoint_io import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ class GenerativeMetrics(nn.Module):
             key = {**cache_key, "feature_net": self.feature_net, "num_real": num_real, "metrics": sorted(self.names)}
             path = Path(cache_dir) / f"{stats_key(key)}.pt"
             if path.is_file():
-                self.load_real_state(torch.load(path, map_location="cpu"))
+                self.load_real_state(load_checkpoint(path, "cache_dir"))
                 return True
         seen = 0
         for images in batches:

@@ -1,7 +1,7 @@
 """LightningModules (``*Module``) and checkpoint loading."""
 
 from difflab.modules.autoencoder import AutoencoderModule, export_autoencoder, load_autoencoder
-from difflab.modules.checkpoint import CheckpointError, load_module, read_run_record
+from difflab.modules.checkpoint import CheckpointError, load_module, read_run_record, sampler_config
 from difflab.modules.classifier import ClassifierModule
 from difflab.modules.diffusion import DiffusionModule
 from difflab.modules.latent_diffusion import LatentDiffusionModule
@@ -16,4 +16,5 @@ __all__ = [
     "load_autoencoder",
     "load_module",
     "read_run_record",
+    "sampler_config",
 ]

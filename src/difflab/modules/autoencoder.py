@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from difflab.losses.autoencoder import AutoencoderLoss
-from difflab.modules.optim import clip_gradients
+from difflab.modules.optim import check_optimizer, clip_gradients
 from difflab.modules.step_logging import log_train_step
 from difflab.networks.autoencoder import Autoencoder
 from difflab.networks.regularizers import Regularizer
+from difflab.utils.checkpoint_io import load_checkpoint
 
 
 class AutoencoderModule(pl.LightningModule):
@@ -55,6 +56,8 @@ class AutoencoderModule(pl.LightningModule):
         self.autoencoder = net(in_channels=self.image_shape[0], image_size=self.image_shape[1])
         self.discriminator = discriminator(in_channels=self.image_shape[0])
         self.loss_fn = loss
+        check_optimizer(optimizer, "model.optimizer")
+        check_optimizer(disc_optimizer, "model.disc_optimizer")
         self._optimizer, self._disc_optimizer = optimizer, disc_optimizer
         self.gradient_clip_val = gradient_clip_val
         self.batches_seen = 0  # GAN schedule clock: Lightning's global_step counts both optimizers' steps
@@ -180,7 +183,7 @@ def load_autoencoder(path: str | Path | LoadedCheckpoint | None) -> tuple[Autoen
     if isinstance(path, LoadedCheckpoint):
         checkpoint = path.content
     else:
-        checkpoint = torch.load(resolve_autoencoder_path(path), map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint(resolve_autoencoder_path(path), "model.autoencoder_ckpt")
     config: dict[str, Any] = {}
     if isinstance(checkpoint, dict):
         config = checkpoint.get("autoencoder_config") or (checkpoint.get("difflab") or {}).get("config", {})
@@ -204,7 +207,7 @@ def load_autoencoder(path: str | Path | LoadedCheckpoint | None) -> tuple[Autoen
 def export_autoencoder(path: str | Path, out: str | Path) -> Path:
     """Write a slim copy of a stage-1 checkpoint (autoencoder weights and run config; no discriminator, no optimizer
     state): what ``difflab/weights/`` ships."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(path)
     state = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("autoencoder.")}
     slim = {"state_dict": state, "difflab": checkpoint["difflab"], "global_step": checkpoint.get("global_step", 0)}
     out = Path(out)

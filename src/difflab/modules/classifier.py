@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from difflab.modules.optim import check_optimizer
 from difflab.modules.step_logging import log_train_step
 
 
@@ -28,6 +29,7 @@ class ClassifierModule(pl.LightningModule):
         self.image_shape = tuple(int(s) for s in image_shape)
         self.num_classes = num_classes
         self.net = net(in_channels=self.image_shape[0], num_classes=num_classes, image_size=self.image_shape[1])
+        check_optimizer(optimizer, "model.optimizer")
         self._optimizer, self._lr_scheduler = optimizer, lr_scheduler
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

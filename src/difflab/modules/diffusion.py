@@ -12,12 +12,13 @@ import torch
 from torch import nn
 
 from difflab.losses import DiffusionLoss, TimestepSampler, UniformTimestepSampler, full_chain_bpd
-from difflab.modules.optim import clip_gradients
+from difflab.modules.optim import check_optimizer, clip_gradients
 from difflab.modules.step_logging import log_train_step
 from difflab.samplers import AncestralSampler, DDIMSampler, Sampler, sample_loop
 from difflab.samplers.guidance import classifier_free_guidance
 from difflab.schedules import GaussianDiffusion, Parameterization, VarianceType
 from difflab.utils.enums import parse_enum
+from difflab.utils.flops import gflops_per_forward
 from difflab.utils.progress import SamplingProgress
 from difflab.utils.speed import CompileMode, autocast_dtype, compile_in_place
 
@@ -95,6 +96,7 @@ class DiffusionModule(pl.LightningModule):
         self.loss_fn.check(self.variance_type)
         self.timestep_sampler = (timestep_sampler or UniformTimestepSampler)(schedule.num_timesteps)
         self.sampler = self.build_sampler(sampler)
+        check_optimizer(optimizer, "model.optimizer")
         self._optimizer, self._lr_scheduler = optimizer, lr_scheduler
         self.sample_batch_size = sample_batch_size
         self.compile_mode = parse_enum(CompileMode, compile, "model.compile")
@@ -130,6 +132,20 @@ class DiffusionModule(pl.LightningModule):
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """The network call; subclasses change how the condition reaches the network."""
         return self.net(self.net_input(x_t), t, y if self.num_classes else None)
+
+    @torch.no_grad()
+    def gflops_per_forward(self) -> float:
+        """Billions of multiply-adds of one network evaluation per image, DiT's "Gflops": the denoiser on x_t of the
+        diffusion space (latents for latent diffusion, whose conditioner counts and frozen autoencoder does not),
+        under the null condition. Counted in eval mode (no dropout draws from the RNG)."""
+        x_t = torch.zeros(1, *self.image_shape, device=self.device)
+        t = torch.zeros(1, dtype=torch.long, device=self.device)
+        was_training = self.training
+        self.eval()
+        try:
+            return gflops_per_forward(self.denoise, x_t, t, None)
+        finally:
+            self.train(was_training)
 
     def net_input(self, x_t: torch.Tensor) -> torch.Tensor:
         """x_t in the network's memory format (channels_last when ``model.channels_last``)."""
@@ -223,8 +239,15 @@ class DiffusionModule(pl.LightningModule):
 
         ``generator`` (on ``self.device``) makes the result reproducible. For a class-conditional model ``y``
         (num_samples,) gives the labels (default: all classes in turn) and ``guidance_scale`` the CFG weight w
-        (default: the model's). ``progress``: a bar over steps × batches with NFE and images/s (TTY only).
+        (default: the model's); an unconditional model refuses a ``guidance_scale`` (it would be ignored).
+        ``progress``: a bar over steps × batches with NFE and images/s (TTY only).
         """
+        if guidance_scale is not None and not self.conditional:
+            raise ValueError(
+                f"guidance_scale={guidance_scale}: this checkpoint's model is unconditional (it has no classes), so "
+                "there is nothing to guide towards; classifier-free guidance needs a class-conditional model "
+                "(python src/train.py experiment=cfg) or a conditioned latent diffusion model"
+            )
         sampler = sampler or self.sampler
         if self.num_classes and y is None:
             y = torch.arange(num_samples) % self.num_classes
@@ -251,6 +274,11 @@ class DiffusionModule(pl.LightningModule):
     def condition(self, y: torch.Tensor | None, generator: torch.Generator | None = None) -> torch.Tensor | None:
         """Data labels → what ``model_fn`` takes as condition (the labels here; latent diffusion's conditioner)."""
         return y
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the network takes a condition (classes here; latent diffusion: a conditioner)."""
+        return bool(self.num_classes)
 
     @property
     def output_shape(self) -> tuple[int, ...]:

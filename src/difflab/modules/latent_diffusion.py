@@ -20,10 +20,11 @@ from difflab.samplers.guidance import classifier_free_guidance
 
 
 class LatentCache(Dataset):
-    """A training set as encoder outputs, computed once: items are (moments (C', h, w) float32, y)."""
+    """A training set as encoder outputs, computed once: items are (moments (C', h, w) float32, y). ``source`` is
+    the image dataset it was encoded from (what FID's real statistics read, see GenerativeMetricsCallback)."""
 
-    def __init__(self, moments: torch.Tensor, labels: torch.Tensor) -> None:
-        self.moments, self.labels = moments, labels
+    def __init__(self, moments: torch.Tensor, labels: torch.Tensor, source: Dataset | None = None) -> None:
+        self.moments, self.labels, self.source = moments, labels, source
 
     @classmethod
     @torch.no_grad()
@@ -37,7 +38,7 @@ class LatentCache(Dataset):
             labels.append(y)
         autoencoder.to(home)
         rank_zero_info(f"cache_latents: encoded {len(dataset)} training images once")
-        return cls(torch.cat(moments), torch.cat(labels))
+        return cls(torch.cat(moments), torch.cat(labels), source=dataset)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -161,6 +162,10 @@ class LatentDiffusionModule(DiffusionModule):
             y = self.conditioner.null(x_t.shape[0], x_t.device)
         context, mask = self.conditioner(y)
         return self.net(x_t, t, context=context, context_mask=mask)
+
+    @property
+    def conditional(self) -> bool:
+        return self.conditioner is not None
 
     def condition(self, y: torch.Tensor | None, generator: torch.Generator | None = None) -> torch.Tensor | None:
         """Data labels y (B,) → the conditioner's condition (captions from templates for text conditioners)."""

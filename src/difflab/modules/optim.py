@@ -10,6 +10,22 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch.optim.lr_scheduler import LambdaLR
 
+# torch's messages for invalid optimizer arguments → the argument (key under model.optimizer) they are about
+_ARGUMENT_WORDS = {"learning rate": "lr", "beta": "betas", "epsilon": "eps", "weight_decay": "weight_decay"}
+
+
+def check_optimizer(optimizer: Any, key: str = "model.optimizer") -> None:
+    """Build the optimizer factory once on a dummy parameter, so that an invalid argument (a negative learning
+    rate, betas outside [0, 1), ...) fails when the model is built, naming the config key, instead of inside torch
+    when training starts."""
+    try:
+        optimizer([torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as err:
+        message = str(err)
+        argument = next((arg for word, arg in _ARGUMENT_WORDS.items() if word in message.lower()), None)
+        where = f"{key}.{argument}" if argument else key
+        raise ValueError(f"{where}: {message}") from err
+
 
 def linear_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int = 5000) -> LambdaLR:
     """lr · min(1, (step + 1)/warmup_steps): DDPM's 5000-step linear warmup, then constant."""

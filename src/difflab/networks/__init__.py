@@ -5,6 +5,7 @@ from difflab.networks.autoencoder import Autoencoder
 from difflab.networks.classifier import ClassifierNet
 from difflab.networks.conditioners import ClassConditioner, Conditioner, TextTransformerConditioner
 from difflab.networks.discriminator import PatchDiscriminator
+from difflab.networks.dit import DiT
 from difflab.networks.embeddings import timestep_embedding
 from difflab.networks.unet import UNet
 
@@ -13,6 +14,7 @@ __all__ = [
     "ClassConditioner",
     "ClassifierNet",
     "Conditioner",
+    "DiT",
     "PatchDiscriminator",
     "SpatialTransformer",
     "TextTransformerConditioner",

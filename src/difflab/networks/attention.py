@@ -18,17 +18,18 @@ class Attention(nn.Module):
     """Multi-head attention of queries x (B, N, C) over ``context`` (B, L, D) — or over x itself when None.
 
     ``mask`` (B, L) bool marks the context tokens to attend to (True = keep); rows with no kept token are not
-    allowed (the conditioners always keep at least one token).
+    allowed (the conditioners always keep at least one token). ``qkv_bias``: biases on the q/k/v projections
+    (LDM has none; DiT's ViT attention has them).
     """
 
-    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None) -> None:
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, qkv_bias: bool = False) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"net.num_heads={num_heads} must divide the channels ({dim})")
         self.num_heads = num_heads
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim or dim, dim, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim or dim, dim, bias=qkv_bias)
         self.to_out = nn.Linear(dim, dim)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,15 +23,15 @@ class AncestralSampler(Sampler):
         ab = self.diffusion.alphas_cumprod_64[ascending]
         ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
         terms = posterior_terms(ab, ab_prev)
-        # fixed_large: σ² = β_{t|s}; at the first step use β̃ of the next one (its log must be finite), as ADM.
-        log_betas = torch.log(torch.cat([terms["variance"][1:2], terms["betas"][1:]]))
-        if ab.numel() == 1:
-            log_betas = torch.log(terms["betas"])
+        log_betas = torch.log(terms["betas"])
+        # fixed_large: σ² = β_{t|s}; at the first step β̃ of the next one, as GaussianDiffusion.log_betas_clipped.
+        log_large = torch.cat([terms["log_variance_clipped"][1:2], log_betas[1:]]) if ab.numel() > 1 else log_betas
         self._table = {
             "coef_x0": terms["coef_x0"].float(),
             "coef_xt": terms["coef_xt"].float(),
             "log_variance_small": terms["log_variance_clipped"].float(),
-            "log_variance_large": log_betas.float(),
+            "log_variance_large": log_large.float(),
+            "log_betas": log_betas.float(),  # learned_range's upper end, unclipped (see model_log_variance)
         }
 
     def log_variance(self, index: int, var_output: torch.Tensor | None) -> torch.Tensor:
@@ -40,6 +40,7 @@ class AncestralSampler(Sampler):
             self.variance_type,
             self._table["log_variance_small"][index],
             self._table["log_variance_large"][index],
+            self._table["log_betas"][index],
             var_output,
         )
 

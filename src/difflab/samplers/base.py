@@ -36,12 +36,26 @@ class SamplerOutput:
 
 
 class Spacing(StrEnumChoice):
-    """How K sampling steps are picked from [0, T) (indices; index T−1 is the paper's t = T)."""
+    """How K sampling steps are picked from [0, T) (indices; index T−1 is the paper's t = T).
 
-    EVEN = "even"  # K evenly spaced, both 0 and T−1 included (improved-diffusion's "K")
-    LEADING = "leading"  # 0, T//K, 2·T//K, … (the DDIM paper's uniform τ; improved-diffusion's "ddimK")
-    TRAILING = "trailing"  # T−1, T−1−T/K, … (starts at t = T; diffusers' "trailing")
-    QUADRATIC = "quadratic"  # ⌊(linspace(0, sqrt(0.8 T), K))²⌋ (the DDIM paper's CIFAR-10 setting)
+    - ``even``: round(i (T−1)/(K−1)), i < K: both 0 and T−1 included (improved-diffusion's "K" with one section,
+      to the index; diffusers' "linspace" breaks some ties x.5 the other way). For K = 1 it is [T−1] (one step
+      from pure noise at t = T), where both of those give [0] (a "sample" that is the initial noise itself).
+    - ``leading``: 0, s, 2s, …, (K−1)s with s = T // K (diffusers' "leading" with ``steps_offset=0``). When K
+      divides T it equals ``ddim_uniform``; otherwise it keeps the stride T // K and stops early (K = 7, T = 1000:
+      ends at 852, where ``ddim_uniform`` ends at 858).
+    - ``ddim_uniform``: range(0, T, s) with the smallest integer stride s that gives exactly K steps
+      (improved-diffusion's "ddimK", the DDIM paper's uniform τ); an error when no stride does (T = 1000, K = 37).
+    - ``trailing``: round(T − i T/K) − 1: starts at T−1, i.e. t = T (diffusers' "trailing"; its float ``arange``
+      breaks some exact ties x.5 the other way, e.g. K = 48, T = 1000, and can return K + 1 steps).
+    - ``quadratic``: ⌊(linspace(0, sqrt(0.8 T), K))²⌋ (the DDIM paper's CIFAR-10 setting, as its code).
+    """
+
+    EVEN = "even"
+    LEADING = "leading"
+    DDIM_UNIFORM = "ddim_uniform"
+    TRAILING = "trailing"
+    QUADRATIC = "quadratic"
 
 
 def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: Spacing | str = Spacing.EVEN) -> torch.Tensor:
@@ -50,10 +64,22 @@ def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: Spacing | str 
     T, K = num_timesteps, num_steps
     if not 1 <= K <= T:
         raise ValueError(f"sampler.steps={K}: expected 1 <= steps <= T={T}")
-    if spacing is Spacing.EVEN:
-        steps = [T - 1] if K == 1 else [round(i * (T - 1) / (K - 1)) for i in range(K)]
+    if spacing is Spacing.EVEN:  # the stride accumulated as improved-diffusion does (the same ties at x.5)
+        stride = (T - 1) / (K - 1) if K > 1 else 0.0
+        steps, position = [], 0.0
+        for _ in range(K):
+            steps.append(round(position))
+            position += stride
+        steps = [T - 1] if K == 1 else steps
     elif spacing is Spacing.LEADING:
         steps = list(range(0, T, T // K))[:K]
+    elif spacing is Spacing.DDIM_UNIFORM:
+        steps = next((list(range(0, T, s)) for s in range(1, T + 1) if len(range(0, T, s)) == K), None)
+        if steps is None:
+            raise ValueError(
+                f"sampler.spacing=ddim_uniform: no integer stride gives exactly steps={K} in T={T}; "
+                "use spacing=leading or another number of steps"
+            )
     elif spacing is Spacing.TRAILING:
         steps = sorted(round(T - i * T / K) - 1 for i in range(K))
     else:
@@ -79,7 +105,7 @@ class Sampler(abc.ABC):
         dynamic_threshold: if set, Imagen's dynamic thresholding of x̂_0 at this percentile (e.g. 0.995), applied
             instead of the static clip.
         steps: default number of sampling steps K (None: T); K < T respaces.
-        spacing: which K steps (:class:`Spacing`: even | leading | trailing | quadratic).
+        spacing: which K steps (:class:`Spacing`: even | leading | ddim_uniform | trailing | quadratic).
     """
 
     def __init__(
@@ -110,7 +136,9 @@ class Sampler(abc.ABC):
         self.dynamic_threshold = dynamic_threshold
         if dynamic_threshold is not None and not 0.0 < dynamic_threshold <= 1.0:
             raise ValueError(f"sampler.dynamic_threshold={dynamic_threshold}: expected a percentile in (0, 1]")
-        self.num_steps = steps or diffusion.num_timesteps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"sampler.steps={steps!r}: expected a number of steps >= 1 (or null: all T steps)")
+        self.num_steps = diffusion.num_timesteps if steps is None else steps
         self.timesteps = torch.empty(0, dtype=torch.long)
         self.nfe = 0  # network evaluations of the current chain, counted by sample_loop
         self.set_timesteps(self.num_steps)
@@ -126,7 +154,7 @@ class Sampler(abc.ABC):
 
     def set_timesteps(self, num_steps: int | None = None) -> None:
         """Choose the sub-sequence of [0, T) to visit; ``self.timesteps`` becomes it in descending order."""
-        num_steps = num_steps or self.num_steps
+        num_steps = self.num_steps if num_steps is None else num_steps  # 0 is an error, not "the default"
         self.nfe = 0
         ascending = spaced_timesteps(self.num_timesteps, num_steps, self.spacing)
         self.timesteps = ascending.flip(0)

@@ -4,8 +4,11 @@
 x_{τ_{i−1}} = sqrt(ᾱ_{τ_{i−1}}) x̂_0 + sqrt(1 − ᾱ_{τ_{i−1}} − σ_{τ_i}²) ε̂ + σ_{τ_i} z              (eq. 12)
 σ_{τ_i}(η) = η sqrt((1 − ᾱ_{τ_{i−1}})/(1 − ᾱ_{τ_i})) sqrt(1 − ᾱ_{τ_i}/ᾱ_{τ_{i−1}})              (eq. 16)
 η = 0 is deterministic (the probability-flow ODE discretised); η = 1 at S = T is DDPM with σ² = β̃.
-``sigma="hat"`` uses σ̂_{τ_i} = sqrt(1 − ᾱ_{τ_i}/ᾱ_{τ_{i−1}}) (DDPM's β of the jump; the σ̂ row of the
-paper's Table 1); then 1 − ᾱ_{τ_{i−1}} − σ̂² can be negative and the ε̂ coefficient is clamped at 0.
+``sigma="hat"`` is the σ̂ row of the paper's Table 1, which is not eq. 12: σ̂_{τ_i}² = 1 − ᾱ_{τ_i}/ᾱ_{τ_{i−1}} is
+larger than 1 − ᾱ_{τ_{i−1}} at most steps, so the paper's σ̂ process is DDPM with the larger variance on the
+respaced chain (the authors' code, ``ddpm_steps``):
+x_{τ_{i−1}} = μ̃_{τ_i}(x_{τ_i}, x̂_0) + σ̂_{τ_i} z,  μ̃ the posterior mean of the jump τ_i → τ_{i−1} (Ho et al. eq. 7),
+i.e. :class:`AncestralSampler` with ``fixed_large`` on the same τ (same numbers from the same x_t, ε̂ and z).
 Indices are 0-based: τ = T−1 is the paper's t = T; before τ_1 comes ᾱ = 1 and no noise is added.
 """
 
@@ -16,12 +19,13 @@ from collections.abc import Callable
 import torch
 
 from difflab.samplers.base import Sampler, SamplerOutput
+from difflab.schedules import posterior_terms
 from difflab.utils.enums import StrEnumChoice, parse_enum
 
 
 class DDIMSigma(StrEnumChoice):
     ETA = "eta"  # σ(η), eq. 16
-    HAT = "hat"  # σ̂ = sqrt(1 − ᾱ_t/ᾱ_prev)
+    HAT = "hat"  # σ̂ = sqrt(1 − ᾱ_t/ᾱ_prev) around the posterior mean (DDPM with σ² = β on τ), η unused
 
 
 class DDIMSampler(Sampler):
@@ -40,16 +44,25 @@ class DDIMSampler(Sampler):
         jump = 1.0 - ab / ab_prev
         if self.sigma_type is DDIMSigma.HAT:
             sigma = jump.sqrt()
+            # x_prev = coef_x0 x̂_0 + coef_xt x_t + σ̂ z: the posterior mean of the jump (see the module docstring)
+            post = posterior_terms(ab, ab_prev)
+            coef_x0, coef_xt, coef_eps = post["coef_x0"], post["coef_xt"], torch.zeros_like(ab)
         else:
             sigma = self.eta * ((1.0 - ab_prev) / (1.0 - ab)).sqrt() * jump.sqrt()
+            # eq. 12: x_prev = sqrt(ᾱ_prev) x̂_0 + sqrt(1 − ᾱ_prev − σ²) ε̂ + σ z (σ ≤ sqrt(1 − ᾱ_prev) for η ≤ 1)
+            coef_x0, coef_xt = ab_prev.sqrt(), torch.zeros_like(ab)
+            coef_eps = (1.0 - ab_prev - sigma**2).clamp(min=0.0).sqrt()
         sigma[0] = 0.0  # the last step adds no noise
         self._table = {
             "sqrt_ab": ab.sqrt().float(),
             "sqrt_ab_prev": ab_prev.sqrt().float(),
             "sqrt_one_minus_ab": (1.0 - ab).sqrt().float(),
-            "dir_coef": (1.0 - ab_prev - sigma**2).clamp(min=0.0).sqrt().float(),
+            "coef_x0": coef_x0.float(),
+            "coef_xt": coef_xt.float(),
+            "dir_coef": coef_eps.float(),
             "sigma": sigma.float(),
         }
+        self._posterior_mean = self.sigma_type is DDIMSigma.HAT
         self._noisy = (sigma > 0).tolist()  # decided once on the host: no tensor-to-bool in the step loop
 
     def step(
@@ -61,7 +74,10 @@ class DDIMSampler(Sampler):
     ) -> SamplerOutput:
         i = self.step_index(t)
         x0, eps, _ = self.predict(model_output, t, x_t)
-        prev = self._table["sqrt_ab_prev"][i] * x0 + self._table["dir_coef"][i] * eps  # eq. 12 without noise
+        if self._posterior_mean:  # σ̂: μ̃(x_t, x̂_0)
+            prev = self._table["coef_x0"][i] * x0 + self._table["coef_xt"][i] * x_t.float()
+        else:  # eq. 12 without noise
+            prev = self._table["coef_x0"][i] * x0 + self._table["dir_coef"][i] * eps
         if self._noisy[i]:
             z = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=prev.dtype)
             prev = prev + self._table["sigma"][i] * z

@@ -48,10 +48,17 @@ def model_log_variance(
     variance_type: VarianceType,
     log_variance_small: torch.Tensor,
     log_variance_large: torch.Tensor,
+    log_betas: torch.Tensor,
     var_output: torch.Tensor | None,
 ) -> torch.Tensor:
-    """log Σ_θ of the reverse step: log β̃ (FIXED_SMALL), log β (FIXED_LARGE), or for LEARNED_RANGE
-    v log β + (1 − v) log β̃ with v = (output + 1)/2 (Nichol & Dhariwal eq. 15), computed in fp32."""
+    """log Σ_θ of the reverse step, computed in fp32:
+    FIXED_SMALL: ``log_variance_small`` = log β̃ (clipped at the first step);
+    FIXED_LARGE: ``log_variance_large`` = log β with β̃_1 in place of β at the first step (a better decoder L_0);
+    LEARNED_RANGE: v log β + (1 − v) log β̃ with v = (output + 1)/2 (Nichol & Dhariwal eq. 15), where the upper
+    end is ``log_betas``, the *unclipped* log β (improved-diffusion's ``max_log = log(betas)``): at t = 0 it is
+    log β_0, not the fixed_large array's log β̃_1 (with that, both ends are log β̃_1 at t = 0 and the variance
+    output is ignored there: a wrong decoder L_0 and no gradient for it).
+    """
     if variance_type is VarianceType.FIXED_SMALL:
         return log_variance_small
     if variance_type is VarianceType.FIXED_LARGE:
@@ -59,7 +66,7 @@ def model_log_variance(
     if var_output is None:
         raise ValueError("variance_type=learned_range needs a network with 2C output channels")
     frac = (var_output.float() + 1.0) / 2.0
-    return frac * log_variance_large + (1.0 - frac) * log_variance_small
+    return frac * log_betas + (1.0 - frac) * log_variance_small
 
 
 class GaussianDiffusion(nn.Module):
@@ -100,10 +107,12 @@ class GaussianDiffusion(nn.Module):
             "posterior_log_variance_clipped": post["log_variance_clipped"],
             "posterior_mean_coef1": post["coef_x0"],
             "posterior_mean_coef2": post["coef_xt"],
-            # σ² = β for FIXED_LARGE; at t = 0 use β̃_1 so that its log is finite (as ADM)
+            # σ² = β for FIXED_LARGE; at t = 0 β̃_1 instead, for a better decoder L_0 (as improved-diffusion)
             "log_betas_clipped": torch.log(torch.cat([post["variance"][1:2], betas[1:]]))
             if num_timesteps > 1
             else torch.log(betas),
+            # the upper end of LEARNED_RANGE: log β_t at every t, t = 0 included (see model_log_variance)
+            "log_betas": torch.log(betas),
         }
         for name, value in buffers.items():
             self.register_buffer(name, value.float(), persistent=False)
@@ -225,6 +234,7 @@ class GaussianDiffusion(nn.Module):
             variance_type,
             self.extract(self.posterior_log_variance_clipped, t, x_t),
             self.extract(self.log_betas_clipped, t, x_t),
+            self.extract(self.log_betas, t, x_t),
             var_output,
         )
         return {"mean": mean, "log_variance": log_variance.expand_as(mean), "pred_x0": x0, "pred_eps": eps}

@@ -13,7 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from difflab.metrics import GenerativeMetrics
+from difflab.modules import sampler_config
 from difflab.tasks.sample import load_for_sampling, resolve_device
+from difflab.utils.checkpoint_io import trusted_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +74,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     dataset, data_cfg = _dataset(cfg, record)
     results: dict[str, Any] = {}
     if set(names) - {"nll"}:
-        results.update(generative(cfg, module, dataset, data_cfg, [n for n in names if n != "nll"]))
+        with trusted_checkpoints(cfg.get("trust_checkpoint", False)):  # the feature net's weights file
+            results.update(generative(cfg, module, dataset, data_cfg, [n for n in names if n != "nll"]))
     if "nll" in names:
         results.update(nll(cfg, module, dataset))
-    sampler = OmegaConf.to_container(cfg.sampler) if cfg.get("sampler") else record["config"]["model"]["sampler"]
+    sampler = OmegaConf.to_container(sampler_config(record["config"]["model"]["sampler"], cfg.get("sampler")))
     report = {
         "ckpt": str(cfg.ckpt),
         "global_step": record["global_step"],

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from difflab.modules import DiffusionModule, load_module
 from difflab.tasks.sample_modes import interpolate, reconstruct
+from difflab.utils.checkpoint_io import trusted_checkpoints
 from difflab.utils.distributed import gather_shards, init_from_env, rank_world, shard
 from difflab.utils.images import save_grid, save_npz
 
@@ -18,14 +19,16 @@ log = logging.getLogger(__name__)
 
 
 def load_for_sampling(cfg: DictConfig, device: torch.device) -> tuple[DiffusionModule, dict[str, Any]]:
-    """``cfg.ckpt`` on ``device`` with the command line's sampler, compile, precision and batch size."""
-    module, record = load_module(
-        cfg.ckpt,
-        sampler=cfg.get("sampler"),
-        map_location=device,
-        compile=cfg.get("compile"),
-        precision=cfg.get("precision"),
-    )
+    """``cfg.ckpt`` on ``device`` with the command line's sampler, compile, precision and batch size (opened
+    safely unless ``trust_checkpoint``, see :mod:`difflab.utils.checkpoint_io`)."""
+    with trusted_checkpoints(cfg.get("trust_checkpoint", False)):
+        module, record = load_module(
+            cfg.ckpt,
+            sampler=cfg.get("sampler"),
+            map_location=device,
+            compile=cfg.get("compile"),
+            precision=cfg.get("precision"),
+        )
     module.sample_batch_size = int(cfg.batch_size)
     return module, record
 

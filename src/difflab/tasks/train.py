@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,22 +13,25 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from difflab.callbacks import RankSeedCallback, RunRecord
+from difflab.callbacks import RunRecord, TrainingRandomState, TrainThroughput
 from difflab.modules import read_run_record
+from difflab.utils.checkpoint_io import AtomicCheckpointIO, checkpoints_trusted, trusted_checkpoints
 from difflab.utils.config import instantiate_group
 from difflab.utils.images import image_grid, save_grid, save_npz
 from difflab.utils.loggers import finish_loggers, log_image, resume_logger_kwargs
+from difflab.utils.sweep_summary import write_run_summary
 
 log = logging.getLogger(__name__)
 
 
 def _resume_overrides(cfg: DictConfig, ckpt_path: str | None) -> dict[str, dict[str, Any]]:
-    """Logger kwargs that continue the logger runs recorded in ``ckpt_path`` (validates the file early)."""
+    """Logger kwargs that continue the logger runs recorded in ``ckpt_path`` (validates the file early, before
+    anything is built, and opens it safely: see :mod:`difflab.utils.checkpoint_io`)."""
     if not ckpt_path:
         return {}
-    record = read_run_record(ckpt_path)
+    record = read_run_record(ckpt_path, "ckpt_path")
     return {
-        entry._target_: resume_logger_kwargs(entry._target_, record.get("loggers", []))
+        entry._target_: resume_logger_kwargs(entry._target_, record.get("loggers", []), record["global_step"])
         for entry in (cfg.get("logger") or {}).values()
         if entry is not None
     }
@@ -44,15 +48,36 @@ def write_samples(module: Any, cfg: DictConfig, out_dir: Path, loggers: list[Any
     }
 
 
+def network_size(model: Any) -> dict[str, Any]:
+    """Parameters of the denoising network and its Gflops per forward (DiT's multiply-add count), where the model
+    has them (diffusion models; the autoencoder and classifier report their parameters only)."""
+    net = getattr(model, "net", model)
+    size: dict[str, Any] = {"params": sum(p.numel() for p in net.parameters())}
+    if hasattr(model, "gflops_per_forward"):
+        size["gflops_per_forward"] = round(model.gflops_per_forward(), 6)
+    return size
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit the configured model; returns the final metrics (floats) and the paths written."""
+    """Fit the configured model; returns the final metrics (floats) and the paths written, which also go to
+    ``<run dir>/run_summary.json`` with the network's size, the training images/s and the wall time. Checkpoints
+    (``ckpt_path``, ``model.autoencoder_ckpt``) are opened safely unless ``trust_checkpoint``."""
+    with trusted_checkpoints(cfg.get("trust_checkpoint", False)):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
+    start = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = cfg.get("ckpt_path")
     logger_overrides = _resume_overrides(cfg, ckpt_path)
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     model: pl.LightningModule = instantiate(cfg.model)
     run_config = OmegaConf.to_container(cfg, resolve=True)
-    callbacks = [*instantiate_group(cfg.get("callbacks")), RunRecord(run_config), RankSeedCallback(cfg.seed)]
+    size = network_size(model)  # before fit: eager, on the CPU
+    throughput = TrainThroughput()
+    callbacks = [*instantiate_group(cfg.get("callbacks")), RunRecord(run_config), TrainingRandomState(cfg.seed)]
+    callbacks.append(throughput)
     loggers = instantiate_group(cfg.get("logger"), logger_overrides)
     if not loggers:  # LearningRateMonitor refuses to run without a logger; `logger=none` is a valid choice
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -63,10 +88,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # e.g. the autoencoder: its discriminator takes no part in a step before disc_start, and the discriminator
         # step leaves the autoencoder out; plain DDP stops at the first step with an "unused parameters" error
         extra["strategy"] = "ddp_find_unused_parameters_true"
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
+    plugins = [AtomicCheckpointIO()]  # a kill or a full disk never leaves a partial checkpoint
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, **extra
+    )
     for logger in loggers:
         logger.log_hyperparams(run_config)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not checkpoints_trusted())
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("test"):
         trainer.test(model, datamodule=datamodule, verbose=False)
@@ -84,4 +112,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         result.update(write_samples(model, cfg, Path(cfg.paths.output_dir) / "samples", loggers))
         log.info("Samples: %s and %s", result["grid"], result["npz"])
     finish_loggers(loggers)
+    if trainer.is_global_zero:
+        write_run_summary(
+            cfg.paths.output_dir,
+            metrics=metrics,
+            **size,
+            train_images=throughput.images,
+            train_images_per_s=throughput.images_per_s,
+            wall_time_s=time.perf_counter() - start,
+        )
     return result

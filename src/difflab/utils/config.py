@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from difflab.utils.loggers import wandb_offline
+from difflab.utils.run_dir import unique_dir
 
 
 def data_num_classes(*, _root_: DictConfig) -> int:
@@ -31,15 +33,25 @@ def data_class_names(*, _root_: DictConfig) -> ListConfig:
     return OmegaConf.create(list(names))
 
 
+def launch_dir() -> str:
+    """``${launch_dir:}``: the directory the command was started from (runs never change it: ``hydra.job.chdir``
+    is false)."""
+    return os.getcwd()
+
+
 def register_resolvers() -> None:
     """Register difflab's OmegaConf resolvers (idempotent): ``${wandb_offline:}``, ``${data_num_classes:}``,
-    ``${data_class_names:}``."""
+    ``${data_class_names:}``, ``${unique_dir:PATH}`` (cached: one directory per config), ``${launch_dir:}``."""
     if not OmegaConf.has_resolver("wandb_offline"):
         OmegaConf.register_new_resolver("wandb_offline", wandb_offline)
     if not OmegaConf.has_resolver("data_num_classes"):
         OmegaConf.register_new_resolver("data_num_classes", data_num_classes)
     if not OmegaConf.has_resolver("data_class_names"):
         OmegaConf.register_new_resolver("data_class_names", data_class_names)
+    if not OmegaConf.has_resolver("launch_dir"):
+        OmegaConf.register_new_resolver("launch_dir", launch_dir)
+    if not OmegaConf.has_resolver("unique_dir"):
+        OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True)
 
 
 def instantiate_group(cfg: DictConfig | None, overrides: dict[str, dict[str, Any]] | None = None) -> list[Any]:

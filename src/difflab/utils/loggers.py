@@ -1,12 +1,57 @@
-"""Logger glue: images to whichever loggers are active, logger identities for exact resume, wandb mode."""
+"""Logger glue: images to whichever loggers are active, logger identities for exact resume (with the metric history
+kept), wandb mode."""
 
 from __future__ import annotations
 
+import csv
 import os
 from typing import Any
 
 import torch
+from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+
+class CSVLogger(LightningCSVLogger):
+    """Lightning's ``CSVLogger`` that keeps the history of a resumed run.
+
+    Lightning's writer deletes an existing ``metrics.csv`` when a run reattaches to its version directory, so a
+    resumed run kept only the rows logged after the resume. With ``resume_step`` (set by ``src/train.py`` from the
+    checkpoint's global step) the rows logged before that step are kept and the run appends to them; rows at or
+    after it came from the part of the interrupted run that the checkpoint does not hold, and the resumed run logs
+    those steps again.
+    """
+
+    def __init__(self, *args: Any, resume_step: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.resume_step = resume_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        if self._experiment is not None:
+            return self._experiment
+        path = os.path.join(self.log_dir, "metrics.csv")
+        fields, rows = _read_history(path, self.resume_step) if self.resume_step is not None else ([], [])
+        writer = super().experiment  # deletes the old file
+        if fields:
+            with open(path, "w", newline="") as file:
+                history = csv.DictWriter(file, fieldnames=fields)
+                history.writeheader()
+                history.writerows(rows)
+            writer.metrics_keys = list(fields)  # appended rows follow this header (a new key rewrites it)
+        return writer
+
+
+def _read_history(path: str, before_step: int) -> tuple[list[str], list[dict[str, str]]]:
+    """The header and the rows with ``step`` < ``before_step`` of a metrics.csv (nothing if there is none)."""
+    if not os.path.isfile(path):
+        return [], []
+    with open(path, newline="") as file:
+        reader = csv.DictReader(file)
+        rows = [row for row in reader if not row.get("step") or int(float(row["step"])) < before_step]
+        return list(reader.fieldnames or []), rows
 
 
 def wandb_offline() -> bool:
@@ -33,8 +78,11 @@ def logger_identity(logger: Logger) -> dict[str, Any]:
     }
 
 
-def resume_logger_kwargs(target: str, records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Constructor overrides that reattach a logger (by its ``_target_``) to the run recorded in a checkpoint."""
+def resume_logger_kwargs(target: str, records: list[dict[str, Any]], global_step: int = 0) -> dict[str, Any]:
+    """Constructor overrides that reattach a logger (by its ``_target_``) to the run recorded in a checkpoint of
+    ``global_step``: the same wandb run id (``resume="allow"``), the same CSV/TensorBoard version directory with the
+    history before ``global_step`` kept (difflab's :class:`CSVLogger`: ``resume_step``; TensorBoard: its
+    ``purge_step``, which hides the events the resumed run logs again)."""
     class_name = target.rsplit(".", 1)[-1]
     for record in records:
         if record["class"] != class_name or record.get("version") is None:
@@ -42,8 +90,13 @@ def resume_logger_kwargs(target: str, records: list[dict[str, Any]]) -> dict[str
         kwargs: dict[str, Any] = {"version": record["version"]}
         if class_name == "WandbLogger":
             kwargs["resume"] = "allow"
-        elif record.get("save_dir") and os.path.isdir(record["save_dir"]):
+            return kwargs
+        if record.get("save_dir") and os.path.isdir(record["save_dir"]):
             kwargs["save_dir"] = record["save_dir"]
+        if target == f"{CSVLogger.__module__}.CSVLogger":
+            kwargs["resume_step"] = global_step
+        elif class_name == "TensorBoardLogger":
+            kwargs["purge_step"] = global_step
         return kwargs
     return {}
 

@@ -1,0 +1,159 @@
+"""Opening checkpoint files without running code from them, and writing them so that a kill or a full disk never
+leaves a partial one.
+
+A ``.ckpt``/``.pt`` file is a pickle: unpickled in full (``torch.load(weights_only=False)``) it can call any Python
+function while it loads, before a single check of ours has run. Every file difflab opens — ``sample.py``/``eval.py``
+``ckpt=``, ``train.py ckpt_path=``, the stage-1 ``model.autoencoder_ckpt`` of latent diffusion, the feature-net
+weights, the FID statistics cache — goes through :func:`load_checkpoint`, which unpickles tensors and plain
+containers only (``weights_only=True``). What difflab writes is exactly that: the run record is primitive
+dicts/lists (``OmegaConf.to_container``), the random states are tensors and lists, and Lightning's own checkpoint
+needs nothing beyond torch's default allow-list (tested for every model, optimizer and precision we configure), so
+:data:`SAFE_GLOBALS` is empty: a type joins it only with a test showing a checkpoint of ours needs it.
+
+A file that needs full unpickling — a foreign or crafted one, or one whose writer stored Python objects — is refused
+with a message naming it. ``trust_checkpoint=true`` on the command line (:func:`trusted_checkpoints`) opens such files
+in full: only for files you made yourself or got from someone you trust.
+
+Writing: :class:`AtomicCheckpointIO` (the trainer's checkpoint plugin in ``src/train.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+import pickle
+import pickletools
+import re
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+log = logging.getLogger(__name__)
+
+# Types beyond torch's default weights_only allow-list that checkpoints written by difflab/Lightning need: none.
+SAFE_GLOBALS: list[Any] = []
+
+_TRUST = contextvars.ContextVar("difflab_trust_checkpoint", default=False)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, unsafe to open or was not written by difflab."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint that can only be opened by unpickling arbitrary Python objects (which can run code)."""
+
+
+@contextlib.contextmanager
+def trusted_checkpoints(trust: bool) -> Iterator[None]:
+    """Inside, :func:`load_checkpoint` opens files that need full unpickling (``trust_checkpoint=true``)."""
+    token = _TRUST.set(bool(trust))
+    try:
+        yield
+    finally:
+        _TRUST.reset(token)
+
+
+def checkpoints_trusted() -> bool:
+    """Whether ``trust_checkpoint=true`` is in force (see :func:`trusted_checkpoints`)."""
+    return _TRUST.get()
+
+
+def load_checkpoint(path: str | Path, key: str = "ckpt", trust: bool | None = None) -> Any:
+    """``torch.load`` of ``path`` onto the CPU, tensors and plain containers only.
+
+    ``key`` names the setting the path came from, for the messages (``ckpt``, ``ckpt_path``,
+    ``model.autoencoder_ckpt``, ...). ``trust`` (default: :func:`checkpoints_trusted`) opens a file that needs
+    full unpickling instead of refusing it. Raises :class:`CheckpointError` (missing or unreadable file) or
+    :class:`UnsafeCheckpointError`.
+    """
+    path = Path(path)
+    where = f"{key}={str(path)!r}"
+    if not path.is_file():
+        raise CheckpointError(f"{where}: no such file")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err) or not _is_pickle(path):
+            raise CheckpointError(f"{where}: cannot be read as a PyTorch checkpoint ({err})") from err
+        if not (checkpoints_trusted() if trust is None else trust):
+            raise UnsafeCheckpointError(_unsafe_message(where, str(err))) from None
+    except Exception as err:  # torch raises several types for a corrupt file
+        raise CheckpointError(f"{where}: cannot be read as a PyTorch checkpoint ({err})") from err
+    log.warning("%s: opened with full unpickling (trust_checkpoint=true)", where)
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _is_pickle(path: Path) -> bool:
+    """Whether ``path`` is a torch zip archive or a well-formed pickle stream (read, never executed): told apart
+    from a corrupt file when ``weights_only`` refuses it."""
+    if zipfile.is_zipfile(path):
+        return True
+    try:
+        with path.open("rb") as file:
+            for _ in pickletools.genops(file):
+                pass
+    except Exception:
+        return False
+    return True
+
+
+def _unsafe_message(where: str, torch_message: str) -> str:
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", torch_message)
+    what = f" ({found.group(1)})" if found else ""
+    return (
+        f"{where}: refused: the file holds Python objects beyond tensors and plain containers{what}, and opening it "
+        "would run code stored in it. difflab's own checkpoints never need that. If you made this file yourself or "
+        "trust where it came from (e.g. a checkpoint from an older version), add trust_checkpoint=true to the "
+        "command line to open it in full."
+    )
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint I/O with each file written to a temporary file in its own directory, flushed to the disk
+    (fsync) and renamed over the target (``os.replace``, atomic within a filesystem).
+
+    Why not Lightning's own atomic save: it goes through fsspec's local transaction, which writes the temporary file
+    into the system temp directory and *moves* it into place; when that is another filesystem (a tmpfs ``/tmp``, a
+    network log dir) the move is a copy into the target path, so a kill or a full disk during the copy leaves a
+    truncated ``last.ckpt`` where the previous good one was. Here a failed write (e.g. ``OSError`` ENOSPC) removes
+    its temporary file and leaves the previous checkpoint exactly as it was.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with temporary.open("wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

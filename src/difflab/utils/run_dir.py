@@ -1,0 +1,66 @@
+"""Run directories: one per run, also for runs started in the same second, and none left empty by a run that fails
+before it writes anything."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def _launched_as_other_rank() -> bool:
+    """A process of a multi-process launch that is not its first (torchrun, SLURM, Lightning's DDP children)."""
+    return any(os.environ.get(name, "0") != "0" for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
+def unique_dir(path: str) -> str:
+    """``${unique_dir:PATH}`` (the run and sweep dirs of ``conf/hydra/default.yaml``): PATH, or PATH_1, PATH_2, ...,
+    the first that did not exist, created here with an atomic ``mkdir``, so two runs started in the same second
+    never share a directory (each would replace the other's checkpoints and samples).
+
+    A non-first rank of a torchrun/SLURM launch gets PATH itself (it cannot know rank 0's pick; such launches should
+    fix ``hydra.run.dir``); Lightning's DDP children never ask, they get rank 0's directory on their command line.
+    The result is cached per config (OmegaConf), so every read of ``hydra.run.dir`` in a run sees one directory.
+    """
+    if _launched_as_other_rank():
+        return path
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    candidate, suffix = path, 0
+    while True:
+        try:
+            os.mkdir(candidate)
+            return candidate
+        except FileExistsError:
+            suffix += 1
+            candidate = f"{path}_{suffix}"
+
+
+def is_unused(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds nothing but what Hydra writes at the start of every run (``.hydra/``, the job log)."""
+    return run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir())
+
+
+@contextlib.contextmanager
+def remove_if_unused_on_error(run_dir: str | Path | None) -> Iterator[None]:
+    """Around a job: if it raises before writing anything into ``run_dir`` (e.g. a config value fails validation),
+    remove the directory Hydra created for it, so failed starts leave no empty run dirs behind. A directory with
+    anything else in it (a checkpoint, a log folder) is kept. Pass ``None`` to keep it anyway: a multirun job's dir
+    stays, since the sweep summary gives the failed job a row (and the reason) read from its ``.hydra/``."""
+    try:
+        yield
+    except BaseException:
+        if run_dir is not None and not _launched_as_other_rank() and is_unused(Path(run_dir)):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def removable_run_dir() -> str | None:
+    """The Hydra run dir of this job if a failed start may remove it (:func:`remove_if_unused_on_error`): a single
+    run's; ``None`` for a multirun job, whose dir keeps the sweep summary's record of the failure."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    return hydra_cfg.runtime.output_dir if hydra_cfg.mode == RunMode.RUN else None

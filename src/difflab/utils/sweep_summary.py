@@ -1,0 +1,185 @@
+"""One row per job of a Hydra multirun, readable by a person: ``sweep_summary.csv`` and ``sweep_summary.md`` in the
+sweep dir, for any sweep (basic sweeper, Optuna, SLURM through submitit).
+
+The contract between the two sides is a file per job: a task writes ``run_summary.json`` into its run dir
+(:func:`write_run_summary`: status, final metrics, parameters, Gflops, images/s, wall time); :class:`SweepSummary`,
+a Hydra callback wired in ``conf/hydra/default.yaml``, reads every job dir of the sweep (its
+``.hydra/overrides.yaml`` and ``run_summary.json``) and writes the table. It rewrites the table after each job
+(so a sweep that stops half-way still has one, and a failed job gets a ``failed`` row with its error) and once more
+when the sweep ends. Hydra has no such table; its Optuna sweeper writes only the best parameters.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+RUN_SUMMARY = "run_summary.json"
+# run_summary.json fields that become columns, in this order (metrics follow, sorted)
+FIELDS = ("params", "gflops_per_forward", "train_images", "train_images_per_s", "wall_time_s")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename, so concurrent jobs never leave a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_run_summary(output_dir: str | Path, **record: Any) -> Path:
+    """Write ``<output_dir>/run_summary.json``: ``status`` (default ``ok``), ``metrics`` (name → float) and the
+    :data:`FIELDS` a task knows; non-finite floats become null (JSON has no NaN)."""
+    record = {"status": "ok", **record}
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    path = Path(output_dir) / RUN_SUMMARY
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, json.dumps(clean(record), indent=2, sort_keys=True))
+    return path
+
+
+def _job_number(job_dir: Path) -> tuple[int, str]:
+    hydra_file = job_dir / ".hydra" / "hydra.yaml"
+    if hydra_file.is_file():
+        num = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.job.num")
+        if isinstance(num, int):
+            return num, str(job_dir)
+    digits = re.findall(r"\d+", job_dir.name)
+    return (int(digits[-1]) if digits else 1 << 30), str(job_dir)
+
+
+def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
+    """A row per job dir under ``sweep_dir`` (every dir holding ``.hydra/overrides.yaml``), in job order."""
+    rows = []
+    job_dirs = sorted({p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")}, key=_job_number)
+    for job_dir in job_dirs:
+        overrides = [str(o) for o in OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")]
+        summary_file = job_dir / RUN_SUMMARY
+        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {"status": "no summary"}
+        rows.append(
+            {
+                "job": job_dir.relative_to(sweep_dir).as_posix() or ".",
+                "overrides": overrides,
+                "status": summary.get("status", "ok"),
+                "error": summary.get("error"),
+                "fields": {k: summary.get(k) for k in FIELDS},
+                "metrics": summary.get("metrics") or {},
+            }
+        )
+    return rows
+
+
+def _split(override: str) -> tuple[str, str]:
+    key, _, value = override.partition("=")
+    return key, value
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _columns(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    keys: dict[str, None] = {}
+    metrics: set[str] = set()
+    for row in rows:
+        keys.update((_split(o)[0], None) for o in row["overrides"])
+        metrics.update(row["metrics"])
+    return list(keys), sorted(metrics)
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    """Every override key, field and metric as a column (the full override list too)."""
+    keys, metrics = _columns(rows)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["job", "status", "overrides", *keys, *FIELDS, *metrics, "error"])
+    for row in rows:
+        given = dict(_split(o) for o in row["overrides"])
+        writer.writerow(
+            [row["job"], row["status"], " ".join(row["overrides"])]
+            + [given.get(k, "") for k in keys]
+            + [_fmt(row["fields"][f]) for f in FIELDS]
+            + [_fmt(row["metrics"].get(m)) for m in metrics]
+            + [row["error"] or ""]
+        )
+    return out.getvalue()
+
+
+def to_markdown(rows: list[dict[str, Any]], title: str) -> str:
+    """A table with the overrides that differ between jobs as columns; those shared by all listed once above."""
+    keys, metrics = _columns(rows)
+    given = [dict(_split(o) for o in row["overrides"]) for row in rows]
+    varying = [k for k in keys if len({g.get(k) for g in given}) > 1]
+    shared = [f"{k}={given[0][k]}" for k in keys if k not in varying and k in given[0]]
+    lines = [f"# {title}", ""]
+    if shared:
+        lines += ["Overrides of every job: `" + " ".join(shared) + "`", ""]
+    header = ["job", "status", *varying, *FIELDS, *metrics]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row, g in zip(rows, given, strict=True):
+        cells = [row["job"], row["status"], *(g.get(k, "") for k in varying)]
+        cells += [_fmt(row["fields"][f]) for f in FIELDS] + [_fmt(row["metrics"].get(m)) for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    failed = [row for row in rows if row["error"]]
+    lines += ["", *(f"- job {row['job']}: {row['error']}" for row in failed)] if failed else []
+    return "\n".join(lines) + "\n"
+
+
+def write_sweep_summary(sweep_dir: str | Path, name: str = "sweep_summary") -> list[dict[str, Any]]:
+    """Write ``<sweep_dir>/<name>.csv`` and ``.md`` from the job dirs found there; returns the rows."""
+    sweep_dir = Path(sweep_dir)
+    rows = collect_jobs(sweep_dir)
+    if rows:
+        _atomic_write(sweep_dir / f"{name}.csv", to_csv(rows))
+        _atomic_write(sweep_dir / f"{name}.md", to_markdown(rows, f"Sweep {sweep_dir}"))
+    return rows
+
+
+def _strip_parts(path: Path, relative: str) -> Path:
+    """``path`` without the trailing components of ``relative`` (a job dir → its sweep dir)."""
+    return Path(*path.parts[: len(path.parts) - len(Path(relative).parts)])
+
+
+class SweepSummary(Callback):
+    """Hydra callback: after each job of a multirun and when the sweep ends, (re)write the sweep's summary table.
+
+    ``conf/hydra/default.yaml`` wires it for every entry point; it does nothing in single runs. A job that raised
+    (and so wrote no ``run_summary.json``) gets one with ``status: failed`` and the error.
+    """
+
+    def __init__(self, name: str = "sweep_summary") -> None:
+        self.name = name
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            return
+        job_dir = Path(hydra_cfg.runtime.output_dir)
+        if job_return.status == JobStatus.FAILED and not (job_dir / RUN_SUMMARY).is_file():
+            error = job_return._return_value  # the exception (the public property re-raises it)
+            write_run_summary(job_dir, status="failed", error=f"{type(error).__name__}: {error}")
+        # the sweep dir from the job dir (in a remote job, re-resolving ${now:...} would name another dir)
+        write_sweep_summary(_strip_parts(job_dir, str(hydra_cfg.sweep.subdir)), self.name)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        write_sweep_summary(Path(str(config.hydra.sweep.dir)), self.name)

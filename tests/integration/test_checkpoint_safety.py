@@ -1,0 +1,119 @@
+"""Opening a checkpoint never runs code from it: a crafted pickle payload is refused through every entry point before
+anything of it executes; difflab's own files (checkpoints of every kind, shipped weights) open with weights_only;
+a file that needs full unpickling opens only with trust_checkpoint=true."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from difflab.metrics.feature_nets import load_classifier
+from difflab.tasks.eval import evaluate
+from difflab.tasks.sample import sample
+from difflab.tasks.train import train
+from difflab.utils.checkpoint_io import UnsafeCheckpointError, load_checkpoint
+from tests.conftest import ROOT, TINY, compose_config, run_cli
+
+
+class Payload:
+    """Unpickled in full, it writes ``marker``: what an attacker's file would do with a shell command instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('code from the checkpoint ran')",)
+
+
+@pytest.fixture(scope="module")
+def real_checkpoint(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("run")
+    return train(compose_config([*TINY, "trainer.max_steps=2", "trainer.limit_train_batches=2"], out))["checkpoint"]
+
+
+@pytest.fixture
+def crafted(real_checkpoint, tmp_path) -> tuple[Path, Path]:
+    """A real difflab checkpoint with a payload beside its keys, and the file the payload would create."""
+    marker = tmp_path / "pwned"
+    checkpoint = torch.load(real_checkpoint, weights_only=True)
+    checkpoint["extra"] = Payload(marker)
+    path = tmp_path / "crafted.ckpt"
+    torch.save(checkpoint, path)
+    return path, marker
+
+
+def refused(marker: Path, call) -> str:
+    """The message of the UnsafeCheckpointError ``call`` raises (Hydra's instantiate wraps it for model=ldm)."""
+    with pytest.raises(Exception) as info:
+        call()
+    assert not marker.exists(), "the payload ran"
+    error = info.value if isinstance(info.value, UnsafeCheckpointError) else info.value.__cause__
+    assert isinstance(error, UnsafeCheckpointError), info.value
+    assert "refused" in str(error) and "trust_checkpoint=true" in str(error) and "(exec)" in str(error)
+    return str(error)
+
+
+def test_sample_cli_refuses_a_crafted_checkpoint(crafted, tmp_path):
+    path, marker = crafted
+    proc = run_cli("sample.py", f"ckpt={path}", "num_samples=2", cwd=tmp_path)
+    assert proc.returncode != 0 and not marker.exists()
+    assert "UnsafeCheckpointError" in proc.stderr and f"ckpt='{path}': refused" in proc.stderr
+
+
+def test_every_entry_point_refuses_a_crafted_checkpoint(crafted, tmp_path):
+    path, marker = crafted
+    out = tmp_path / "out"
+    refused(marker, lambda: sample(compose_config([f"ckpt={path}", "num_samples=2"], out, "sample")))
+    refused(marker, lambda: evaluate(compose_config([f"ckpt={path}", "metrics=[nll]"], out, "eval")))
+    message = refused(marker, lambda: train(compose_config([*TINY, f"ckpt_path={path}"], out)))
+    assert message.startswith(f"ckpt_path='{path}'")
+    ldm = [*TINY, "model=ldm", f"model.autoencoder_ckpt={path}", "debug=fast"]
+    message = refused(marker, lambda: train(compose_config(ldm, out)))
+    assert message.startswith(f"model.autoencoder_ckpt='{path}'")
+
+
+def test_feature_net_and_statistics_files_are_opened_safely(crafted, tmp_path):
+    _, marker = crafted
+    torch.save({"state_dict": {}, "net_kwargs": {}, "meta": Payload(marker)}, tmp_path / "fmnist_cls.pt")
+    refused(marker, lambda: load_classifier("fmnist_cls", weights_dir=tmp_path))
+    torch.save({"mu": Payload(marker)}, tmp_path / "stats.pt")
+    refused(marker, lambda: load_checkpoint(tmp_path / "stats.pt", "cache_dir"))
+
+
+def test_an_older_checkpoint_with_python_objects_needs_trust_checkpoint(real_checkpoint, tmp_path):
+    """E.g. a run record stored as an OmegaConf object: refused with the message, opened with the opt-in."""
+    checkpoint = torch.load(real_checkpoint, weights_only=True)
+    checkpoint["difflab"]["config"] = OmegaConf.create(checkpoint["difflab"]["config"])
+    path = tmp_path / "older.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(UnsafeCheckpointError, match="omegaconf"):
+        sample(compose_config([f"ckpt={path}", "num_samples=2"], tmp_path / "a", "sample"))
+    result = sample(
+        compose_config([f"ckpt={path}", "num_samples=2", "trust_checkpoint=true"], tmp_path / "b", "sample")
+    )
+    assert np.load(result["npz"])["arr_0"].shape[0] == 2
+
+
+def test_shipped_weights_open_with_weights_only():
+    shipped = sorted((ROOT / "src" / "difflab").glob("**/weights/*.pt"))
+    assert len(shipped) >= 3
+    for path in shipped:
+        assert isinstance(torch.load(path, weights_only=True), dict), path
+
+
+def test_difflab_checkpoints_open_with_weights_only(real_checkpoint):
+    """What train.py writes (Lightning's keys, the run record, EMA, the random states) needs no allow-list; the
+    other model types are checked where their tests load their checkpoints (weights_only=True throughout)."""
+    checkpoint = torch.load(real_checkpoint, weights_only=True)
+    assert {"state_dict", "current_model_state", "difflab", "training_random_state", "loops"} <= set(checkpoint)
+
+
+def test_a_corrupt_file_is_unreadable_not_unsafe(tmp_path):
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception, match="cannot be read as a PyTorch checkpoint") as info:
+        load_checkpoint(tmp_path / "junk.ckpt")
+    assert not isinstance(info.value, UnsafeCheckpointError)

@@ -1,0 +1,188 @@
+"""Resuming from a checkpoint: bit-exact weights (mid-epoch and at an epoch boundary, both data paths), the metric
+history of every logger kept, checkpoints from before the random state still resuming."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from difflab.callbacks.seeding import CHECKPOINT_KEY
+from difflab.tasks.train import train
+from tests.conftest import TINY, compose_config
+
+# 96 training images in batches of 16: 6 steps an epoch. Every consumer of randomness is on: label dropout
+# (p_uncond), network dropout, random flips, validation with sample grids between the epochs.
+EXACT = [
+    *TINY,
+    "model=cfg",
+    "model.p_uncond=0.2",
+    "net.dropout=0.1",
+    "data.random_flip=true",
+    "data.limit_train_size=96",
+    "trainer.limit_val_batches=1",
+    "callbacks.sample_grid.every_n_epochs=1",
+    "trainer.log_every_n_steps=1",
+    "samples.num_samples=0",
+    "logger=csv",
+]
+
+
+def fit(out: Path, *overrides: str) -> dict:
+    return train(compose_config([*EXACT, *overrides], out))
+
+
+def max_abs_diff(a: str, b: str) -> dict[str, float]:
+    """Largest |difference| of the raw (``current_model_state``) and the EMA (``state_dict``) weights."""
+    first, second = (torch.load(p, weights_only=True) for p in (a, b))
+    assert first["global_step"] == second["global_step"]
+    return {
+        key: max((first[key][name] - second[key][name]).abs().max().item() for name in first[key])
+        for key in ("current_model_state", "state_dict")
+    }
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[str, dict]:
+    """10 steps in one go, per data path."""
+    return {
+        path: fit(tmp_path_factory.mktemp(f"full_{path}"), "trainer.max_steps=10", f"data.on_device={path}")
+        for path in ("false", "true")
+    }
+
+
+@pytest.mark.parametrize(
+    "stop, on_device", [(4, "false"), (6, "false"), (4, "true")], ids=["mid_epoch", "epoch_boundary", "device_batches"]
+)
+def test_resumed_run_equals_the_uninterrupted_run_bit_for_bit(uninterrupted, tmp_path, stop, on_device):
+    first = fit(tmp_path / "first", f"trainer.max_steps={stop}", f"data.on_device={on_device}")
+    resumed = fit(
+        tmp_path / "resumed", "trainer.max_steps=10", f"data.on_device={on_device}", f"ckpt_path={first['checkpoint']}"
+    )
+    assert max_abs_diff(uninterrupted[on_device]["checkpoint"], resumed["checkpoint"]) == {
+        "current_model_state": 0.0,
+        "state_dict": 0.0,
+    }
+
+
+def test_resume_from_a_periodic_checkpoint_of_a_longer_run_is_exact(uninterrupted, tmp_path):
+    """As after a kill: the run went on past the checkpoint it is resumed from (step 3 of 8, mid-epoch)."""
+    every_3 = [
+        "callbacks.model_checkpoint.every_n_train_steps=3",
+        "callbacks.model_checkpoint.every_n_epochs=null",
+        "callbacks.model_checkpoint.save_top_k=-1",
+    ]
+    first = fit(tmp_path / "first", "trainer.max_steps=8", *every_3)
+    resumed = fit(
+        tmp_path / "resumed", "trainer.max_steps=10", f"ckpt_path={tmp_path / 'first/checkpoints/step0000003.ckpt'}"
+    )
+    assert (
+        first["checkpoint"]
+        and max(max_abs_diff(uninterrupted["false"]["checkpoint"], resumed["checkpoint"]).values()) == 0
+    )
+
+
+def test_a_checkpoint_without_random_state_resumes_with_a_warning(tmp_path):
+    """Checkpoints written before the random state was saved still resume: reproducibly, not bit-exactly."""
+    first = fit(tmp_path / "first", "trainer.max_steps=2")
+    checkpoint = torch.load(first["checkpoint"], weights_only=True)
+    del checkpoint[CHECKPOINT_KEY]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    with pytest.warns(UserWarning, match="has no random state"):
+        resumed = fit(tmp_path / "resumed", "trainer.max_steps=4", f"ckpt_path={tmp_path / 'old.ckpt'}")
+    assert torch.load(resumed["checkpoint"], weights_only=True)["global_step"] == 4
+
+
+def logged_steps(metrics_csv: Path, key: str = "train/loss") -> list[int]:
+    rows = list(csv.DictReader(metrics_csv.open()))
+    return [int(row["step"]) for row in rows if row.get(key)]
+
+
+def killed_after_checkpoint(out: Path, logger: str) -> Path:
+    """A run that logged steps 0-5 but whose newest checkpoint is from step 4 (as when a kill follows a save)."""
+    fit(out, "trainer.max_steps=6", f"logger={logger}", *EVERY_4)
+    return out / "checkpoints" / "step0000004.ckpt"
+
+
+EVERY_4 = [
+    "callbacks.model_checkpoint.every_n_train_steps=4",
+    "callbacks.model_checkpoint.every_n_epochs=null",
+    "callbacks.model_checkpoint.save_top_k=-1",
+]
+
+
+def test_csv_history_is_kept_and_continued(tmp_path):
+    """Lightning's CSV writer deleted metrics.csv when the resumed run reattached to it: only the rows after the
+    resume were left. Rows logged after the checkpoint (the part of the run it does not hold) are logged again,
+    once."""
+    checkpoint = killed_after_checkpoint(tmp_path / "first", "csv")
+    fit(tmp_path / "resumed", "trainer.max_steps=8", f"ckpt_path={checkpoint}")
+    metrics = tmp_path / "first" / "csv" / "version_0" / "metrics.csv"
+    assert logged_steps(metrics) == list(range(8))  # 0-3 from the first run, 4-7 from the resumed one
+
+
+class CsvOnDisk(pl.Callback):
+    """Records the steps in ``path`` (metrics.csv) as they are on disk when training step ``step`` starts."""
+
+    seen: list[int] = []
+
+    def __init__(self, path: str, step: int) -> None:
+        self.path, self.step = Path(path), step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            CsvOnDisk.seen[:] = logged_steps(self.path) if self.path.is_file() else []
+
+
+def test_the_history_up_to_a_checkpoint_is_on_disk_before_the_next_step(tmp_path):
+    """What a kill after a save would leave: the CSV rows up to the checkpoint's step are on disk (Lightning flushes
+    the loggers after every logged row), so the resumed run continues the history without a gap."""
+    metrics = tmp_path / "csv" / "version_0" / "metrics.csv"
+    snapshot = [f"+callbacks.snapshot._target_={__name__}.CsvOnDisk", f"+callbacks.snapshot.path={metrics}"]
+    fit(tmp_path, "trainer.max_steps=6", *EVERY_4, *snapshot, "+callbacks.snapshot.step=5")  # saved at step 4
+    assert CsvOnDisk.seen == [0, 1, 2, 3, 4]
+
+
+def test_tensorboard_history_is_kept_and_continued(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    checkpoint = killed_after_checkpoint(tmp_path / "first", "tensorboard")
+    fit(tmp_path / "resumed", "trainer.max_steps=8", "logger=tensorboard", f"ckpt_path={checkpoint}")
+    events = EventAccumulator(str(tmp_path / "first" / "tensorboard" / "version_0"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(8))
+
+
+def test_wandb_resumes_its_run_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    first = fit(tmp_path / "first", "trainer.max_steps=2", "logger=wandb")
+    run_id = torch.load(first["checkpoint"], weights_only=True)["difflab"]["loggers"][0]["version"]
+    resumed = fit(tmp_path / "resumed", "trainer.max_steps=4", "logger=wandb", f"ckpt_path={first['checkpoint']}")
+    record = torch.load(resumed["checkpoint"], weights_only=True)["difflab"]["loggers"][0]
+    assert record["class"] == "WandbLogger" and record["version"] == run_id
+    assert list((tmp_path / "resumed" / "wandb").glob(f"offline-run-*-{run_id}"))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_resume_is_bit_exact(tmp_path):
+    """Under 2-process CPU DDP: each rank's random stream and its share of the epoch order come back."""
+    from tests.conftest import run_cli
+
+    def launch(name: str, *extra: str) -> Path:
+        run_dir = tmp_path / name
+        proc = run_cli(
+            "train.py", *EXACT, "trainer=ddp_cpu", f"hydra.run.dir={run_dir}", *extra, cwd=tmp_path, timeout=600
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return run_dir / "checkpoints" / "last.ckpt"
+
+    full = launch("full", "trainer.max_steps=5")  # 96 images over 2 ranks: 3 steps an epoch
+    first = launch("first", "trainer.max_steps=2")
+    resumed = launch("resumed", "trainer.max_steps=5", f"ckpt_path={first}")
+    assert max_abs_diff(str(full), str(resumed)) == {"current_model_state": 0.0, "state_dict": 0.0}
+    states = torch.load(first, weights_only=True)[CHECKPOINT_KEY]
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])  # one stream per rank
