@@ -61,14 +61,16 @@ SCHEDULES = {  # part "schedules": σ steps of the solvers (every key set: each 
     "uniform_lambda": {"sigma_schedule": "uniform_lambda", "sigma_max": None},
     "uniform_lambda_80": {"sigma_schedule": "uniform_lambda", "sigma_max": 80.0},
 }
+UNIFORM_LAMBDA = SCHEDULES["uniform_lambda"]
 SCHEDULE_SAMPLERS = ["euler", "heun", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "unipc"]
 CFG_ROWS = [  # part "cfg": (name, sampler, overrides, NFE values)
     ("DDIM (η = 0), static clip", "ddim", {}, [50]),
     ("DDIM (η = 0), no thresholding", "ddim", {"clip_denoised": False}, [50]),
     ("DDIM (η = 0), dynamic 0.995", "ddim", {"dynamic_threshold": 0.995}, [50]),
-    ("DPM-Solver++(2M), no thresholding", "dpmpp_2m", {"clip_denoised": False}, [10, 15, 20]),
-    ("DPM-Solver++(2M), static clip", "dpmpp_2m", {}, [10, 15, 20]),
-    ("DPM-Solver++(2M), dynamic 0.995", "dpmpp_2m", {"dynamic_threshold": 0.995}, [10, 15, 20]),
+    # the recorded DPM-Solver++ rows used uniform-λ steps (the solvers' default then; Karras-80 now)
+    ("DPM-Solver++(2M), no thresholding", "dpmpp_2m", {"clip_denoised": False, **UNIFORM_LAMBDA}, [10, 15, 20]),
+    ("DPM-Solver++(2M), static clip", "dpmpp_2m", UNIFORM_LAMBDA, [10, 15, 20]),
+    ("DPM-Solver++(2M), dynamic 0.995", "dpmpp_2m", {"dynamic_threshold": 0.995, **UNIFORM_LAMBDA}, [10, 15, 20]),
 ]
 SIMPLE = "experiment=quickstart trainer.max_steps=1500 model=ddpm schedule=cosine"  # iddpm_nll's CPU model
 CFG = "experiment=quickstart model=cfg net.use_scale_shift_norm=true trainer.max_steps=1500 task_name=sampler_nfe"

@@ -150,7 +150,7 @@ class Sampler(abc.ABC):
     def num_evaluations(self, num_steps: int | None = None) -> int:
         """Network evaluations (NFE) of one chain of ``num_steps`` steps: one per entry of ``timesteps``, which is
         one per step except for samplers that evaluate twice per step (Heun)."""
-        return num_steps or self.num_steps
+        return self.num_steps if num_steps is None else num_steps
 
     def set_timesteps(self, num_steps: int | None = None) -> None:
         """Choose the sub-sequence of [0, T) to visit; ``self.timesteps`` becomes it in descending order."""

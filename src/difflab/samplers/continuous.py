@@ -124,7 +124,7 @@ class ContinuousSampler(Sampler):
         )
 
     def set_timesteps(self, num_steps: int | None = None) -> None:
-        num_steps = num_steps or self.num_steps
+        num_steps = self.num_steps if num_steps is None else num_steps
         if num_steps < self.min_steps:
             raise ValueError(
                 f"sampler.steps={num_steps}: {type(self).__name__}{self.describe()} needs steps >= {self.min_steps}"
@@ -148,7 +148,7 @@ class ContinuousSampler(Sampler):
         return list(range(num_steps))
 
     def num_evaluations(self, num_steps: int | None = None) -> int:
-        return len(self.evaluation_plan(num_steps or self.num_steps))
+        return len(self.evaluation_plan(self.num_steps if num_steps is None else num_steps))
 
     def _on_set_timesteps(self, ascending: torch.Tensor) -> None:  # pragma: no cover
         raise NotImplementedError("the solvers override set_timesteps")
