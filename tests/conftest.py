@@ -47,6 +47,18 @@ TINY = [
     "samples.num_samples=4",
 ]
 
+# The generative-metrics callback at validation on 8 samples against 16 real images, two training steps.
+TINY_GENERATIVE_METRICS = [
+    "callbacks=[default,generative_metrics]",
+    "callbacks.generative_metrics.every_n_epochs=1",
+    "callbacks.generative_metrics.num_samples=8",
+    "callbacks.generative_metrics.num_real=16",
+    "callbacks.generative_metrics.batch_size=8",
+    "callbacks.generative_metrics.kid_subset_size=4",
+    "trainer.max_steps=2",
+    "trainer.limit_train_batches=2",
+]
+
 # The same with net=dit_tiny at half its width (2 blocks of width 32, 2 heads, 2x2 patches).
 TINY_DIT = [o for o in TINY if not o.startswith("net")] + ["net=dit_tiny", "net.hidden_size=32", "net.num_heads=2"]
 

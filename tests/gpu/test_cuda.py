@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from difflab import samplers
 from difflab.callbacks import EMA, NonFiniteGuard, TrainingRandomState
 from difflab.data import DigitsDataModule
 from difflab.data.device_batches import DeviceBatches
@@ -101,7 +102,20 @@ def test_nonfinite_guard_and_training_random_stream_never_sync(action):
     assert all(torch.isfinite(p).all() for p in m.parameters()) == (action == "skip")
 
 
-@pytest.mark.parametrize("sampler", [AncestralSampler, functools.partial(DDIMSampler, steps=5, eta=0.5)])
+SAMPLERS = [  # DDPM, DDIM and each ODE/SDE solver (Karras steps: fractional timesteps)
+    AncestralSampler,
+    functools.partial(DDIMSampler, steps=5, eta=0.5),
+    functools.partial(samplers.EulerSampler, steps=5),
+    functools.partial(samplers.HeunSampler, steps=4, sigma_schedule="karras"),
+    functools.partial(samplers.EulerAncestralSampler, steps=5),
+    functools.partial(samplers.EulerMaruyamaSampler, steps=5, sigma_schedule="karras"),
+    functools.partial(samplers.DPMSolverMultistepSampler, steps=6, order=3, sigma_schedule="uniform_lambda"),
+    functools.partial(samplers.DPMSolverSDESampler, steps=5, dynamic_threshold=0.995),
+    functools.partial(samplers.UniPCSampler, steps=6, order=3, sigma_schedule="karras"),
+]
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
 @NETS
 def test_sampler_steps_never_sync(sampler, net):
     m = fused_module(net=net).eval()
@@ -112,7 +126,7 @@ def test_sampler_steps_never_sync(sampler, net):
     generator = torch.Generator(DEVICE).manual_seed(0)
     with torch.no_grad(), NoSync():
         for t in timesteps:
-            t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=DEVICE)
+            t_batch = torch.full((x.shape[0],), t, dtype=built.timesteps.dtype, device=DEVICE)
             x = built.step(m(x, t_batch), t, x, generator=generator).prev_sample
     assert torch.isfinite(x).all()
 

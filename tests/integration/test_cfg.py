@@ -88,6 +88,17 @@ def test_sample_all_classes_grid_and_listed_classes(cfg_checkpoint, tmp_path):
         sample(compose_config([f"ckpt={ckpt}", "classes=[12]"], tmp_path / "c", "sample"))
 
 
+@pytest.mark.parametrize("threshold", ["sampler.dynamic_threshold=0.995", "sampler.clip_denoised=false"])
+def test_guided_sampling_with_dpm_solver(cfg_checkpoint, tmp_path, threshold):
+    """`sample.py guidance_scale=3 sampler=dpmpp_2m`: the 2B guided batch through the multistep solver."""
+    from difflab.tasks.sample import sample
+    from tests.conftest import compose_config
+
+    overrides = [f"ckpt={cfg_checkpoint['checkpoint']}", "classes=[1,2]", "num_samples=4", "guidance_scale=3"]
+    out = sample(compose_config([*overrides, "sampler=dpmpp_2m", "sampler.steps=5", threshold], tmp_path, "sample"))
+    assert np.load(out["npz"])["labels"].tolist() == [1, 2, 1, 2]
+
+
 def test_guidance_sweep_as_a_sample_multirun(tiny_cfg, tmp_path):
     """The w sweep of the CFG study as a Hydra multirun over sampling: one job (and one .npz) per w."""
     from tests.conftest import run_cli

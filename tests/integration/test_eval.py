@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from difflab.callbacks import ReconstructionMetricsCallback
 from difflab.tasks.eval import evaluate
 from difflab.tasks.train import train
-from tests.conftest import compose_config
+from tests.conftest import TINY_GENERATIVE_METRICS, compose_config
 from tests.unit.test_metrics import weights_dir  # noqa: F401  (fixture)
 
 
@@ -23,16 +23,7 @@ def test_generative_metrics_callback_logs_named_metrics(tiny_cfg, weights_dir, t
     calls = []
     evaluate = GenerativeMetricsCallback.evaluate
     monkeypatch.setattr(GenerativeMetricsCallback, "evaluate", lambda self, *a: calls.append(1) or evaluate(self, *a))
-    cfg = tiny_cfg(
-        "callbacks=[default,generative_metrics]",
-        "callbacks.generative_metrics.every_n_epochs=1",
-        "callbacks.generative_metrics.num_samples=8",
-        "callbacks.generative_metrics.num_real=16",
-        "callbacks.generative_metrics.batch_size=8",
-        "callbacks.generative_metrics.kid_subset_size=4",
-        "trainer.max_steps=2",
-        "trainer.limit_train_batches=2",
-    )
+    cfg = tiny_cfg(*TINY_GENERATIVE_METRICS)
     metrics = train(cfg)["metrics"]
     assert {"val/fid_fmnist_cls", "val/kid_fmnist_cls", "val/is_fmnist_cls"} <= set(metrics)
     assert metrics["val/fid_fmnist_cls"] > 0 and metrics["val/is_fmnist_cls"] >= 1 - 1e-5  # IS >= 1 up to rounding

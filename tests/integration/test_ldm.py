@@ -223,6 +223,16 @@ def test_sample_from_a_prompt(trained_ldm, tmp_path):
     assert np.abs(seven - two).max() > 4  # the same seed: identical if the prompt were ignored (13 here)
 
 
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "heun", "dpmpp_2m_sde"])
+def test_solvers_sample_latents_from_a_prompt_with_guidance(trained_ldm, tmp_path, solver):
+    """The ODE/SDE solvers on latents (clip off: latents are not in [-1, 1]), guided with the null caption."""
+    _, result = trained_ldm
+    overrides = ["ckpt=" + result["checkpoint"], "num_samples=2", "prompt=a photo of a handwritten seven"]
+    overrides += ["guidance_scale=2", f"sampler={solver}", "sampler.steps=3", "sampler.clip_denoised=false"]
+    out = sample(compose_config(overrides, tmp_path, config_name="sample"))
+    assert np.load(out["npz"])["arr_0"].shape == (2, 16, 16, 1)
+
+
 def test_guidance_in_latent_space_uses_the_null_caption(trained_ldm):
     _, result = trained_ldm
     module, _ = load_module(result["checkpoint"])

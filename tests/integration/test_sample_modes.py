@@ -76,9 +76,11 @@ def test_reconstruction_metrics_callback_on_a_diffusion_model(tiny_cfg, caplog):
     assert 0 < result["metrics"]["val/psnr"] and -1 <= result["metrics"]["val/ssim"] <= 1
 
 
-def test_torchrun_two_processes_draw_shares_and_gather_them(checkpoint, tmp_path):
+@pytest.mark.parametrize("sampler", ["ddim", pytest.param("unipc", marks=pytest.mark.slow)])
+def test_torchrun_two_processes_draw_shares_and_gather_them(checkpoint, tmp_path, sampler):
     """`torchrun --nproc_per_node 2 src/sample.py`: rank r draws samples r, r+2, ... with seed + r; rank 0 writes all
-    of them in order. With deterministic DDIM, rank 0 (seed 0) reproduces the single-process samples 0 and 1 at 0, 2."""
+    of them in order. With a deterministic sampler (DDIM; UniPC, a multistep solver), rank 0 (seed 0) reproduces the
+    single-process samples 0 and 1 at 0, 2."""
     import os
     import subprocess
     import sys
@@ -86,7 +88,7 @@ def test_torchrun_two_processes_draw_shares_and_gather_them(checkpoint, tmp_path
     from tests.conftest import ROOT
 
     out = tmp_path / "ddp"
-    args = [f"ckpt={checkpoint}", "num_samples=5", "device=cpu", "sampler=ddim", "sampler.steps=3"]
+    args = [f"ckpt={checkpoint}", "num_samples=5", "device=cpu", f"sampler={sampler}", "sampler.steps=3"]
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
         + [str(ROOT / "src" / "sample.py"), *args, f"hydra.run.dir={out}"],

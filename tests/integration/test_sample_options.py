@@ -46,15 +46,18 @@ def test_guidance_on_an_unconditional_model_is_an_error(checkpoint, tmp_path):
 
 
 def test_sampler_key_alone_changes_the_checkpoints_sampler(checkpoint, tmp_path):
-    """`python src/sample.py ckpt=... sampler.steps=50` (the README's command, no `sampler=`) respaces the
-    checkpoint's own sampler."""
-    cfg = compose_config([f"ckpt={checkpoint}", "num_samples=2", "sampler.steps=5"], tmp_path, "sample")
+    """`python src/sample.py ckpt=... '~sampler' sampler.steps=50` (the README's command: sample.py's default
+    sampler removed) respaces the checkpoint's own sampler."""
+    cfg = compose_config([f"ckpt={checkpoint}", "num_samples=2", "~sampler", "sampler.steps=5"], tmp_path, "sample")
     assert np.load(sample(cfg)["npz"])["arr_0"].shape[0] == 2
     module, _ = load_module(checkpoint, sampler=cfg.sampler)
     assert isinstance(module.sampler, AncestralSampler) and module.sampler.num_steps == 5
     assert module.sampler.spacing.value == "even"  # the rest as trained
-    unset, _ = load_module(checkpoint, sampler=compose_config([f"ckpt={checkpoint}"], tmp_path, "sample").sampler)
+    unset_cfg = compose_config([f"ckpt={checkpoint}", "~sampler"], tmp_path, "sample")
+    unset, _ = load_module(checkpoint, sampler=unset_cfg.sampler)
     assert unset.sampler.num_steps == 20  # nothing set: the checkpoint's sampler as it is
+    default, _ = load_module(checkpoint, sampler=compose_config([f"ckpt={checkpoint}"], tmp_path, "sample").sampler)
+    assert type(default.sampler).__name__ == "DPMSolverSDESampler" and default.sampler.num_steps == 20
 
 
 def test_a_key_the_checkpoints_sampler_lacks_names_it():

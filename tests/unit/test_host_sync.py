@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from difflab import samplers
 from difflab.callbacks import TrainThroughput
 from difflab.losses import DiffusionLoss, LossAwareTimestepSampler
 from difflab.samplers import AncestralSampler, DDIMSampler
@@ -75,7 +76,20 @@ def test_training_step_has_no_host_sync(kwargs, net):
         assert syncs.calls == []
 
 
-@pytest.mark.parametrize("sampler", [AncestralSampler, functools.partial(DDIMSampler, steps=5, eta=0.5)])
+SAMPLERS = [  # DDPM, DDIM and each ODE/SDE solver (Karras steps: fractional timesteps)
+    AncestralSampler,
+    functools.partial(DDIMSampler, steps=5, eta=0.5),
+    functools.partial(samplers.EulerSampler, steps=5),
+    functools.partial(samplers.HeunSampler, steps=4, sigma_schedule="karras"),
+    functools.partial(samplers.EulerAncestralSampler, steps=5),
+    functools.partial(samplers.EulerMaruyamaSampler, steps=5, sigma_schedule="karras"),
+    functools.partial(samplers.DPMSolverMultistepSampler, steps=6, order=3, sigma_schedule="uniform_lambda"),
+    functools.partial(samplers.DPMSolverSDESampler, steps=5, dynamic_threshold=0.995),
+    functools.partial(samplers.UniPCSampler, steps=6, order=3, sigma_schedule="karras"),
+]
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("net", ["unet", "dit"])
 def test_sampler_steps_have_no_host_sync(sampler, net):
     m = module(net=net).eval()
@@ -85,7 +99,7 @@ def test_sampler_steps_have_no_host_sync(sampler, net):
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad(), HostSyncs() as syncs:
         for t in timesteps:  # sample_loop's body
-            t_batch = torch.full((x.shape[0],), t, dtype=torch.long)
+            t_batch = torch.full((x.shape[0],), t, dtype=built.timesteps.dtype)
             x = built.step(m(x, t_batch), t, x).prev_sample
     assert syncs.calls == []
 

@@ -19,6 +19,7 @@ from difflab.samplers.guidance import classifier_free_guidance
 from difflab.schedules import GaussianDiffusion, Parameterization, VarianceType
 from difflab.utils.enums import parse_enum
 from difflab.utils.flops import gflops_per_forward
+from difflab.utils.progress import SamplingProgress
 from difflab.utils.speed import CompileMode, autocast_dtype, compile_in_place
 
 
@@ -232,12 +233,14 @@ class DiffusionModule(pl.LightningModule):
         num_steps: int | None = None,
         y: torch.Tensor | None = None,
         guidance_scale: float | None = None,
+        progress: bool = False,
     ) -> torch.Tensor:
         """Generate (num_samples, C, H, W) images in [-1, 1], in batches of ``sample_batch_size``.
 
         ``generator`` (on ``self.device``) makes the result reproducible. For a class-conditional model ``y``
         (num_samples,) gives the labels (default: all classes in turn) and ``guidance_scale`` the CFG weight w
         (default: the model's); an unconditional model refuses a ``guidance_scale`` (it would be ignored).
+        ``progress``: a bar over steps × batches with NFE and images/s (TTY only).
         """
         if guidance_scale is not None and not self.conditional:
             raise ValueError(
@@ -251,15 +254,20 @@ class DiffusionModule(pl.LightningModule):
         w = self.guidance_scale if guidance_scale is None else guidance_scale
         was_training = self.training
         self.eval()
+        sampler.set_timesteps(num_steps)
+        batches = range(0, num_samples, self.sample_batch_size)
+        bar = SamplingProgress(len(batches), len(sampler.timesteps), sampler.num_evaluations(num_steps), progress)
         chunks = []
-        for start in range(0, num_samples, self.sample_batch_size):
+        for start in batches:
             n = min(self.sample_batch_size, num_samples - start)
             labels = None if y is None else y[start : start + n].to(self.device)
             model_fn = self.model_fn(labels, w)
             shape = (n, *self.image_shape)
             with self.sampling_precision():
-                x_0 = sample_loop(model_fn, sampler, shape, generator, self.device, num_steps=num_steps)
+                x_0 = sample_loop(model_fn, sampler, shape, generator, self.device, num_steps, on_step=bar.update)
             chunks.append(self.to_images(x_0))
+            bar.batch_done(n)
+        bar.close()
         self.train(was_training)
         return torch.cat(chunks).clamp(-1.0, 1.0)
 

@@ -218,6 +218,7 @@ class LatentDiffusionModule(DiffusionModule):
         y: torch.Tensor | None = None,
         guidance_scale: float | None = None,
         prompts: Sequence[str] | None = None,
+        progress: bool = False,
     ) -> torch.Tensor:
         """Images (num_samples, C, H, W): labels ``y`` (default: all classes in turn; captions from the first
         template) or text ``prompts`` (text conditioners), guided with w = ``guidance_scale``."""
@@ -229,7 +230,7 @@ class LatentDiffusionModule(DiffusionModule):
         elif self.conditioner is not None:
             labels = torch.arange(num_samples) % self.num_classes if y is None else y
             cond = self.conditioner.from_labels(labels.to(self.device))
-        return super().sample(num_samples, generator, sampler, num_steps, cond, guidance_scale)
+        return super().sample(num_samples, generator, sampler, num_steps, cond, guidance_scale, progress)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -2,16 +2,34 @@
 
 from difflab.samplers.ancestral import AncestralSampler
 from difflab.samplers.base import Sampler, SamplerOutput, Spacing, spaced_timesteps
+from difflab.samplers.continuous import ContinuousSampler, SigmaSchedule, solver_sigmas
 from difflab.samplers.ddim import DDIMSampler, DDIMSigma
+from difflab.samplers.dpmpp import DPMSolverMultistepSampler
+from difflab.samplers.dpmpp_sde import DPMSolverSDESampler
+from difflab.samplers.euler import EulerSampler
+from difflab.samplers.euler_ancestral import EulerAncestralSampler
+from difflab.samplers.euler_maruyama import EulerMaruyamaSampler
+from difflab.samplers.heun import HeunSampler
 from difflab.samplers.loop import sample_loop
+from difflab.samplers.unipc import UniPCSampler
 
 __all__ = [
     "AncestralSampler",
+    "ContinuousSampler",
     "DDIMSampler",
     "DDIMSigma",
+    "DPMSolverMultistepSampler",
+    "DPMSolverSDESampler",
+    "EulerAncestralSampler",
+    "EulerMaruyamaSampler",
+    "EulerSampler",
+    "HeunSampler",
     "Sampler",
     "SamplerOutput",
+    "SigmaSchedule",
     "Spacing",
+    "UniPCSampler",
     "sample_loop",
+    "solver_sigmas",
     "spaced_timesteps",
 ]

@@ -16,7 +16,14 @@ from dataclasses import dataclass
 import torch
 
 from difflab.samplers.thresholding import dynamic_threshold
-from difflab.schedules import GaussianDiffusion, Parameterization, VarianceType
+from difflab.schedules import (
+    GaussianDiffusion,
+    NoiseLevel,
+    Parameterization,
+    VarianceType,
+    eps_from_x0,
+    x0_eps_from_output,
+)
 from difflab.utils.enums import StrEnumChoice, parse_enum
 
 
@@ -133,15 +140,22 @@ class Sampler(abc.ABC):
             raise ValueError(f"sampler.steps={steps!r}: expected a number of steps >= 1 (or null: all T steps)")
         self.num_steps = diffusion.num_timesteps if steps is None else steps
         self.timesteps = torch.empty(0, dtype=torch.long)
+        self.nfe = 0  # network evaluations of the current chain, counted by sample_loop
         self.set_timesteps(self.num_steps)
 
     @property
     def num_timesteps(self) -> int:
         return self.diffusion.num_timesteps
 
+    def num_evaluations(self, num_steps: int | None = None) -> int:
+        """Network evaluations (NFE) of one chain of ``num_steps`` steps: one per entry of ``timesteps``, which is
+        one per step except for samplers that evaluate twice per step (Heun)."""
+        return self.num_steps if num_steps is None else num_steps
+
     def set_timesteps(self, num_steps: int | None = None) -> None:
         """Choose the sub-sequence of [0, T) to visit; ``self.timesteps`` becomes it in descending order."""
         num_steps = self.num_steps if num_steps is None else num_steps  # 0 is an error, not "the default"
+        self.nfe = 0
         ascending = spaced_timesteps(self.num_timesteps, num_steps, self.spacing)
         self.timesteps = ascending.flip(0)
         self._index = {int(t): i for i, t in enumerate(ascending.tolist())}
@@ -159,16 +173,21 @@ class Sampler(abc.ABC):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(x̂_0, ε̂, variance output or None) from a raw network output at timestep ``t``; ``clip`` overrides
         the sampler's thresholding (False: none, as inversion needs)."""
-        mean_output, var_output = self.diffusion.split_output(model_output, self.variance_type)
         t_batch = torch.full((x_t.shape[0],), int(t), device=x_t.device, dtype=torch.long)
+        return self.predict_at(model_output, x_t, self.diffusion.noise_level(t_batch, x_t), clip)
+
+    def predict_at(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, level: NoiseLevel, clip: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """As :meth:`predict` at any noise level (the continuous-time solvers' σ), in fp32, thresholded: static
+        (``clip_denoised``) or dynamic (``dynamic_threshold``), ε̂ recomputed from the thresholded x̂_0."""
+        mean_output, var_output = self.diffusion.split_output(model_output, self.variance_type)
         clip = self.clip_denoised if clip is None else clip
         static = clip and self.dynamic_threshold is None
-        x0, eps = self.diffusion.predict_x0_eps(
-            self.parameterization, mean_output.float(), x_t.float(), t_batch, static
-        )
+        x0, eps = x0_eps_from_output(self.parameterization, mean_output.float(), x_t.float(), level, static)
         if clip and self.dynamic_threshold is not None:
             x0 = dynamic_threshold(x0, self.dynamic_threshold)
-            eps = self.diffusion.predict_eps_from_x0(x_t.float(), t_batch, x0)
+            eps = eps_from_x0(x_t.float(), x0, level)
         return x0, eps, var_output
 
     @abc.abstractmethod

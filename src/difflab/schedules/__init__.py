@@ -1,15 +1,21 @@
 """Noise schedules and the Gaussian diffusion process math (imports nothing of ours but utils)."""
 
 from difflab.schedules.betas import BetaSchedule, make_betas
+from difflab.schedules.continuous import ContinuousSchedule, NoiseLevel, eps_from_x0, score, x0_eps_from_output
 from difflab.schedules.diffusion import GaussianDiffusion, model_log_variance, posterior_terms
 from difflab.schedules.parameterization import Parameterization, VarianceType
 
 __all__ = [
     "BetaSchedule",
+    "ContinuousSchedule",
     "GaussianDiffusion",
+    "NoiseLevel",
     "Parameterization",
     "VarianceType",
+    "eps_from_x0",
     "make_betas",
     "model_log_variance",
     "posterior_terms",
+    "score",
+    "x0_eps_from_output",
 ]

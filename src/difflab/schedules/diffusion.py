@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from difflab.schedules.betas import BetaSchedule, make_betas
+from difflab.schedules.continuous import ContinuousSchedule, NoiseLevel, eps_from_x0, x0_eps_from_output
 from difflab.schedules.parameterization import Parameterization, VarianceType
 from difflab.utils.enums import parse_enum
 
@@ -118,6 +119,8 @@ class GaussianDiffusion(nn.Module):
         # A float64 CPU copy for samplers that derive coefficients of sub-sequences (respacing, DDIM): ratios of
         # ᾱ close to 1 lose digits in float32. A plain attribute: it stays on the CPU, where tables are built.
         self.alphas_cumprod_64 = alphas_cumprod
+        # σ_t, λ_t and the σ ↔ t map of the continuous-time solvers (float64, CPU; see schedules/continuous.py)
+        self.continuous = ContinuousSchedule(alphas_cumprod)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -150,19 +153,23 @@ class GaussianDiffusion(nn.Module):
         log_variance = self.extract(self.posterior_log_variance_clipped, t, x_t)
         return mean, variance, log_variance
 
-    # ------------------------------------------------------------------ parameterisations (the one place)
+    # ------------------------------------------------------------------ parameterisations
+    def noise_level(self, t: torch.Tensor, x: torch.Tensor) -> NoiseLevel:
+        """The coefficients α, s, 1/α, σ of timesteps t (B,) long, shaped (B, 1, ..., 1) to broadcast against x."""
+        return NoiseLevel(
+            alpha=self.extract(self.sqrt_alphas_cumprod, t, x),
+            std=self.extract(self.sqrt_one_minus_alphas_cumprod, t, x),
+            recip_alpha=self.extract(self.sqrt_recip_alphas_cumprod, t, x),
+            sigma=self.extract(self.sqrt_recipm1_alphas_cumprod, t, x),
+        )
+
     def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x̂_0 = (x_t − sqrt(1 − ᾱ_t) ε) / sqrt(ᾱ_t)  (Ho et al. eq. 15)."""
-        return (
-            self.extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-            - self.extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
-        )
+        return x0_eps_from_output(Parameterization.EPS, eps, x_t, self.noise_level(t, x_t))[0]
 
     def predict_eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """ε̂ = (x_t / sqrt(ᾱ_t) − x̂_0) / sqrt(1/ᾱ_t − 1)."""
-        return (self.extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / self.extract(
-            self.sqrt_recipm1_alphas_cumprod, t, x_t
-        )
+        return eps_from_x0(x_t, x0, self.noise_level(t, x_t))
 
     def velocity(self, x_start: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v = sqrt(ᾱ_t) ε − sqrt(1 − ᾱ_t) x_0  (Salimans & Ho 2022, §4)."""
@@ -189,26 +196,13 @@ class GaussianDiffusion(nn.Module):
         t: torch.Tensor,
         clip_denoised: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Convert a network output (B, C, H, W) in ``parameterization`` to (x̂_0, ε̂).
+        """Convert a network output (B, C, H, W) in ``parameterization`` at timesteps t (B,) to (x̂_0, ε̂) (see
+        :func:`difflab.schedules.continuous.x0_eps_from_output`, the one place these conversions live).
 
         With ``clip_denoised`` x̂_0 is clamped to [-1, 1] and ε̂ recomputed from the clamped x̂_0 so both stay
         consistent (what the DDIM update needs).
         """
-        if parameterization is Parameterization.EPS:
-            eps = model_output
-            x0 = self.predict_x0_from_eps(x_t, t, eps)
-        elif parameterization is Parameterization.X0:
-            x0 = model_output
-            eps = self.predict_eps_from_x0(x_t, t, x0)
-        else:  # v: x̂_0 = sqrt(ᾱ) x_t − sqrt(1−ᾱ) v,  ε̂ = sqrt(1−ᾱ) x_t + sqrt(ᾱ) v
-            sqrt_ab = self.extract(self.sqrt_alphas_cumprod, t, x_t)
-            sqrt_1mab = self.extract(self.sqrt_one_minus_alphas_cumprod, t, x_t)
-            x0 = sqrt_ab * x_t - sqrt_1mab * model_output
-            eps = sqrt_1mab * x_t + sqrt_ab * model_output
-        if clip_denoised:
-            x0 = x0.clamp(-1.0, 1.0)
-            eps = self.predict_eps_from_x0(x_t, t, x0)
-        return x0, eps
+        return x0_eps_from_output(parameterization, model_output, x_t, self.noise_level(t, x_t), clip_denoised)
 
     @staticmethod
     def split_output(

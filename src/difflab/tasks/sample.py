@@ -102,7 +102,9 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"y": None if labels is None else labels[index]}
         if prompts is not None:  # text-conditioned latent diffusion
             kwargs = {"prompts": [prompts[i] for i in index.tolist()]}
-        local = module.sample(index.numel(), generator=generator, guidance_scale=cfg.get("guidance_scale"), **kwargs)
+        local = module.sample(
+            index.numel(), generator=generator, guidance_scale=cfg.get("guidance_scale"), progress=True, **kwargs
+        )
     else:  # more ranks than samples
         local = torch.empty((0, *module.output_shape), device=device)
     images = gather_shards(local.to(device), num)
