@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, open_dict
 
+from difflab import samplers
 from difflab.modules import DiffusionModule
 from difflab.networks import DiT, UNet
 from difflab.schedules import GaussianDiffusion
@@ -185,3 +186,16 @@ def run_cli(script: str, *args: str, cwd: Path, timeout: int = 300, env: dict | 
         text=True,
         timeout=timeout,
     )
+
+
+ONE_OF_EACH_SAMPLER = [  # DDPM, DDIM and each ODE/SDE solver (Karras steps: fractional timesteps)
+    samplers.AncestralSampler,
+    functools.partial(samplers.DDIMSampler, steps=5, eta=0.5),
+    functools.partial(samplers.EulerSampler, steps=5),
+    functools.partial(samplers.HeunSampler, steps=4, sigma_schedule="karras"),
+    functools.partial(samplers.EulerAncestralSampler, steps=5),
+    functools.partial(samplers.EulerMaruyamaSampler, steps=5, sigma_schedule="karras"),
+    functools.partial(samplers.DPMSolverMultistepSampler, steps=6, order=3, sigma_schedule="uniform_lambda"),
+    functools.partial(samplers.DPMSolverSDESampler, steps=5, dynamic_threshold=0.995),
+    functools.partial(samplers.UniPCSampler, steps=6, order=3, sigma_schedule="karras"),
+]

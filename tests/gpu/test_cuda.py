@@ -17,12 +17,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from difflab import samplers
 from difflab.callbacks import EMA, NonFiniteGuard, TrainingRandomState
 from difflab.data import DigitsDataModule
 from difflab.data.device_batches import DeviceBatches
-from difflab.samplers import AncestralSampler, DDIMSampler
-from tests.conftest import bare_trainer, load_bench, tiny_diffusion_module
+from tests.conftest import ONE_OF_EACH_SAMPLER, bare_trainer, load_bench, tiny_diffusion_module
 
 DEVICE = os.environ.get("DIFFLAB_GPU_TEST_DEVICE", "cuda")
 pytestmark = [
@@ -102,20 +100,7 @@ def test_nonfinite_guard_and_training_random_stream_never_sync(action):
     assert all(torch.isfinite(p).all() for p in m.parameters()) == (action == "skip")
 
 
-SAMPLERS = [  # DDPM, DDIM and each ODE/SDE solver (Karras steps: fractional timesteps)
-    AncestralSampler,
-    functools.partial(DDIMSampler, steps=5, eta=0.5),
-    functools.partial(samplers.EulerSampler, steps=5),
-    functools.partial(samplers.HeunSampler, steps=4, sigma_schedule="karras"),
-    functools.partial(samplers.EulerAncestralSampler, steps=5),
-    functools.partial(samplers.EulerMaruyamaSampler, steps=5, sigma_schedule="karras"),
-    functools.partial(samplers.DPMSolverMultistepSampler, steps=6, order=3, sigma_schedule="uniform_lambda"),
-    functools.partial(samplers.DPMSolverSDESampler, steps=5, dynamic_threshold=0.995),
-    functools.partial(samplers.UniPCSampler, steps=6, order=3, sigma_schedule="karras"),
-]
-
-
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", ONE_OF_EACH_SAMPLER)
 @NETS
 def test_sampler_steps_never_sync(sampler, net):
     m = fused_module(net=net).eval()

@@ -11,11 +11,9 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from difflab import samplers
 from difflab.callbacks import TrainThroughput
 from difflab.losses import DiffusionLoss, LossAwareTimestepSampler
-from difflab.samplers import AncestralSampler, DDIMSampler
-from tests.conftest import bare_trainer, tiny_diffusion_module
+from tests.conftest import ONE_OF_EACH_SAMPLER, bare_trainer, tiny_diffusion_module
 
 SYNCING = {  # on CUDA each of these waits for the queued kernels
     "item",
@@ -76,20 +74,7 @@ def test_training_step_has_no_host_sync(kwargs, net):
         assert syncs.calls == []
 
 
-SAMPLERS = [  # DDPM, DDIM and each ODE/SDE solver (Karras steps: fractional timesteps)
-    AncestralSampler,
-    functools.partial(DDIMSampler, steps=5, eta=0.5),
-    functools.partial(samplers.EulerSampler, steps=5),
-    functools.partial(samplers.HeunSampler, steps=4, sigma_schedule="karras"),
-    functools.partial(samplers.EulerAncestralSampler, steps=5),
-    functools.partial(samplers.EulerMaruyamaSampler, steps=5, sigma_schedule="karras"),
-    functools.partial(samplers.DPMSolverMultistepSampler, steps=6, order=3, sigma_schedule="uniform_lambda"),
-    functools.partial(samplers.DPMSolverSDESampler, steps=5, dynamic_threshold=0.995),
-    functools.partial(samplers.UniPCSampler, steps=6, order=3, sigma_schedule="karras"),
-]
-
-
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", ONE_OF_EACH_SAMPLER)
 @pytest.mark.parametrize("net", ["unet", "dit"])
 def test_sampler_steps_have_no_host_sync(sampler, net):
     m = module(net=net).eval()
