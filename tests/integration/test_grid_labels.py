@@ -67,3 +67,15 @@ def test_reconstruct_grid_has_labelled_columns(cfg_ckpt, tmp_path):
     grid = Image.open(result["grid"])
     plain = image_grid(torch.zeros(8, 1, 16, 16), 4)  # digits at the tiny config's 16x16
     assert grid.width == plain.shape[2] and grid.height > plain.shape[1]  # a header above the columns
+
+
+def test_prompts_are_tags_and_npz_arrays():
+    from difflab.tasks.sample_info import image_tags, npz_arrays
+
+    prompts = ["a photo of a sneaker", "a photo of a bag"] * 2
+    assert image_tags(None, prompts, None) == prompts
+    assert grid_axes(prompts, 2) == (None, ["a photo of a sneaker", "a photo of a bag"])  # one prompt per column
+    assert image_tags(torch.tensor([1, 0]), None, None) == ["class 1", "class 0"]  # no names: the indices
+    info = {"sampler_name": "DDIMSampler", "sampler": {"steps": 2}, "guidance_scale": None, "class_names": None}
+    arrays = npz_arrays({**info, "prompts": prompts})
+    assert arrays["prompts"].tolist() == prompts and "guidance_scale" not in arrays and "class_names" not in arrays

@@ -133,6 +133,16 @@ def test_sampling_young_ema_warns_and_raw_weights_are_the_trained_ones(young_ema
         load_module(young_ema_ckpt, weights="best")
 
 
+def test_train_warns_when_its_final_samples_use_a_young_ema(tiny_cfg, caplog):
+    from difflab.tasks.train import train
+
+    with caplog.at_level(logging.WARNING):
+        train(tiny_cfg("trainer.max_steps=2", "trainer.limit_train_batches=2", "callbacks.ema.warmup=false"))
+    assert (
+        "Final samples: the EMA weights have seen 2 updates" in caplog.text and "sample.py weights=raw" in caplog.text
+    )
+
+
 def test_sample_and_eval_take_weights_raw(young_ema_ckpt, tmp_path):
     args = [f"ckpt={young_ema_ckpt}", "sampler=ddim", "sampler.steps=3", "num_samples=2"]
     a = sample(compose_config([*args, "weights=raw"], tmp_path / "raw", "sample"))
