@@ -8,6 +8,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -64,6 +65,9 @@ TINY_GENERATIVE_METRICS = [
 TINY_DIT = [o for o in TINY if not o.startswith("net")] + ["net=dit_tiny", "net.hidden_size=32", "net.num_heads=2"]
 
 register_resolvers()
+
+# the user cache folder (FID statistics) of every test and subprocess: a fresh one, never the developer's ~/.cache
+os.environ["DIFFLAB_CACHE"] = tempfile.mkdtemp(prefix="difflab-test-cache-")
 
 TINY_NETS = {
     "unet": functools.partial(

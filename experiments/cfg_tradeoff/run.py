@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--train",
         default="experiment=quickstart model=cfg net.use_scale_shift_norm=true "
-        "trainer.max_steps=800 task_name=cfg_tradeoff",
+        "trainer.max_steps=800 task_name=cfg_tradeoff callbacks.ema.warmup=false",  # EMA as recorded
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default="none", help="training overrides put before --train")
     p.add_argument("--run-dir", default=str(ROOT / "logs" / "cfg_tradeoff" / "model"))

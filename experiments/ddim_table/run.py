@@ -47,7 +47,11 @@ ROWS = [
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train", default="experiment=quickstart trainer.max_steps=1500", help="src/train.py overrides")
+    p.add_argument(
+        "--train",
+        default="experiment=quickstart trainer.max_steps=1500 callbacks.ema.warmup=false",  # EMA as recorded
+        help="src/train.py overrides",
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), default="none", help="training overrides put before --train")
     p.add_argument("--run-dir", default=str(ROOT / "logs" / "ddim_table" / "model"))
     p.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50, 100])

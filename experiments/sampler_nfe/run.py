@@ -72,8 +72,10 @@ CFG_ROWS = [  # part "cfg": (name, sampler, overrides, NFE values)
     ("DPM-Solver++(2M), static clip", "dpmpp_2m", UNIFORM_LAMBDA, [10, 15, 20]),
     ("DPM-Solver++(2M), dynamic 0.995", "dpmpp_2m", {"dynamic_threshold": 0.995, **UNIFORM_LAMBDA}, [10, 15, 20]),
 ]
-SIMPLE = "experiment=quickstart trainer.max_steps=1500 model=ddpm schedule=cosine"  # iddpm_nll's CPU model
-CFG = "experiment=quickstart model=cfg net.use_scale_shift_norm=true trainer.max_steps=1500 task_name=sampler_nfe"
+# the recorded runs' EMA (no warm-up; experiment=quickstart has one since issue 22)
+EMA = " callbacks.ema.warmup=false"
+SIMPLE = "experiment=quickstart trainer.max_steps=1500 model=ddpm schedule=cosine" + EMA  # iddpm_nll's CPU model
+CFG = "experiment=quickstart model=cfg net.use_scale_shift_norm=true trainer.max_steps=1500 task_name=sampler_nfe" + EMA
 
 
 def sampler_factory(name: str, **overrides: Any):

@@ -23,11 +23,12 @@ def test_generative_metrics_callback_logs_named_metrics(tiny_cfg, weights_dir, t
     calls = []
     evaluate = GenerativeMetricsCallback.evaluate
     monkeypatch.setattr(GenerativeMetricsCallback, "evaluate", lambda self, *a: calls.append(1) or evaluate(self, *a))
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "cache"))
     cfg = tiny_cfg(*TINY_GENERATIVE_METRICS)
     metrics = train(cfg)["metrics"]
     assert {"val/fid_fmnist_cls", "val/kid_fmnist_cls", "val/is_fmnist_cls"} <= set(metrics)
     assert metrics["val/fid_fmnist_cls"] > 0 and metrics["val/is_fmnist_cls"] >= 1 - 1e-5  # IS >= 1 up to rounding
-    assert list((tmp_path / "data" / ".cache" / "fid_stats").glob("*.pt"))  # real statistics cached
+    assert list((tmp_path / "cache" / "fid_stats").glob("*.pt"))  # real statistics cached in $DIFFLAB_CACHE
     assert len(calls) == 1  # fit end (step 2) reuses the validation's evaluation at step 2
 
 

@@ -117,7 +117,7 @@ def plan(command: str) -> Plan:
     ):
         script, args = Path(tokens[1]).name, tokens[2:]
         ddp = any(a in ("trainer=ddp", "trainer=ddp_cpu") for a in args)
-        if "-m" in args or "--cfg" in args or ddp:
+        if "-m" in args or "--cfg" in args or "--help" in args or ddp:
             return Plan(command, "subprocess", script, args)
         return Plan(command, "run", script, args)
     raise AssertionError(f"README command without a rule in {__file__}: {command!r}")
@@ -175,6 +175,8 @@ def substitute(script: str, args: list[str], checkpoints: dict[str, str]) -> lis
             arg = f"{key}={checkpoints[kind]}"
         elif key == "model.autoencoder_ckpt":
             arg = f"{key}=shipped:ae_kl_f4_fmnist"  # a stage-1 checkpoint of the right shape
+        elif key in ("out_dir", "out") and script != "train.py":  # under the test's output folder
+            arg = f"{key}=${{paths.output_dir}}/{value}"
         elif script != "train.py" and key in (SAMPLE_SIZES if script == "sample.py" else EVAL_SIZES):
             arg = f"{key}={(SAMPLE_SIZES if script == 'sample.py' else EVAL_SIZES)[key]}"
         out.append(arg)
@@ -256,7 +258,9 @@ def test_every_command_composes(p, checkpoints, tmp_path):
     if p.how == "compose":
         compose_only(p, tmp_path, checkpoints)
         return
-    args = substitute(p.script, [a for a in p.args if a not in ("-m", "--cfg", "job", "--resolve")], checkpoints)
+    args = substitute(
+        p.script, [a for a in p.args if a not in ("-m", "--cfg", "job", "--resolve", "--help")], checkpoints
+    )
     args = [a.split(",")[0] if "=" in a and "[" not in a else a for a in args]  # a sweep's first job
     compose_config(args, tmp_path, SCRIPTS[p.script][0])
 

@@ -22,11 +22,46 @@ random initialisation (0.9999^10,000 ≈ 37 % of it after 10k steps without warm
 from __future__ import annotations
 
 import itertools
+import math
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
+
+
+def ema_decay_at(decay: float, warmup: bool, num_updates: int) -> float:
+    """The decay of the update after ``num_updates`` earlier ones: min(decay, (1 + n)/(10 + n)) with warm-up."""
+    return min(decay, (1 + num_updates) / (10 + num_updates)) if warmup else decay
+
+
+def start_weight(decay: float, warmup: bool, num_updates: int) -> float:
+    """How much of the first update's weights (a copy of the weights after one optimizer step: still the random
+    start) the EMA holds after ``num_updates`` updates: ∏_{n=1}^{N-1} decay_n. Without warm-up that is
+    decay^(N-1), e^-1 at N ≈ 1/(1 − decay); with warm-up it falls like (10/N)^9."""
+    if num_updates <= 0:
+        return 1.0
+    log_weight = 0.0
+    for n in range(1, num_updates):
+        log_weight += math.log(ema_decay_at(decay, warmup, n))
+        if log_weight < -50:  # negligible; stops the loop for long runs
+            return 0.0
+    return math.exp(log_weight)
+
+
+def young_ema_warning(decay: float, warmup: bool, num_updates: int) -> str | None:
+    """A warning when EMA weights are still mostly the random start (more than e^-1 of it, i.e. fewer than
+    ~1/(1 − decay) updates without warm-up): samples from them look like noise while the raw weights may not."""
+    weight = start_weight(decay, warmup, num_updates)
+    if weight <= math.exp(-1):
+        return None
+    return (
+        f"the EMA weights have seen {num_updates} updates at decay {decay}"
+        f"{' with' if warmup else ' without'} warm-up: {weight:.0%} of them is still the random start, so samples "
+        f"may look like noise. Sample the raw weights with `weights=raw`, train longer (~{math.ceil(1 / (1 - decay))}"
+        " updates), or train with `callbacks.ema.warmup=true`."
+    )
 
 
 class EMA(WeightAveraging):
@@ -56,9 +91,21 @@ class EMA(WeightAveraging):
         self.decay, self.warmup, self.update_every_n_steps = float(decay), bool(warmup), update_every_n_steps
         self._num_updates = 0  # host copy of AveragedModel.n_averaged: reading that one would synchronise
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # WeightAveraging warns that it "doesn't support sharding model layers" for every module that overrides
+        # configure_model; ours only compiles there (model.compile), it never shards, so the warning is noise
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="You're using the WeightAveraging callback with a model that")
+            super().setup(trainer, pl_module, stage)
+
+    @property
+    def num_updates(self) -> int:
+        """EMA updates so far (the checkpoint's ``averaging_state["n_averaged"]``)."""
+        return self._num_updates
+
     def decay_at(self, num_updates: int) -> float:
         """The decay of the update after ``num_updates`` earlier ones (the first update copies the weights)."""
-        return min(self.decay, (1 + num_updates) / (10 + num_updates)) if self.warmup else self.decay
+        return ema_decay_at(self.decay, self.warmup, num_updates)
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx % self.update_every_n_steps == 0

@@ -9,6 +9,7 @@ A checkpoint written by ``src/train.py`` holds, next to Lightning's keys, ``chec
 from __future__ import annotations
 
 import inspect
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,32 @@ import torch
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from difflab.callbacks.ema import young_ema_warning
 from difflab.modules.autoencoder import LoadedCheckpoint
 from difflab.modules.diffusion import DiffusionModule
 from difflab.utils.checkpoint_io import CheckpointError, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = ("ema", "raw")
+
+
+def select_weights(checkpoint: dict[str, Any], weights: str, path: str | Path) -> dict[str, Any]:
+    """The state dict to sample with: ``ema`` (``state_dict``: the EMA weights when EMA was on, warning when they
+    are still mostly the random start) or ``raw`` (the trained weights themselves: ``current_model_state``, or
+    ``state_dict`` when the run had no EMA)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: expected one of {list(WEIGHTS)}")
+    has_ema = "current_model_state" in checkpoint
+    if weights == "raw":
+        return checkpoint["current_model_state"] if has_ema else checkpoint["state_dict"]
+    ema_cfg = ((checkpoint["difflab"].get("config") or {}).get("callbacks") or {}).get("ema") or {}
+    count = (checkpoint.get("averaging_state") or {}).get("n_averaged")
+    if has_ema and count is not None and "decay" in ema_cfg:
+        warning = young_ema_warning(float(ema_cfg["decay"]), bool(ema_cfg.get("warmup", False)), int(count))
+        if warning:
+            log.warning("ckpt=%s: %s", path, warning)
+    return checkpoint["state_dict"]
 
 
 def _load(path: str | Path, key: str = "ckpt") -> dict[str, Any]:
@@ -83,13 +107,15 @@ def load_module(
     map_location: str | torch.device = "cpu",
     compile: str | None = None,
     precision: str | None = None,
+    weights: str = "ema",
 ) -> tuple[DiffusionModule, dict[str, Any]]:
     """Rebuild the trained module from a checkpoint alone, optionally with another sampler config (see
     :func:`sampler_config`) and, with
     ``compile`` (none | default | reduce-overhead | max-autotune), another ``model.compile`` than in training; with
-    ``precision`` (a trainer precision: 32-true | bf16-mixed | 16-mixed) another ``model.sample_precision``.
+    ``precision`` (a trainer precision: 32-true | bf16-mixed | 16-mixed) another ``model.sample_precision``;
+    ``weights``: ``ema`` or ``raw`` (see :func:`select_weights`).
 
-    Returns (module in eval mode with the EMA weights when EMA was on, the run record).
+    Returns (module in eval mode with the chosen weights, the run record).
     """
     checkpoint = _load(path)
     record = checkpoint["difflab"]
@@ -105,7 +131,7 @@ def load_module(
         # and build the stage 1 from this checkpoint as already read (instantiate passes the object through)
         extra["autoencoder_ckpt"] = LoadedCheckpoint(str(path), checkpoint)
     module = instantiate(model_cfg, **extra)
-    missing, unexpected = module.load_state_dict(checkpoint["state_dict"], strict=False)
+    missing, unexpected = module.load_state_dict(select_weights(checkpoint, weights, path), strict=False)
     if missing or unexpected:
         raise CheckpointError(
             f"ckpt={str(path)!r}: weights do not match the model of its own config "

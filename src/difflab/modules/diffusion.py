@@ -233,14 +233,15 @@ class DiffusionModule(pl.LightningModule):
         num_steps: int | None = None,
         y: torch.Tensor | None = None,
         guidance_scale: float | None = None,
-        progress: bool = False,
+        progress: bool | SamplingProgress = False,
     ) -> torch.Tensor:
         """Generate (num_samples, C, H, W) images in [-1, 1], in batches of ``sample_batch_size``.
 
         ``generator`` (on ``self.device``) makes the result reproducible. For a class-conditional model ``y``
         (num_samples,) gives the labels (default: all classes in turn) and ``guidance_scale`` the CFG weight w
         (default: the model's); an unconditional model refuses a ``guidance_scale`` (it would be ignored).
-        ``progress``: a bar over steps × batches with NFE and images/s (TTY only).
+        ``progress``: a bar over steps × batches with NFE and images/s (TTY only); a ``SamplingProgress`` continues
+        that bar (several calls, one bar), and is left open.
         """
         if guidance_scale is not None and not self.conditional:
             raise ValueError(
@@ -256,7 +257,12 @@ class DiffusionModule(pl.LightningModule):
         self.eval()
         sampler.set_timesteps(num_steps)
         batches = range(0, num_samples, self.sample_batch_size)
-        bar = SamplingProgress(len(batches), len(sampler.timesteps), sampler.num_evaluations(num_steps), progress)
+        own_bar = not isinstance(progress, SamplingProgress)
+        bar = (
+            SamplingProgress(len(batches), len(sampler.timesteps), sampler.num_evaluations(num_steps), progress)
+            if own_bar
+            else progress
+        )
         chunks = []
         for start in batches:
             n = min(self.sample_batch_size, num_samples - start)
@@ -267,7 +273,8 @@ class DiffusionModule(pl.LightningModule):
                 x_0 = sample_loop(model_fn, sampler, shape, generator, self.device, num_steps, on_step=bar.update)
             chunks.append(self.to_images(x_0))
             bar.batch_done(n)
-        bar.close()
+        if own_bar:
+            bar.close()
         self.train(was_training)
         return torch.cat(chunks).clamp(-1.0, 1.0)
 

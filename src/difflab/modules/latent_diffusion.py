@@ -218,7 +218,7 @@ class LatentDiffusionModule(DiffusionModule):
         y: torch.Tensor | None = None,
         guidance_scale: float | None = None,
         prompts: Sequence[str] | None = None,
-        progress: bool = False,
+        progress: Any = False,
     ) -> torch.Tensor:
         """Images (num_samples, C, H, W): labels ``y`` (default: all classes in turn; captions from the first
         template) or text ``prompts`` (text conditioners), guided with w = ``guidance_scale``."""

@@ -16,6 +16,8 @@ from difflab.metrics import GenerativeMetrics
 from difflab.modules import sampler_config
 from difflab.tasks.sample import load_for_sampling, resolve_device
 from difflab.utils.checkpoint_io import trusted_checkpoints
+from difflab.utils.paths import ensure_parent
+from difflab.utils.progress import SamplingProgress, progress_iter
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +38,21 @@ def generative(cfg: DictConfig, module: Any, dataset: Any, data_cfg: dict[str, A
     metrics = GenerativeMetrics(
         names, cfg.feature_net, cfg.get("inception_weights"), kid_subset_size=min(100, cfg.num_samples, cfg.num_real)
     ).to(module.device)
-    batches = (x for x, _ in DataLoader(dataset, batch_size=cfg.batch_size))
+    shown = cfg.get("progress", True)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size)
+    total = min(len(loader), -(-int(cfg.num_real) // int(cfg.batch_size)))
+    batches = (x for x, _ in progress_iter(loader, total, "real-image features", "batch", shown))
     cached = metrics.fill_real(batches, cfg.num_real, {"data": data_cfg, "split": cfg.split}, cfg.get("cache_dir"))
     log.info("Real statistics of %d %s images %s", cfg.num_real, cfg.split, "from the cache" if cached else "computed")
     generator = torch.Generator(device=module.device).manual_seed(int(cfg.seed))
-    for start in range(0, cfg.num_samples, cfg.batch_size):
+    starts = range(0, cfg.num_samples, cfg.batch_size)
+    bar = SamplingProgress.for_sampler(module.sampler, len(starts), shown, "sampling for metrics")
+    for start in starts:
         n = min(cfg.batch_size, cfg.num_samples - start)
-        metrics.update_fake(module.sample(n, generator=generator, guidance_scale=cfg.get("guidance_scale")))
+        metrics.update_fake(
+            module.sample(n, generator=generator, guidance_scale=cfg.get("guidance_scale"), progress=bar)
+        )
+    bar.close()
     return metrics.compute()
 
 
@@ -52,7 +62,9 @@ def nll(cfg: DictConfig, module: Any, dataset: Any) -> dict[str, float]:
     generator = torch.Generator(device=module.device).manual_seed(int(cfg.seed))
     sums: dict[str, float] = {}
     count = 0
-    for x, y in DataLoader(dataset, batch_size=cfg.batch_size):
+    loader = DataLoader(dataset, batch_size=cfg.batch_size)
+    total = min(len(loader), -(-int(cfg.nll_images) // int(cfg.batch_size)))
+    for x, y in progress_iter(loader, total, "NLL", "batch", cfg.get("progress", True)):
         x = x[: cfg.nll_images - count].to(module.device)
         result = module.nll(x, y[: x.shape[0]].to(module.device) if module.num_classes else None, generator)
         for key in ("total_bpd", "prior_bpd", "decoder_bpd"):
@@ -86,11 +98,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "num_real": cfg.num_real,
         "split": cfg.split,
         "feature_net": cfg.feature_net,
+        "weights": cfg.get("weights") or "ema",
         "sampler": sampler,
         "results": results,
     }
-    out = Path(cfg.get("out") or Path(cfg.ckpt).with_name(f"{Path(cfg.ckpt).stem}_eval.json"))
+    # the table first: a failed write (a full disk, a read-only folder) must not lose minutes of results
+    print(f"{'metric':<28} value\n" + "\n".join(f"{k:<28} {v:.4f}" for k, v in results.items()), flush=True)
+    out = ensure_parent(cfg.get("out") or Path(cfg.ckpt).with_name(f"{Path(cfg.ckpt).stem}_eval.json"))
     out.write_text(json.dumps(report, indent=2, default=str))
-    print(f"{'metric':<28} value\n" + "\n".join(f"{k:<28} {v:.4f}" for k, v in results.items()))
     print(f"wrote {out}")
     return report

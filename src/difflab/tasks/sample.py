@@ -10,10 +10,12 @@ import torch
 from omegaconf import DictConfig
 
 from difflab.modules import DiffusionModule, load_module
+from difflab.tasks.sample_info import image_tags, npz_arrays, sample_info, write_json
 from difflab.tasks.sample_modes import interpolate, reconstruct
 from difflab.utils.checkpoint_io import trusted_checkpoints
 from difflab.utils.distributed import gather_shards, init_from_env, rank_world, shard
-from difflab.utils.images import save_grid, save_npz
+from difflab.utils.images import save_npz
+from difflab.utils.labels import save_labelled_grid
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,7 @@ def load_for_sampling(cfg: DictConfig, device: torch.device) -> tuple[DiffusionM
             map_location=device,
             compile=cfg.get("compile"),
             precision=cfg.get("precision"),
+            weights=cfg.get("weights") or "ema",
         )
     module.sample_batch_size = int(cfg.batch_size)
     return module, record
@@ -103,7 +106,11 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         if prompts is not None:  # text-conditioned latent diffusion
             kwargs = {"prompts": [prompts[i] for i in index.tolist()]}
         local = module.sample(
-            index.numel(), generator=generator, guidance_scale=cfg.get("guidance_scale"), progress=True, **kwargs
+            index.numel(),
+            generator=generator,
+            guidance_scale=cfg.get("guidance_scale"),
+            progress=cfg.get("progress", True),
+            **kwargs,
         )
     else:  # more ranks than samples
         local = torch.empty((0, *module.output_shape), device=device)
@@ -111,10 +118,15 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     if rank != 0:
         return {"rank": rank}
     out_dir = Path(cfg.out_dir)
+    info = sample_info(cfg, module, record, labels, prompts)  # class names / prompts, sampler, guidance
+    tags = image_tags(labels, prompts, info["class_names"])
     result = {
-        "grid": save_grid(images, out_dir / "samples.png", nrow=cfg.get("nrow") or row),
-        "npz": save_npz(images, out_dir / "samples.npz", labels=labels),
+        "grid": save_labelled_grid(images, out_dir / "samples.png", nrow=cfg.get("nrow") or row, tags=tags),
+        "npz": save_npz(images, out_dir / "samples.npz", labels=labels, extra=npz_arrays(info)),
+        "json": write_json(info, out_dir / "samples.json"),
         "global_step": record["global_step"],
     }
-    log.info("Wrote %s and %s (checkpoint step %d)", result["grid"], result["npz"], record["global_step"])
+    log.info(
+        "Wrote %s, %s and %s (checkpoint step %d)", result["grid"], result["npz"], result["json"], record["global_step"]
+    )
     return result

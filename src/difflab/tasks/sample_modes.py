@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,11 @@ from omegaconf import DictConfig
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from difflab.samplers import DDIMSampler, sample_loop
-from difflab.utils.images import save_grid
+from difflab.utils.labels import save_labelled_grid
+from difflab.utils.paths import ensure_dir
+from difflab.utils.progress import count_forwards
+
+log = logging.getLogger(__name__)
 
 
 def _ddim(module: Any, mode: str) -> DDIMSampler:
@@ -44,15 +49,21 @@ def reconstruct(cfg: DictConfig, module: Any, record: dict, device: torch.device
     x0, y = next(iter(torch.utils.data.DataLoader(datamodule.test, batch_size=int(cfg.num_samples))))
     x0 = x0.to(device)
     labels = y.to(device) if module.num_classes else None
-    with torch.inference_mode():
+    sampler.set_timesteps(None)
+    nfe = 2 * sampler.num_evaluations(None)  # encode, then decode
+    with torch.inference_mode(), count_forwards(module.net, nfe, "encode-decode", cfg.get("progress", True)):
         decoded = module.reconstruct(x0, labels, sampler)
     psnr = PeakSignalNoiseRatio(data_range=2.0).to(device)(decoded, x0).item()
     ssim = StructuralSimilarityIndexMeasure(data_range=2.0).to(device)(decoded, x0).item()
-    out_dir = Path(cfg.out_dir)
+    out_dir = ensure_dir(cfg.out_dir)
     pairs = torch.stack([x0, decoded], dim=1).flatten(0, 1)  # original, reconstruction, original, ...
     result = {"psnr": psnr, "ssim": ssim, "num_images": x0.shape[0], "steps": len(sampler.timesteps)}
+    log.info("Reconstruction of %d test images: PSNR %.2f dB, SSIM %.4f", x0.shape[0], psnr, ssim)
     (out_dir / "reconstruct.json").write_text(json.dumps(result, indent=2))
-    result["grid"] = save_grid(pairs, out_dir / "reconstruct.png", nrow=2 * max(1, math.isqrt(x0.shape[0])))
+    tags = ["original", "reconstruction"] * x0.shape[0]  # the grid's columns alternate
+    nrow = 2 * max(1, math.isqrt(x0.shape[0]))
+    result["grid"] = save_labelled_grid(pairs, out_dir / "reconstruct.png", nrow=nrow, tags=tags)
+    log.info("Wrote %s and %s", result["grid"], out_dir / "reconstruct.json")
     return result
 
 
@@ -69,7 +80,15 @@ def interpolate(cfg: DictConfig, module: Any, device: torch.device) -> dict[str,
     if module.num_classes:
         label = int(cfg.classes[0]) if cfg.get("classes") not in (None, "all") else 0
         labels = torch.full((frames,), label, device=device)
-    with torch.inference_mode():
+    sampler.set_timesteps(None)
+    with (
+        torch.inference_mode(),
+        count_forwards(module.net, sampler.num_evaluations(None), "interpolate", cfg.get("progress", True)),
+    ):
         x_0 = sample_loop(module.model_fn(module.condition(labels), 0.0), sampler, latents.shape, noise=latents)
+    with torch.inference_mode():
         images = module.to_images(x_0).clamp(-1, 1)  # latent diffusion decodes
-    return {"grid": save_grid(images, Path(cfg.out_dir) / "interpolate.png", nrow=frames), "frames": frames}
+    tags = [f"{a:.2f}" for a in torch.linspace(0, 1, frames).tolist()]  # α of each column
+    grid = save_labelled_grid(images, Path(cfg.out_dir) / "interpolate.png", nrow=frames, tags=tags)
+    log.info("Wrote %s (%d frames)", grid, frames)
+    return {"grid": grid, "frames": frames}

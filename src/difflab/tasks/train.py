@@ -13,12 +13,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from difflab.callbacks import RunRecord, TrainingRandomState, TrainThroughput
+from difflab.callbacks import EMA, RunRecord, TrainingRandomState, TrainThroughput
+from difflab.callbacks.ema import young_ema_warning
 from difflab.modules import read_run_record
 from difflab.utils.checkpoint_io import AtomicCheckpointIO, checkpoints_trusted, trusted_checkpoints
 from difflab.utils.config import instantiate_group
 from difflab.utils.images import image_grid, save_grid, save_npz
-from difflab.utils.loggers import finish_loggers, log_image, resume_logger_kwargs
+from difflab.utils.loggers import finish_loggers, log_image, resume_logger_kwargs, silence_litlogger_tip
 from difflab.utils.sweep_summary import write_run_summary
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ def _resume_overrides(cfg: DictConfig, ckpt_path: str | None) -> dict[str, dict[
 def write_samples(module: Any, cfg: DictConfig, out_dir: Path, loggers: list[Any]) -> dict[str, Path]:
     """Sample ``cfg.samples.num_samples`` images with a seeded generator; write a PNG grid and a .npz, log the grid."""
     generator = torch.Generator(device=module.device).manual_seed(int(cfg.samples.seed))
-    images = module.sample(int(cfg.samples.num_samples), generator=generator)
+    progress = bool(cfg.trainer.get("enable_progress_bar", True))  # with Lightning's bar (a TTY only, as it)
+    images = module.sample(int(cfg.samples.num_samples), generator=generator, progress=progress)
     log_image(loggers, "samples/final", image_grid(images, cfg.samples.get("nrow")), module.global_step)
     return {
         "grid": save_grid(images, out_dir / "samples.png", nrow=cfg.samples.get("nrow")),
@@ -88,6 +90,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         # e.g. the autoencoder: its discriminator takes no part in a step before disc_start, and the discriminator
         # step leaves the autoencoder out; plain DDP stops at the first step with an "unused parameters" error
         extra["strategy"] = "ddp_find_unused_parameters_true"
+    silence_litlogger_tip()
     plugins = [AtomicCheckpointIO()]  # a kill or a full disk never leaves a partial checkpoint
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, **extra
@@ -109,6 +112,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         # After fit, the EMA callback has copied the EMA weights into the model: samples use them.
         # Lightning moves the model back to the CPU at teardown; sample on the training device.
         model.to(trainer.strategy.root_device)
+        for ema in (c for c in trainer.callbacks if isinstance(c, EMA)):
+            if warning := young_ema_warning(ema.decay, ema.warmup, ema.num_updates):
+                log.warning("Final samples: %s", warning.replace("`weights=raw`", "`sample.py weights=raw`"))
         result.update(write_samples(model, cfg, Path(cfg.paths.output_dir) / "samples", loggers))
         log.info("Samples: %s and %s", result["grid"], result["npz"])
     finish_loggers(loggers)

@@ -8,8 +8,10 @@ from typing import Any
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from difflab.utils.help import config_groups_help
 from difflab.utils.loggers import wandb_offline
-from difflab.utils.run_dir import unique_dir
+from difflab.utils.paths import user_cache_dir
+from difflab.utils.run_dir import given_out_dir, run_dir, unique_dir
 
 
 def data_num_classes(*, _root_: DictConfig) -> int:
@@ -41,7 +43,9 @@ def launch_dir() -> str:
 
 def register_resolvers() -> None:
     """Register difflab's OmegaConf resolvers (idempotent): ``${wandb_offline:}``, ``${data_num_classes:}``,
-    ``${data_class_names:}``, ``${unique_dir:PATH}`` (cached: one directory per config), ``${launch_dir:}``."""
+    ``${data_class_names:}``, ``${unique_dir:PATH}`` and ``${run_dir:PATH}`` (cached: one directory per config),
+    ``${launch_dir:}``, ``${user_cache_dir:SUBDIR}`` (:func:`difflab.utils.paths.user_cache_dir`),
+    ``${config_groups_help:}`` (``--help``)."""
     if not OmegaConf.has_resolver("wandb_offline"):
         OmegaConf.register_new_resolver("wandb_offline", wandb_offline)
     if not OmegaConf.has_resolver("data_num_classes"):
@@ -52,6 +56,14 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("launch_dir", launch_dir)
     if not OmegaConf.has_resolver("unique_dir"):
         OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True)
+    if not OmegaConf.has_resolver("run_dir"):
+        OmegaConf.register_new_resolver("run_dir", run_dir, use_cache=True)
+    if not OmegaConf.has_resolver("config_groups_help"):
+        OmegaConf.register_new_resolver("config_groups_help", config_groups_help)
+    if not OmegaConf.has_resolver("given_out_dir"):
+        OmegaConf.register_new_resolver("given_out_dir", given_out_dir)
+    if not OmegaConf.has_resolver("user_cache_dir"):
+        OmegaConf.register_new_resolver("user_cache_dir", lambda *parts: str(user_cache_dir(*parts)))
 
 
 def instantiate_group(cfg: DictConfig | None, overrides: dict[str, dict[str, Any]] | None = None) -> list[Any]:

@@ -43,12 +43,22 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
     return path
 
 
-def save_npz(images: torch.Tensor, path: str | Path, labels: torch.Tensor | None = None) -> Path:
-    """Write ``arr_0`` = uint8 (N, H, W, C) images (and ``labels`` if given) to a .npz file."""
+def save_npz(
+    images: torch.Tensor,
+    path: str | Path,
+    labels: torch.Tensor | None = None,
+    extra: dict[str, np.ndarray] | None = None,
+) -> Path:
+    """Write ``arr_0`` = uint8 (N, H, W, C) images (and ``labels`` if given, and the ``extra`` arrays: e.g. the
+    prompts, class names, sampler; strings as unicode arrays, readable without pickle) to a .npz file."""
     path = Path(path)
     arrays = {"arr_0": to_uint8(images)}
     if labels is not None:
         arrays["labels"] = labels.detach().cpu().numpy()
+    for key, value in (extra or {}).items():
+        if key in arrays:
+            raise ValueError(f"save_npz: extra array {key!r} would replace the images or labels")
+        arrays[key] = np.asarray(value)
     fd, tmp = _atomic_target(path)
     try:
         with os.fdopen(fd, "wb") as handle:

@@ -4,12 +4,14 @@ kept), wandb mode."""
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from typing import Any
 
 import torch
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
-from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 
@@ -42,6 +44,39 @@ class CSVLogger(LightningCSVLogger):
                 history.writerows(rows)
             writer.metrics_keys = list(fields)  # appended rows follow this header (a new key rewrites it)
         return writer
+
+
+class WandbLogger(LightningWandbLogger):
+    """Lightning's ``WandbLogger`` without the ``anonymous=None`` it always hands to ``wandb.init``: wandb (≥ 0.19)
+    prints "The anonymous setting has no effect and will be removed" for any value of it, in every run's log."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
+
+
+class _DropMessages(logging.Filter):
+    """Drops the log records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+_LITLOGGER_TIP = _DropMessages("💡 Tip: For seamless cloud logging")
+
+
+def silence_litlogger_tip() -> None:
+    """Drop Lightning's advertisement for its LitLogger service (logged at INFO by every ``Trainer`` without a
+    LitLogger), and nothing else: a filter on the two loggers Lightning's ``rank_zero_info`` writes to."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if _LITLOGGER_TIP not in logger.filters:
+            logger.addFilter(_LITLOGGER_TIP)
 
 
 def _read_history(path: str, before_step: int) -> tuple[list[str], list[dict[str, str]]]:

@@ -1,27 +1,74 @@
-"""A progress bar for sampling: steps × batches, with the network evaluations (NFE) and images per second.
+"""Progress bars for long loops: sampling (steps × batches, with the network evaluations (NFE) and images per
+second), real-image features, NLL, and the network evaluations of DDIM's encode-decode.
 
 tqdm (Lightning's own progress dependency) with ``disable=None``: silent when stderr is not a TTY (logs, CI, SLURM),
-so batch jobs get no carriage-return noise.
+so batch jobs get no carriage-return noise; ``enabled=False`` (the entry points' ``progress=false``) silences it
+on a terminal too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
+import torch
 from tqdm.auto import tqdm
+
+T = TypeVar("T")
+
+
+def progress_bar(total: int | None, desc: str, unit: str, enabled: bool = True) -> tqdm:
+    """A tqdm bar with ETA: shown on a terminal only (``disable=None``), never when ``enabled`` is false."""
+    return tqdm(total=total, desc=desc, unit=unit, disable=None if enabled else True, dynamic_ncols=True)
+
+
+def progress_iter(items: Iterable[T], total: int | None, desc: str, unit: str, enabled: bool = True) -> Iterator[T]:
+    """``items`` with a bar, opened at the first item (a loop that ends before it, e.g. statistics read from a
+    cache, shows no empty bar) and closed when the loop ends or stops early."""
+    bar = None
+    try:
+        for item in items:
+            bar = bar or progress_bar(total, desc, unit, enabled)
+            yield item
+            bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+@contextlib.contextmanager
+def count_forwards(net: torch.nn.Module, total: int, desc: str, enabled: bool = True) -> Iterator[Any]:
+    """A bar over ``total`` forward passes of ``net`` (a forward hook): for loops that run the network inside
+    library code without a step callback (DDIM's encode, then its decode)."""
+    bar = progress_bar(total, desc, "NFE", enabled)
+    handle = net.register_forward_hook(lambda *_: bar.update(1))
+    try:
+        yield bar
+    finally:
+        handle.remove()
+        bar.close()
 
 
 class SamplingProgress:
-    """``update(nfe)`` after each step of a chain, ``batch_done(n)`` after each batch of n images, ``close()``."""
+    """``update(nfe)`` after each step of a chain, ``batch_done(n)`` after each batch of n images, ``close()``.
 
-    def __init__(self, num_batches: int, steps_per_batch: int, nfe_per_chain: int, enabled: bool = True) -> None:
-        self.bar = tqdm(
-            total=num_batches * steps_per_batch,
-            desc="sampling",
-            unit="step",
-            disable=None if enabled else True,
-            dynamic_ncols=True,
-        )
+    One bar may span several ``sample()`` calls (eval.py draws its metric samples batch by batch): build it with
+    :meth:`for_sampler` and pass it as ``sample(progress=bar)``."""
+
+    @classmethod
+    def for_sampler(
+        cls, sampler: Any, num_batches: int, enabled: bool = True, desc: str = "sampling"
+    ) -> SamplingProgress:
+        """A bar over ``num_batches`` chains of ``sampler`` at its configured number of steps."""
+        sampler.set_timesteps(None)
+        return cls(num_batches, len(sampler.timesteps), sampler.num_evaluations(None), enabled, desc)
+
+    def __init__(
+        self, num_batches: int, steps_per_batch: int, nfe_per_chain: int, enabled: bool = True, desc: str = "sampling"
+    ) -> None:
+        self.bar = progress_bar(num_batches * steps_per_batch, desc, "step", enabled)
         self.nfe_per_chain, self.nfe, self.images, self.start = nfe_per_chain, 0, 0, time.perf_counter()
 
     def update(self, nfe: int) -> None:

@@ -9,6 +9,11 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from omegaconf import DictConfig, OmegaConf
+
+# directories unique_dir created in this process: the only ones a failed start may remove
+_CREATED: set[str] = set()
+
 
 def _launched_as_other_rank() -> bool:
     """A process of a multi-process launch that is not its first (torchrun, SLURM, Lightning's DDP children)."""
@@ -31,10 +36,28 @@ def unique_dir(path: str) -> str:
     while True:
         try:
             os.mkdir(candidate)
+            _CREATED.add(os.path.abspath(candidate))
             return candidate
         except FileExistsError:
             suffix += 1
             candidate = f"{path}_{suffix}"
+
+
+def given_out_dir(*, _root_: DictConfig) -> str | None:
+    """``${given_out_dir:}``: the ``out_dir`` the command line gave (``sample.py out_dir=DIR``), or None: none given
+    (the key keeps its default interpolation, the run dir) or the task has no such key."""
+    if "out_dir" not in _root_ or OmegaConf.is_interpolation(_root_, "out_dir"):
+        return None
+    value = _root_.get("out_dir")
+    return None if value is None else str(value)
+
+
+def run_dir(out_dir: str | None, default: str) -> str:
+    """``${run_dir:${given_out_dir:},PATH}`` (``hydra.run.dir`` of ``conf/hydra/default.yaml``; cached per config
+    like :func:`unique_dir`): the ``out_dir`` the user gave, so ``sample.py out_dir=DIR`` writes into DIR only (its
+    ``.hydra/`` record and log included) and creates no ``logs/<task>/runs/...``; otherwise :func:`unique_dir` of
+    PATH."""
+    return str(out_dir) if out_dir else unique_dir(default)
 
 
 def is_unused(run_dir: Path) -> bool:
@@ -63,4 +86,7 @@ def removable_run_dir() -> str | None:
     from hydra.types import RunMode
 
     hydra_cfg = HydraConfig.get()
-    return hydra_cfg.runtime.output_dir if hydra_cfg.mode == RunMode.RUN else None
+    output_dir = hydra_cfg.runtime.output_dir
+    if hydra_cfg.mode != RunMode.RUN or os.path.abspath(output_dir) not in _CREATED:
+        return None  # a multirun job's, or a folder the user named (out_dir=): never removed
+    return output_dir

@@ -1,0 +1,79 @@
+"""What a sample set shows: the class names or prompts of its images, the sampler and the guidance, stored in the
+.npz (extra arrays) and in a JSON beside it, and the per-image tags that label the grid's rows or columns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+
+from difflab.modules import sampler_config
+from difflab.utils.paths import ensure_parent
+
+
+def class_names(record: dict[str, Any]) -> list[str] | None:
+    """The class names of the checkpoint's data module (a class attribute; None when it has none, e.g. an image
+    folder, whose names are only known from its files)."""
+    target = (record["config"].get("data") or {}).get("_target_")
+    try:
+        names = getattr(get_class(target), "class_names", ()) if target else ()
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return [str(n) for n in names] or None
+
+
+def image_tags(labels: torch.Tensor | None, prompts: list[str] | None, names: list[str] | None) -> list[str] | None:
+    """One tag per image: its prompt, else its class name (``class i`` without names), else None."""
+    if prompts is not None:
+        return list(prompts)
+    if labels is None:
+        return None
+    return [names[i] if names and i < len(names) else f"class {i}" for i in labels.tolist()]
+
+
+def sample_info(
+    cfg: DictConfig, module: Any, record: dict[str, Any], labels: torch.Tensor | None, prompts: list[str] | None
+) -> dict[str, Any]:
+    """What produced the samples: checkpoint, step, seed, weights, sampler (name and resolved config), guidance
+    weight w, labels with their class names, prompts."""
+    sampler = OmegaConf.to_container(sampler_config(record["config"]["model"]["sampler"], cfg.get("sampler")))
+    guidance = cfg.get("guidance_scale")
+    if guidance is None and module.conditional:
+        guidance = getattr(module, "guidance_scale", None)
+    return {
+        "ckpt": str(cfg.ckpt),
+        "global_step": record["global_step"],
+        "num_samples": int(labels.numel() if labels is not None else cfg.num_samples),
+        "seed": int(cfg.seed),
+        "weights": cfg.get("weights") or "ema",
+        "sampler_name": str(sampler.get("_target_", "")).rsplit(".", 1)[-1],
+        "sampler": sampler,
+        "guidance_scale": None if guidance is None else float(guidance),
+        "labels": None if labels is None else labels.tolist(),
+        "class_names": class_names(record) if labels is not None else None,
+        "prompts": prompts,
+    }
+
+
+def npz_arrays(info: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The extra arrays of ``samples.npz``: ``sampler`` (name), ``sampler_config`` (JSON), ``guidance_scale``,
+    ``class_names``, ``prompts`` (per image), where they apply."""
+    arrays = {"sampler": np.array(info["sampler_name"]), "sampler_config": np.array(json.dumps(info["sampler"]))}
+    if info["guidance_scale"] is not None:
+        arrays["guidance_scale"] = np.array(info["guidance_scale"], dtype=np.float32)
+    if info["class_names"]:
+        arrays["class_names"] = np.array(info["class_names"])
+    if info["prompts"]:
+        arrays["prompts"] = np.array(info["prompts"])
+    return arrays
+
+
+def write_json(info: dict[str, Any], path: str | Path) -> Path:
+    path = ensure_parent(path)
+    path.write_text(json.dumps(info, indent=2, default=str))
+    return path

@@ -1,0 +1,90 @@
+"""Grids that say what they show: a text margin with each row's (or column's) label, drawn with PIL.
+
+A grid of N images in rows of ``nrow`` gets row labels when every row shows one label (``classes=all``: one class
+per row), else column labels when every column does (prompts cycled over the samples; reconstruct's
+original/reconstruction pairs). Narrow columns get their labels written vertically.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from difflab.utils.images import _atomic_target, image_grid
+
+PADDING = 2  # torchvision's make_grid padding used by image_grid
+MAX_CHARS = 40
+
+
+def grid_axes(tags: Sequence[str], nrow: int) -> tuple[list[str] | None, list[str] | None]:
+    """(row labels, column labels) of ``tags`` (one per image) laid out ``nrow`` per row: rows when each row has
+    one tag, else columns when each column has one, else (None, None)."""
+    rows = [list(tags[i : i + nrow]) for i in range(0, len(tags), nrow)]
+    if all(len(set(row)) == 1 for row in rows):
+        return [row[0] for row in rows], None
+    columns = [list(tags[j::nrow]) for j in range(min(nrow, len(tags)))]
+    if all(len(set(column)) == 1 for column in columns):
+        return None, [column[0] for column in columns]
+    return None, None
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= MAX_CHARS else text[: MAX_CHARS - 1] + "…"
+
+
+def label_grid(grid: Image.Image, cell: tuple[int, int], rows: list[str] | None, cols: list[str] | None) -> Image.Image:
+    """``grid`` (an image grid with cells of ``cell`` = (height, width) pixels plus padding) with a white margin on
+    the left holding ``rows`` and one on top holding ``cols``."""
+    font = ImageFont.load_default()
+    rows = [_short(r) for r in rows or []]
+    cols = [_short(c) for c in cols or []]
+    text_w = lambda s: int(font.getlength(s))  # noqa: E731
+    text_h = 12
+    step_y, step_x = cell[0] + PADDING, cell[1] + PADDING
+    vertical = any(text_w(c) > step_x - 2 for c in cols)
+    left = max((text_w(r) for r in rows), default=-6) + 6 if rows else 0
+    top = (max(text_w(c) for c in cols) + 6 if vertical else text_h + 4) if cols else 0
+    out = Image.new("RGB", (grid.width + left, grid.height + top), "white")
+    out.paste(grid.convert("RGB"), (left, top))
+    draw = ImageDraw.Draw(out)
+    for i, text in enumerate(rows):
+        draw.text((2, top + PADDING + i * step_y + (cell[0] - text_h) // 2), text, fill="black", font=font)
+    for j, text in enumerate(cols):
+        x = left + PADDING + j * step_x
+        if not vertical:
+            draw.text((x + max(0, (cell[1] - text_w(text)) // 2), 2), text, fill="black", font=font)
+            continue
+        strip = Image.new("RGB", (text_w(text) + 2, text_h), "white")
+        ImageDraw.Draw(strip).text((0, 0), text, fill="black", font=font)
+        strip = strip.rotate(90, expand=True)
+        out.paste(strip, (x + max(0, (cell[1] - strip.width) // 2), top - strip.height - 3))
+    return out
+
+
+def save_labelled_grid(
+    images: torch.Tensor, path: str | Path, nrow: int | None = None, tags: Sequence[str] | None = None
+) -> Path:
+    """Write ``images`` (N, C, H, W) in [-1, 1] as one PNG grid of ``nrow`` per row, labelled from ``tags`` (one
+    per image; see :func:`grid_axes`) when they line up with its rows or columns; returns the path."""
+    path = Path(path)
+    grid = image_grid(images, nrow)
+    nrow = nrow or max(1, math.isqrt(images.shape[0] - 1) + 1)  # image_grid's default
+    array = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    picture = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
+    rows, cols = grid_axes(list(tags), min(nrow, images.shape[0])) if tags else (None, None)
+    if rows or cols:
+        picture = label_grid(picture, tuple(images.shape[-2:]), rows, cols)
+    fd, tmp = _atomic_target(path)
+    os.close(fd)
+    try:
+        picture.save(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

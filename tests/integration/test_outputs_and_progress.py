@@ -1,0 +1,238 @@
+"""Issue 22, the user's day: outputs land where asked (missing folders created, results printed before they are
+written, no stray run dirs, a user cache folder), EMA weights that are still the random start are flagged and
+``weights=raw`` samples the trained ones, and progress bars show on a terminal only."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+
+import pytest
+import torch
+
+from difflab.callbacks.ema import start_weight, young_ema_warning
+from difflab.modules import load_module
+from difflab.tasks.eval import evaluate
+from difflab.tasks.sample import sample
+from difflab.utils.checkpoint_io import load_checkpoint
+from difflab.utils.paths import user_cache_dir
+from difflab.utils.progress import SamplingProgress, count_forwards, progress_iter
+from tests.conftest import TINY, cli_ok, compose_config, run_cli
+from tests.unit.test_metrics import weights_dir  # noqa: F401  (fixture)
+
+
+@pytest.fixture(scope="module")
+def young_ema_ckpt(tmp_path_factory):
+    """3 training steps, EMA decay 0.9 without warm-up: its weights are still 81 % the first update's."""
+    from difflab.tasks.train import train
+
+    out = tmp_path_factory.mktemp("young_ema")
+    overrides = [*TINY, "trainer.max_steps=3", "trainer.limit_train_batches=3", "callbacks.ema.warmup=false"]
+    return train(compose_config(overrides, out))["checkpoint"]
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+# ---------------------------------------------------------------- 1. results are never lost to a missing folder
+def test_reconstruct_creates_out_dir_and_logs_psnr_ssim(young_ema_ckpt, tmp_path, caplog):
+    out = tmp_path / "new" / "nested"
+    with caplog.at_level(logging.INFO):
+        result = sample(
+            compose_config(
+                [
+                    f"ckpt={young_ema_ckpt}",
+                    "mode=reconstruct",
+                    "sampler=ddim",
+                    "sampler.steps=4",
+                    "num_samples=2",
+                    f"out_dir={out}",
+                ],
+                tmp_path / "run",
+                "sample",
+            )
+        )
+    saved = json.loads((out / "reconstruct.json").read_text())
+    assert saved["psnr"] == pytest.approx(result["psnr"]) and (out / "reconstruct.png").is_file()
+    assert f"PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f}" in caplog.text
+    assert str(out / "reconstruct.png") in caplog.text and str(out / "reconstruct.json") in caplog.text
+
+
+def test_interpolate_logs_where_it_wrote(young_ema_ckpt, tmp_path, caplog):
+    out = tmp_path / "a" / "b"
+    with caplog.at_level(logging.INFO):
+        sample(
+            compose_config(
+                [
+                    f"ckpt={young_ema_ckpt}",
+                    "mode=interpolate",
+                    "sampler=ddim",
+                    "sampler.steps=3",
+                    "num_interp=3",
+                    f"out_dir={out}",
+                ],
+                tmp_path / "run",
+                "sample",
+            )
+        )
+    assert (out / "interpolate.png").is_file() and f"Wrote {out / 'interpolate.png'} (3 frames)" in caplog.text
+
+
+EVAL = ["metrics=[nll]", "nll_images=2", "batch_size=2", "num_samples=2", "num_real=2"]
+
+
+def test_eval_creates_the_folder_of_out(young_ema_ckpt, tmp_path):
+    out = tmp_path / "new" / "dir" / "x.json"
+    evaluate(compose_config([f"ckpt={young_ema_ckpt}", *EVAL, f"out={out}"], tmp_path / "run", "eval"))
+    assert json.loads(out.read_text())["results"]["nll_images"] == 2
+
+
+def test_eval_prints_results_before_writing(young_ema_ckpt, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")  # out's folder cannot be created: a file is in the way
+    cfg = compose_config([f"ckpt={young_ema_ckpt}", *EVAL, f"out={blocker / 'x.json'}"], tmp_path / "run", "eval")
+    with pytest.raises(OSError):
+        evaluate(cfg)
+    printed = capsys.readouterr().out
+    assert "nll_total_bpd" in printed and "nll_images" in printed  # the numbers reached the screen anyway
+
+
+# ---------------------------------------------------------------- 2. EMA weights that are still the random start
+def test_start_weight_closed_forms():
+    assert start_weight(0.995, False, 150) == pytest.approx(0.995**149)
+    warm = math.prod(min(0.9, (1 + n) / (10 + n)) for n in range(1, 50))
+    assert start_weight(0.9, True, 50) == pytest.approx(warm)
+    assert start_weight(0.9999, True, 100_000) == 0.0 and start_weight(0.9, False, 0) == 1.0
+    # the threshold is ~1/(1 - decay) updates without warm-up; with it, far fewer suffice
+    assert young_ema_warning(0.995, False, 150) and not young_ema_warning(0.995, False, 250)
+    assert not young_ema_warning(0.995, True, 150)
+    assert "weights=raw" in young_ema_warning(0.995, False, 150)
+
+
+def test_sampling_young_ema_warns_and_raw_weights_are_the_trained_ones(young_ema_ckpt, caplog):
+    checkpoint = load_checkpoint(young_ema_ckpt)
+    assert int(checkpoint["averaging_state"]["n_averaged"]) == 3  # the checkpoint records the update count
+    with caplog.at_level(logging.WARNING):
+        ema, _ = load_module(young_ema_ckpt)
+    assert "the EMA weights have seen 3 updates at decay 0.9 without warm-up" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        raw, _ = load_module(young_ema_ckpt, weights="raw")
+    assert "EMA" not in caplog.text
+    for name, value in raw.state_dict().items():
+        if name in checkpoint["current_model_state"]:
+            torch.testing.assert_close(value, checkpoint["current_model_state"][name])
+    differs = [not torch.equal(a, b) for a, b in zip(ema.parameters(), raw.parameters(), strict=True)]
+    assert any(differs)
+    with pytest.raises(ValueError, match="weights='best'"):
+        load_module(young_ema_ckpt, weights="best")
+
+
+def test_train_warns_when_its_final_samples_use_a_young_ema(tiny_cfg, caplog):
+    from difflab.tasks.train import train
+
+    with caplog.at_level(logging.WARNING):
+        train(tiny_cfg("trainer.max_steps=2", "trainer.limit_train_batches=2", "callbacks.ema.warmup=false"))
+    assert (
+        "Final samples: the EMA weights have seen 2 updates" in caplog.text and "sample.py weights=raw" in caplog.text
+    )
+
+
+def test_sample_and_eval_take_weights_raw(young_ema_ckpt, tmp_path):
+    args = [f"ckpt={young_ema_ckpt}", "sampler=ddim", "sampler.steps=3", "num_samples=2"]
+    a = sample(compose_config([*args, "weights=raw"], tmp_path / "raw", "sample"))
+    b = sample(compose_config([*args, "weights=ema"], tmp_path / "ema", "sample"))
+    import numpy as np
+
+    assert not np.array_equal(np.load(a["npz"])["arr_0"], np.load(b["npz"])["arr_0"])
+    report = evaluate(compose_config([f"ckpt={young_ema_ckpt}", *EVAL, "weights=raw"], tmp_path / "ev", "eval"))
+    assert report["weights"] == "raw"
+
+
+def test_quickstart_and_ldm_warm_up_their_ema(tmp_path):
+    for experiment in ("quickstart", "ldm"):
+        cfg = compose_config([f"experiment={experiment}"], tmp_path)
+        assert cfg.callbacks.ema.warmup is True, experiment
+
+
+# ---------------------------------------------------------------- 3. progress on a terminal only
+def test_bars_show_on_a_terminal_and_count_the_work(monkeypatch):
+    tty = FakeTTY()
+    monkeypatch.setattr("sys.stderr", tty)
+    net = torch.nn.Linear(2, 2)
+    with count_forwards(net, 3, "encode-decode") as bar:
+        for _ in range(3):
+            net(torch.zeros(1, 2))
+    assert bar.n == 3 and "encode-decode" in tty.getvalue()
+    assert list(progress_iter(range(4), 4, "NLL", "batch")) == [0, 1, 2, 3] and "NLL" in tty.getvalue()
+    quiet = SamplingProgress(2, 5, 5, enabled=False)  # progress=false
+    assert quiet.bar.disable
+
+
+def test_bars_are_off_without_a_terminal(monkeypatch):
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    assert SamplingProgress(2, 5, 5).bar.disable
+    net = torch.nn.Linear(2, 2)
+    with count_forwards(net, 1, "x") as bar:
+        net(torch.zeros(1, 2))
+    assert bar.disable
+
+
+def test_eval_shows_sampling_features_and_nll_bars_on_a_terminal(young_ema_ckpt, tmp_path, weights_dir, monkeypatch):  # noqa: F811
+    tty = FakeTTY()
+    monkeypatch.setattr("sys.stderr", tty)
+    args = [
+        "metrics=[fid,nll]",
+        "nll_images=2",
+        "batch_size=2",
+        "num_samples=4",
+        "num_real=4",
+        "sampler=ddim",
+        "sampler.steps=2",
+        f"cache_dir={tmp_path / 'cache'}",
+    ]
+    evaluate(compose_config([f"ckpt={young_ema_ckpt}", *args], tmp_path / "run", "eval"))
+    shown = tty.getvalue()
+    assert "sampling for metrics" in shown and "real-image features" in shown and "NLL" in shown
+    monkeypatch.setattr("sys.stderr", tty := FakeTTY())
+    evaluate(compose_config([f"ckpt={young_ema_ckpt}", *args, "progress=false"], tmp_path / "run2", "eval"))
+    assert "sampling" not in tty.getvalue()
+
+
+# ---------------------------------------------------------------- 4. outputs where asked, caches in the user's cache
+def test_sample_with_out_dir_creates_no_run_dir_and_no_bars_in_logs(young_ema_ckpt, tmp_path):
+    out = tmp_path / "wanted"
+    proc = cli_ok(
+        run_cli(
+            "sample.py",
+            f"ckpt={young_ema_ckpt}",
+            "sampler=ddim",
+            "sampler.steps=2",
+            "num_samples=2",
+            f"out_dir={out}",
+            cwd=tmp_path,
+        )
+    )
+    assert (out / "samples.png").is_file() and (out / ".hydra" / "config.yaml").is_file()
+    assert not (tmp_path / "logs").exists()  # nothing under ./logs/sample/runs/...
+    assert "sampling:" not in proc.stderr and "%|" not in proc.stderr  # not a TTY: no bar in the log
+
+
+def test_user_cache_dir_follows_xdg_and_difflab_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv("DIFFLAB_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert user_cache_dir("fid_stats") == user_cache_dir().expanduser() / "fid_stats"
+    assert str(user_cache_dir()).endswith(os.path.join(".cache", "difflab"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert user_cache_dir("fid_stats") == tmp_path / "xdg" / "difflab" / "fid_stats"
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "mine"))
+    assert user_cache_dir("fid_stats") == tmp_path / "mine" / "fid_stats"
+    cfg = compose_config(["ckpt=x"], tmp_path / "run", "eval")
+    assert cfg.cache_dir == str(tmp_path / "mine" / "fid_stats")
+    cfg = compose_config([*TINY, "callbacks=[default,generative_metrics]"], tmp_path / "run")
+    assert cfg.callbacks.generative_metrics.cache_dir == str(tmp_path / "mine" / "fid_stats")

@@ -1,0 +1,55 @@
+"""Issue 22, point 9: no library noise in a run's log (Lightning's LitLogger tip, wandb's "anonymous" warning,
+WeightAveraging's sharding warning), and ``--help`` lists the config groups with the README's descriptions."""
+
+from __future__ import annotations
+
+from difflab.utils.help import config_groups_help
+from tests.conftest import TINY, cli_ok, run_cli
+
+NOISE = (
+    "litlogger",
+    "The anonymous setting has no effect",
+    "WeightAveraging doesn't support sharding",
+)
+
+
+def test_a_training_run_with_every_logger_prints_none_of_the_noise(tmp_path):
+    proc = cli_ok(
+        run_cli(
+            "train.py",
+            *TINY,
+            "trainer.max_steps=1",
+            "samples.num_samples=0",
+            "logger=many_loggers",
+            cwd=tmp_path,
+            env={"WANDB_MODE": "offline", "WANDB_SILENT": "false"},
+        )
+    )
+    output = proc.stdout + proc.stderr
+    assert "wandb" in output  # wandb ran and spoke (its offline notice), so its warnings would be here
+    for message in NOISE:
+        assert message not in output, message
+
+
+def test_help_lists_groups_and_what_they_set(tmp_path):
+    for script in ("train.py", "sample.py", "eval.py"):
+        text = cli_ok(run_cli(script, "--help", cwd=tmp_path)).stdout
+        assert "== Configuration groups (group=option) ==" in text, script
+        assert "sampler: ddim, ddpm, dpmpp_2m" in text  # Hydra's list of the options
+        assert "DiffusionModule: parameterization (eps/x0/v)" in text  # the README's description
+        assert f"Usage: python src/{script}" in text
+    assert not (tmp_path / "logs").exists()  # --help runs nothing
+
+
+def test_config_groups_help_renders_the_readme_table(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "# x\n\n## Configuration groups (`conf/`)\n\nintro\n\n| group | options | notes |\n|---|---|---|\n"
+        "| `net` | `unet_s` | width `model_channels`; `${data}` \\| more |\n\n"
+        "Top-level keys: `seed`.\n\n## Next\nnot this\n"
+    )
+    text = config_groups_help(readme)
+    assert text.splitlines()[0] == "net: unet_s"
+    assert "width model_channels; $${data} | more" in text  # $ doubled for Hydra's string.Template
+    assert "Top-level keys: seed." in text and "not this" not in text and "intro" not in text
+    assert "README.md" in config_groups_help(tmp_path / "missing.md")
