@@ -101,7 +101,8 @@ def with_range_ends(model_output: torch.Tensor) -> torch.Tensor:
 
 def flow_velocity(x: torch.Tensor, tau: float | torch.Tensor, wiggle: float = 0.2) -> torch.Tensor:
     """A rectified flow's velocity v(x, τ) = E[ε − x_0 | x_τ = x] for per-pixel N(MU, STD²) data and x_τ = (1 − τ) x_0
-    + τ ε, float64, plus ``wiggle`` sin(3x) cos(πτ), a smooth term that makes a wrong τ or update visible (``wiggle=0``: the exact, oracle velocity).
+    + τ ε, float64, plus ``wiggle`` sin(3x) cos(πτ), a smooth term that makes a wrong τ or update visible
+    (``wiggle=0``: the exact, oracle velocity).
 
     With var = (1 − τ)² STD² + τ² and r = x − (1 − τ) MU: E[x_0 | x] = MU + (1 − τ) STD² r/var, E[ε | x] = τ r/var.
     """

@@ -2,9 +2,9 @@
 the same analytic velocity (``analytic.flow_velocity``), the same x_1 and the same τ steps, every step of the chain
 compared in float32; and the interpolation against ``scale_noise``.
 
-Deliberate difference, pinned below: with only ``num_inference_steps`` diffusers steps over linspace(1, σ_min, N) and
-then to 0 (its σ_min is the first training σ, 1/T, shifted), so N = 2 spends its second step on τ = 0.001 → 0; difflab steps
-uniformly from 1 to 0 (τ_i = 1 − i/N, Liu et al.). The chains are compared on difflab's steps, given to diffusers.
+Deliberate difference, pinned below: with only ``num_inference_steps`` diffusers steps over linspace(1, σ_min, N)
+and then to 0 (its σ_min is the first training σ, 1/T, shifted), so N = 2 spends its second step on τ = 0.001 → 0;
+difflab steps uniformly from 1 to 0 (τ_i = 1 − i/N, Liu et al.). The chains are compared on difflab's steps, given to diffusers.
 """
 
 from __future__ import annotations
