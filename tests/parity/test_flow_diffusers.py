@@ -4,7 +4,8 @@ compared in float32; and the interpolation against ``scale_noise``.
 
 Deliberate difference, pinned below: with only ``num_inference_steps`` diffusers steps over linspace(1, σ_min, N)
 and then to 0 (its σ_min is the first training σ, 1/T, shifted), so N = 2 spends its second step on τ = 0.001 → 0;
-difflab steps uniformly from 1 to 0 (τ_i = 1 − i/N, Liu et al.). The chains are compared on difflab's steps, given to diffusers.
+difflab steps uniformly from 1 to 0 (τ_i = 1 − i/N, Liu et al.).
+The chains are compared on difflab's steps, given to diffusers.
 """
 
 from __future__ import annotations
