@@ -156,7 +156,11 @@ class Sampler(abc.ABC):
             raise ValueError(
                 f"{type(self).__name__} samples a {self.process_kind} process but the model's process is a "
                 f"{process} ({type(diffusion).__name__}): "
-                + ("use sampler=flow_euler or sampler=flow_heun" if process == "flow" else "choose a diffusion sampler")
+                + (
+                    "use sampler=flow_euler or sampler=flow_heun (sample.py: or '~sampler', the checkpoint's own)"
+                    if process == "flow"
+                    else "choose a diffusion sampler"
+                )
             )
 
     @property
