@@ -5,10 +5,13 @@ of a reflow run."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from difflab.data import PairsDataModule, generate_pairs
 from difflab.modules import load_module
@@ -35,6 +38,16 @@ REFLOW = [
 ]
 
 
+def write_flow_teacher(out: Path) -> Path:
+    """An untrained flow checkpoint (model=rectified_flow, unet_s, 16x16 Fashion-MNIST) with the keys a teacher
+    needs (weights and run record): what the config tests give experiment=reflow and data=reflow_pairs."""
+    cfg = compose_config(["model=rectified_flow", "net=unet_s", "data.image_size=16"], out)
+    path = out / "teacher.ckpt"
+    state = instantiate(cfg.model).state_dict()
+    torch.save({"state_dict": state, "difflab": {"config": OmegaConf.to_container(cfg, resolve=True)}}, path)
+    return path
+
+
 @pytest.mark.parametrize("net", ["unet", "dit"])
 @pytest.mark.parametrize("conditional", [False, True], ids=["uncond", "cfg"])
 def test_fast_dev_run_rectified_flow(tiny_cfg, tmp_path, net, conditional):
@@ -46,8 +59,6 @@ def test_fast_dev_run_rectified_flow(tiny_cfg, tmp_path, net, conditional):
 
 
 def test_a_diffusion_sampler_on_a_flow_model_fails_at_construction(tiny_cfg):
-    from hydra.utils import instantiate
-
     with raises_in_config(ValueError, match="flow_euler"):
         instantiate(tiny_cfg("model=rectified_flow", "sampler=ddim").model)
 

@@ -15,9 +15,13 @@ def load_net_weights(net: nn.Module, path: str, key: str) -> None:
     if state is None:
         raise CheckpointError(f"{key}={path!r}: not a difflab checkpoint (no 'state_dict'; written by src/train.py)")
     weights = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
-    missing, unexpected = net.load_state_dict(weights, strict=False)
-    if missing or unexpected:
+    own = net.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    shapes = [k for k in set(own) & set(weights) if own[k].shape != weights[k].shape]
+    if missing or unexpected or shapes:
         raise CheckpointError(
             f"{key}={path!r}: its network does not match this model's net (missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}); train the student with the teacher's net settings"
+            f"{unexpected[:3]}, other shapes {shapes[:3]}); give the student the teacher's net settings"
         )
+    net.load_state_dict(weights)
