@@ -39,9 +39,9 @@ REFLOW = [
 
 
 def write_flow_teacher(out: Path) -> Path:
-    """An untrained flow checkpoint (model=rectified_flow, unet_s, 16x16 Fashion-MNIST) with the keys a teacher
-    needs (weights and run record): what the config tests give experiment=reflow and data=reflow_pairs."""
-    cfg = compose_config(["model=rectified_flow", "net=unet_s", "data.image_size=16"], out)
+    """An untrained flow checkpoint (model=rectified_flow, unet_s, the default 32x32 Fashion-MNIST) with the keys a
+    teacher needs (weights and run record): what the config tests give experiment=reflow and data=reflow_pairs."""
+    cfg = compose_config(["model=rectified_flow", "net=unet_s"], out)
     path = out / "teacher.ckpt"
     state = instantiate(cfg.model).state_dict()
     torch.save({"state_dict": state, "difflab": {"config": OmegaConf.to_container(cfg, resolve=True)}}, path)
