@@ -1,4 +1,5 @@
-"""Rectified flow end to end on CPU: fast_dev_run with the UNet and the DiT (class-conditional with CFG too), sample.py
+"""Rectified flow end to end on CPU: fast_dev_run with the UNet and the DiT (class-conditional with CFG too) and in
+latent space, sample.py
 and eval.py (FID, straightness) on a flow checkpoint, reflow's pairs (seeded, cached, checked) and bit-exact resume
 of a reflow run."""
 
@@ -56,6 +57,16 @@ def test_fast_dev_run_rectified_flow(tiny_cfg, tmp_path, net, conditional):
     cfg = compose_config([*base, "model=rectified_flow", "debug=fast", "samples.num_samples=4", *extra], tmp_path)
     result = train(cfg)
     assert np.isfinite(result["metrics"]["train/loss"]) and result["grid"].is_file()
+
+
+def test_latent_rectified_flow_fast_dev_run(tmp_path):
+    """The latent diffusion module with the flow process: the shipped kl-f4 stage 1, class-conditional, decoded."""
+    flow = ["schedule=rectified_flow", "sampler=flow_euler", "model.parameterization=v"]
+    flow += ["model.timestep_sampler._target_=difflab.losses.FlowTimestepSampler"]
+    shape = ["data.image_size=32", "net.num_heads=2", "net.num_head_channels=-1"]
+    result = train(compose_config([*TINY, "model=ldm", *flow, *shape, "debug=fast", "samples.num_samples=4"], tmp_path))
+    assert np.isfinite(result["metrics"]["train/loss"])
+    assert np.load(result["npz"])["arr_0"].shape == (4, 32, 32, 1)
 
 
 def test_a_diffusion_sampler_on_a_flow_model_fails_at_construction(tiny_cfg):
