@@ -100,6 +100,8 @@ def test_sample_and_eval_on_a_flow_checkpoint(teacher, tmp_path, weights_dir):  
     overrides = [f"ckpt={teacher}", "metrics=[fid,straightness]", "num_samples=8", "num_real=16", "batch_size=8"]
     report = evaluate(compose_config([*overrides, "straightness_steps=4"], tmp_path / "eval", "eval"))
     results = json.loads(json.dumps(report))["results"]  # what eval.py wrote beside the checkpoint
+    with pytest.raises(ValueError, match="flow"):
+        evaluate(compose_config([*overrides[:1], "metrics=[nll]", "nll_images=2"], tmp_path / "nll", "eval"))
     assert results["fid_fmnist_cls"] > 0 and results["straightness"] > 0 and results["straightness_steps"] == 4
 
 

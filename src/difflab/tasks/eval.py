@@ -49,6 +49,8 @@ def generative(cfg: DictConfig, module: Any, dataset: Any, data_cfg: dict[str, A
 def nll(cfg: DictConfig, module: Any, dataset: Any) -> dict[str, float]:
     if not hasattr(module, "nll"):
         raise ValueError(f"metrics=[nll]: {type(module).__name__} has no likelihood")
+    if getattr(module.diffusion, "process_kind", "gaussian") != "gaussian":
+        raise ValueError("metrics=[nll]: the bound in bits/dim is a Gaussian diffusion's VLB; this model is a flow")
     generator = torch.Generator(device=module.device).manual_seed(int(cfg.seed))
     sums: dict[str, float] = {}
     count = 0
