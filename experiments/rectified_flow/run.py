@@ -50,19 +50,33 @@ REFLOW = (
     "trainer.val_check_interval=100 trainer.check_val_every_n_epoch=null trainer.limit_val_batches=2 "
     "trainer.log_every_n_steps=20 samples.num_samples=64 task_name=rectified_flow"
 )
-SAMPLER = {"ddpm": ("ddim", {"eta": 0.0, "spacing": "trailing"}), "1rf": ("flow_euler", {}), "2rf": ("flow_euler", {})}
+SAMPLER = {
+    "ddpm": ("ddim", {"eta": 0.0, "spacing": "trailing"}),  # DDIM clips x̂_0 to [-1, 1] by default
+    "1rf": ("flow_euler", {}),  # the ODE's own endpoint, no clipping (Liu et al.)
+    "2rf": ("flow_euler", {}),
+    "1rf_clip": ("flow_euler", {"clip_denoised": True}),  # as DDIM: x̂_0 = x − τ v̂ clamped, v̂ recomputed
+    "2rf_clip": ("flow_euler", {"clip_denoised": True}),
+}
+LABELS = {
+    "ddpm": "DDPM + DDIM (η = 0, clipped x̂_0)",
+    "1rf": "1-rectified flow (Euler)",
+    "2rf": "2-rectified flow (Euler)",
+    "1rf_clip": "1-rectified flow, clipped x̂_0",
+    "2rf_clip": "2-rectified flow, clipped x̂_0",
+}
 
 
 def train_all(args) -> dict[str, Path]:
     """The checkpoints of ``args.models`` (and 1rf, the teacher of 2rf), trained where missing."""
     run, ckpts = Path(args.run_dir), {}
-    if "ddpm" in args.models:
+    models = {m.removesuffix("_clip") for m in args.models}
+    if "ddpm" in models:
         ddpm = [*args.train.split(), "model=ddpm", "schedule=cosine", f"trainer.max_steps={args.steps_ddpm}"]
         ckpts["ddpm"] = ensure_checkpoint(run / "ddpm", ddpm)
-    if {"1rf", "2rf"} & set(args.models):
+    if {"1rf", "2rf"} & models:
         rf1 = [*args.train.split(), "model=rectified_flow", f"trainer.max_steps={args.steps_1rf}"]
         ckpts["1rf"] = ensure_checkpoint(run / "rf1", rf1)
-    if "2rf" in args.models:
+    if "2rf" in models:
         reflow = [
             *args.reflow.split(),
             "experiment=reflow",
@@ -96,7 +110,7 @@ def evaluate(name: str, ckpt: Path, args, device, gm_cache: dict) -> list[dict[s
         rows.append(row)
         if steps in (1, 10):
             save_grid(images[:64], OUT / f"samples_{name}_{steps}step_{args.tag}.png", nrow=8)
-    if name != "ddpm":
+    if name in ("1rf", "2rf"):
         g = torch.Generator(device).manual_seed(args.seed)
         s = straightness(module, args.straightness_samples, 100, g)
         rows.append({"model": name, **s})
@@ -110,12 +124,13 @@ def plot(rows: list[dict], path: Path, steps: list[int]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = {"ddpm": "DDPM + DDIM (η = 0)", "1rf": "1-rectified flow (Euler)", "2rf": "2-rectified flow (Euler)"}
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for name, label in labels.items():
+    for k, (name, label) in enumerate(LABELS.items()):
         cells = [r for r in rows if r["model"] == name and "steps" in r]
+        style = {"linestyle": "--", "color": f"C{k - 2}"} if name.endswith("_clip") else {"color": f"C{k}"}
         if cells:
-            ax.plot([r["steps"] for r in cells], [r["fid_fmnist_cls"] for r in cells], marker="o", label=label)
+            xs, ys = [r["steps"] for r in cells], [r["fid_fmnist_cls"] for r in cells]
+            ax.plot(xs, ys, marker="o", label=label, **style)
     ax.set(xscale="log", yscale="log", xlabel="sampling steps (= NFE)", ylabel="FID (fmnist_cls features)")
     ax.set_xticks(steps, labels=[str(s) for s in steps])
     ax.legend(fontsize=8)
@@ -126,7 +141,8 @@ def plot(rows: list[dict], path: Path, steps: list[int]) -> None:
 def table(rows: list[dict], steps: list[int]) -> str:
     by = {(r["model"], r["steps"]): r["fid_fmnist_cls"] for r in rows if "steps" in r}
     s = {r["model"]: r["straightness"] for r in rows if "straightness" in r}
-    body = [[m, *(by.get((m, k), "—") for k in steps), s.get(m, "—")] for m in ("ddpm", "1rf", "2rf")]
+    models = [m for m in SAMPLER if any(r["model"] == m for r in rows)]
+    body = [[LABELS[m], *(by.get((m, k), "—") for k in steps), s.get(m, "—")] for m in models]
     return markdown_table(["FID_fmnist_cls \\ steps", *map(str, steps), "straightness S"], body)
 
 
@@ -142,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-pairs", type=int, default=2048)
     p.add_argument("--teacher-steps", type=int, default=20, help="Euler steps of 1rf's ODE for the pairs")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 5, 10, 50])
-    p.add_argument("--models", nargs="+", default=["ddpm", "1rf", "2rf"], choices=["ddpm", "1rf", "2rf"])
+    p.add_argument("--models", nargs="+", default=["ddpm", "1rf", "2rf"], choices=list(SAMPLER))
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument("--num-real", type=int, default=1000)
     p.add_argument("--straightness-samples", type=int, default=128)
@@ -160,14 +176,15 @@ def main(argv: list[str] | None = None) -> None:
         ckpts = train_all(args)
         cache: dict = {}
         for name in args.models:
-            rows = evaluate(name, ckpts[name], args, device, cache)
+            rows = evaluate(name, ckpts[name.removesuffix("_clip")], args, device, cache)
             result = json.loads(out.read_text()) if out.is_file() else {"rows": [], "ckpts": {}}  # runs add up
             result["rows"] = [r for r in result["rows"] if r["model"] != name] + rows
-            result["ckpts"][name] = str(ckpts[name])
+            result["ckpts"][name] = str(ckpts[name.removesuffix("_clip")])
             result.update(hardware=hardware(), args=vars(args))
             write_json(out, result)
-    plot(result["rows"], OUT / f"fid_vs_steps_{args.tag}.png", result["args"]["steps"])
-    print(table(result["rows"], result["args"]["steps"]))
+    steps = sorted({r["steps"] for r in result["rows"] if "steps" in r})  # over every run that added rows
+    plot(result["rows"], OUT / f"fid_vs_steps_{args.tag}.png", steps)
+    print(table(result["rows"], steps))
 
 
 if __name__ == "__main__":
