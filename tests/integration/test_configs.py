@@ -9,7 +9,15 @@ from omegaconf import OmegaConf
 
 from difflab.modules import AutoencoderModule, ClassifierModule, DiffusionModule
 from tests.conftest import CONF_DIR, compose_config, raises_in_config
+from tests.integration.test_flow import write_flow_teacher
 
+# the flow configs: flow samplers need a flow model; reflow's data and experiment a teacher checkpoint
+FLOW_OVERRIDES = {
+    "flow_euler": lambda tmp: ["model=rectified_flow"],
+    "flow_heun": lambda tmp: ["model=rectified_flow"],
+    "reflow_pairs": lambda tmp: ["model=rectified_flow", f"+model.teacher_ckpt={write_flow_teacher(tmp)}"],
+    "reflow": lambda tmp: ["net=unet_s", f"model.teacher_ckpt={write_flow_teacher(tmp)}"],
+}
 GROUPS = ["data", "model", "net", "schedule", "sampler", "trainer", "logger", "callbacks", "autoencoder", "conditioner"]
 
 
@@ -36,6 +44,7 @@ def test_group_option_instantiates(group, option, tmp_path, monkeypatch):
         overrides.append("model=ldm")
     if option.startswith("dit_") and option != "dit_tiny":  # one block: the presets' full sizes are tests/parity's
         overrides.append("net.depth=1")
+    overrides += FLOW_OVERRIDES.get(option, lambda tmp: [])(tmp_path)
     cfg = compose_config(overrides, tmp_path)
     node = cfg[group]
     if group in ("logger", "callbacks"):
@@ -58,7 +67,7 @@ def test_group_option_instantiates(group, option, tmp_path, monkeypatch):
 @pytest.mark.parametrize("option", options("experiment") + options("debug"))
 def test_experiment_and_debug_configs_compose(option, tmp_path):
     group = "experiment" if option in options("experiment") else "debug"
-    cfg = compose_config([f"{group}={option}"], tmp_path)
+    cfg = compose_config([f"{group}={option}", *FLOW_OVERRIDES.get(option, lambda tmp: [])(tmp_path)], tmp_path)
     model = instantiate(cfg.model)
     expected = ClassifierModule if "classifier" in option else DiffusionModule
     assert isinstance(model, AutoencoderModule if "autoencoder" in option else expected)

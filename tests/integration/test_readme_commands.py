@@ -67,6 +67,8 @@ TINY_SIZES = {
     "model.discriminator.num_groups": "4",
     "conditioner.context_dim": "16",
     "conditioner.width": "16",
+    "data.num_pairs": "48",  # experiment=reflow: 48 pairs of a 2-step teacher ODE
+    "data.teacher_steps": "2",
 }
 # Tiny sizes for sampling and evaluation (these keys always exist).
 SAMPLE_SIZES = {"num_samples": "4", "batch_size": "4", "num_interp": "3", "sampler.steps": "5"}
@@ -138,12 +140,14 @@ def test_the_readme_has_the_commands_this_test_knows():
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, str]:
-    """Tiny checkpoints to stand in for `ckpt=...`: unconditional, class-conditional, text-conditioned latent."""
+    """Tiny checkpoints to stand in for `ckpt=...`: unconditional, class-conditional, rectified flow, text-conditioned
+    latent."""
     made = {}
     common = [*TINY, "trainer.max_steps=2", "trainer.limit_train_batches=2", "trainer.limit_val_batches=0"]
     for kind, extra in {
         "ddpm": [],
         "cfg": ["model=cfg"],
+        "flow": ["model=rectified_flow"],
         "text": [
             "model=ldm",
             "conditioner=text_transformer",
@@ -162,6 +166,8 @@ def substitute(script: str, args: list[str], checkpoints: dict[str, str]) -> lis
     kind = "text" if any(a.startswith("prompt=") for a in args) else "ddpm"
     if any(a.startswith(("guidance_scale=", "classes=")) for a in args) and kind != "text":
         kind = "cfg"
+    if any(a.startswith("sampler=flow_") or "straightness" in a for a in args):  # a rectified flow's checkpoint
+        kind = "flow"
     out = []
     for arg in args:
         key, _, value = arg.partition("=")
@@ -173,6 +179,9 @@ def substitute(script: str, args: list[str], checkpoints: dict[str, str]) -> lis
             arg = "compile=none"
         elif key in ("ckpt", "ckpt_path"):
             arg = f"{key}={checkpoints[kind]}"
+        elif key == "model.teacher_ckpt":  # reflow's teacher: the tiny flow (digits, 16x16, the tiny UNet)
+            arg = f"{key}={checkpoints['flow']}"
+            out += ["data.image_size=16", "net=unet_s"]  # the student is the teacher's size and net
         elif key == "model.autoencoder_ckpt":
             arg = f"{key}=shipped:ae_kl_f4_fmnist"  # a stage-1 checkpoint of the right shape
         elif key in ("out_dir", "out") and script != "train.py":  # under the test's output folder

@@ -97,3 +97,20 @@ def with_range_ends(model_output: torch.Tensor) -> torch.Tensor:
     flat[:, 0], flat[:, 1] = 1.0, -1.0
     out[:, channels:] = flat.reshape(out[:, channels:].shape)
     return out
+
+
+def flow_velocity(x: torch.Tensor, tau: float | torch.Tensor, wiggle: float = 0.2) -> torch.Tensor:
+    """A rectified flow's velocity v(x, τ) = E[ε − x_0 | x_τ = x] for per-pixel N(MU, STD²) data and x_τ = (1 − τ) x_0
+    + τ ε, float64, plus ``wiggle`` sin(3x) cos(πτ), a smooth term that makes a wrong τ or update visible
+    (``wiggle=0``: the exact, oracle velocity).
+
+    With var = (1 − τ)² STD² + τ² and r = x − (1 − τ) MU: E[x_0 | x] = MU + (1 − τ) STD² r/var, E[ε | x] = τ r/var.
+    """
+    tau = torch.as_tensor(tau, dtype=torch.float64)
+    if tau.ndim == 1:  # (B,) per example
+        tau = tau.reshape(-1, *([1] * (x.ndim - 1)))
+    xd = x.double()
+    var = (1 - tau) ** 2 * STD**2 + tau**2
+    r = xd - (1 - tau) * MU
+    exact = tau * r / var - (MU + (1 - tau) * STD**2 * r / var)
+    return exact + wiggle * torch.sin(3.0 * xd) * torch.cos(math.pi * tau)

@@ -325,6 +325,10 @@ def init_arguments(cls: type) -> set[str]:
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_instantiates(tmp_path: Path, path: Path) -> None:
     cfg = OmegaConf.create({"paths": {"data_dir": str(tmp_path)}, "data": OmegaConf.load(path)})
+    if path.stem == "reflow_pairs":  # reflow's pairs need a teacher flow checkpoint (of the config's image size)
+        from tests.integration.test_flow import write_flow_teacher
+
+        cfg.model = {"teacher_ckpt": str(write_flow_teacher(tmp_path))}
     assert cfg.data.data_dir == str(tmp_path)
     dm = instantiate(cfg.data)
     assert isinstance(dm, ImageDataModule)

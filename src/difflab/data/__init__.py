@@ -6,6 +6,7 @@ from difflab.data.errors import CorruptImageError, DatasetNotFoundError
 from difflab.data.idx import read_idx, write_idx
 from difflab.data.image_folder import ImageFolderDataModule
 from difflab.data.mnist import FashionMNISTDataModule, MNISTDataModule
+from difflab.data.pairs import PairsDataModule, generate_pairs
 from difflab.data.small import DigitsDataModule, MNIST5kDataModule
 
 __all__ = [
@@ -18,6 +19,8 @@ __all__ = [
     "ImageFolderDataModule",
     "MNIST5kDataModule",
     "MNISTDataModule",
+    "PairsDataModule",
+    "generate_pairs",
     "read_idx",
     "write_idx",
 ]

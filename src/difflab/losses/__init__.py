@@ -1,6 +1,7 @@
 """Training objectives, VLB terms, NLL evaluation and timestep samplers."""
 
 from difflab.losses.autoencoder import AutoencoderLoss, adaptive_weight, hinge_d_loss
+from difflab.losses.flow_timesteps import FlowTimestepSampler, TimeDistribution
 from difflab.losses.nll import full_chain_bpd
 from difflab.losses.objective import DiffusionLoss, LossType
 from difflab.losses.timesteps import LossAwareTimestepSampler, TimestepSampler, UniformTimestepSampler
@@ -14,8 +15,10 @@ from difflab.losses.vlb import (
 __all__ = [
     "AutoencoderLoss",
     "DiffusionLoss",
+    "FlowTimestepSampler",
     "LossAwareTimestepSampler",
     "LossType",
+    "TimeDistribution",
     "TimestepSampler",
     "UniformTimestepSampler",
     "adaptive_weight",

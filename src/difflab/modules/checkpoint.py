@@ -121,6 +121,8 @@ def load_module(
     record = checkpoint["difflab"]
     model_cfg = OmegaConf.create(record["config"]["model"])
     model_cfg.sampler = sampler_config(model_cfg.sampler, sampler)
+    if model_cfg.get("teacher_ckpt"):  # reflow's warm start: the weights come from this checkpoint
+        model_cfg.teacher_ckpt = None
     if compile is not None and "compile" in model_cfg:
         model_cfg.compile = compile
     if precision is not None:  # also for checkpoints from before model.sample_precision (which sample in fp32)

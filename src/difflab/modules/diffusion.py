@@ -14,6 +14,7 @@ from torch import nn
 from difflab.losses import DiffusionLoss, TimestepSampler, UniformTimestepSampler, full_chain_bpd
 from difflab.modules.optim import check_optimizer, clip_gradients
 from difflab.modules.step_logging import log_train_step
+from difflab.modules.warm_start import load_net_weights
 from difflab.samplers import AncestralSampler, DDIMSampler, Sampler, sample_loop
 from difflab.samplers.guidance import classifier_free_guidance
 from difflab.schedules import GaussianDiffusion, Parameterization, VarianceType
@@ -49,6 +50,9 @@ class DiffusionModule(pl.LightningModule):
             ``load_module`` for sampling.
         channels_last: keep the network's weights and inputs in channels_last memory format (faster convolutions
             on tensor-core GPUs, especially under bf16).
+        teacher_ckpt: reflow (``experiment=reflow``): the flow checkpoint whose couplings the data module trains on; the
+            network starts from its (EMA) weights, as Liu et al.'s k-rectified flows start from the (k−1)-th.
+            ``load_module`` ignores it (a trained checkpoint carries its own weights).
         sample_precision: a trainer precision (``32-true``, ``bf16-mixed``, ``16-mixed``, ...): the network runs under
             that autocast in ``sample()`` (grids, metrics, ``sample.py``); the sampler's arithmetic and the NLL stay
             fp32. The configs set it to ``${trainer.precision}``: sampling as the model was trained.
@@ -73,6 +77,7 @@ class DiffusionModule(pl.LightningModule):
         compile: str | CompileMode = CompileMode.NONE,
         channels_last: bool = False,
         sample_precision: str = "32-true",
+        teacher_ckpt: str | None = None,
     ) -> None:
         super().__init__()
         if len(image_shape) != 3:
@@ -94,6 +99,8 @@ class DiffusionModule(pl.LightningModule):
         self.diffusion = schedule
         self.loss_fn = loss if loss is not None else DiffusionLoss()
         self.loss_fn.check(self.variance_type)
+        if hasattr(schedule, "check_model"):  # a process with its own limits (RectifiedFlow: v/x0, no VLB)
+            schedule.check_model(self.parameterization, self.variance_type, self.loss_fn)
         self.timestep_sampler = (timestep_sampler or UniformTimestepSampler)(schedule.num_timesteps)
         self.sampler = self.build_sampler(sampler)
         check_optimizer(optimizer, "model.optimizer")
@@ -105,6 +112,8 @@ class DiffusionModule(pl.LightningModule):
         self.channels_last = channels_last
         self.sample_dtype = autocast_dtype(sample_precision, "model.sample_precision")
         self._forward_dtype: torch.dtype | None = None  # set by sampling_precision()
+        if teacher_ckpt:
+            load_net_weights(self.net, teacher_ckpt, "model.teacher_ckpt")
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
 
@@ -160,11 +169,12 @@ class DiffusionModule(pl.LightningModule):
             self.diffusion, self.parameterization, self.variance_type, self(x_t, t, y), x_start, x_t, noise, t
         )
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        """``batch``: (x, y), or (x, y, noise) for a fixed coupling (reflow's pairs, :mod:`difflab.data.pairs`)."""
+        x, y, *coupling = batch
         y = self.training_condition(y)
         t, weights = self.timestep_sampler.sample(x.shape[0], x.device)
-        terms = self.diffusion_loss(x, y, t, torch.randn_like(x))
+        terms = self.diffusion_loss(x, y, t, coupling[0] if coupling else torch.randn_like(x))
         self.timestep_sampler.update(t, terms["loss"].detach())
         loss = (terms["loss"] * weights).mean()
         log_train_step(self, "train/loss", loss, x.shape[0], bar="loss")
@@ -182,11 +192,11 @@ class DiffusionModule(pl.LightningModule):
 
     def _eval_loss(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """L_simple with t and ε drawn from a generator seeded by the batch index, so curves are comparable."""
-        x, y = batch
+        x, y, *coupling = batch
         generator = torch.Generator(device=x.device).manual_seed(batch_idx)
         t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), generator=generator, device=x.device)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return self.diffusion_loss(x, y, t, noise)["loss"].mean()
+        return self.diffusion_loss(x, y, t, coupling[0] if coupling else noise)["loss"].mean()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss = self._eval_loss(batch, batch_idx)

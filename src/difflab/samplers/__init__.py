@@ -9,6 +9,7 @@ from difflab.samplers.dpmpp_sde import DPMSolverSDESampler
 from difflab.samplers.euler import EulerSampler
 from difflab.samplers.euler_ancestral import EulerAncestralSampler
 from difflab.samplers.euler_maruyama import EulerMaruyamaSampler
+from difflab.samplers.flow import FlowEulerSampler, FlowHeunSampler, FlowSampler
 from difflab.samplers.heun import HeunSampler
 from difflab.samplers.loop import sample_loop
 from difflab.samplers.unipc import UniPCSampler
@@ -23,6 +24,9 @@ __all__ = [
     "EulerAncestralSampler",
     "EulerMaruyamaSampler",
     "EulerSampler",
+    "FlowEulerSampler",
+    "FlowHeunSampler",
+    "FlowSampler",
     "HeunSampler",
     "Sampler",
     "SamplerOutput",

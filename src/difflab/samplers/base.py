@@ -106,7 +106,12 @@ class Sampler(abc.ABC):
             instead of the static clip.
         steps: default number of sampling steps K (None: T); K < T respaces.
         spacing: which K steps (:class:`Spacing`: even | leading | ddim_uniform | trailing | quadratic).
+
+    ``process_kind``: the process the sampler integrates (``gaussian``: :class:`GaussianDiffusion`; ``flow``:
+    :class:`~difflab.schedules.RectifiedFlow`); a sampler built for another model's process is an error.
     """
+
+    process_kind = "gaussian"
 
     def __init__(
         self,
@@ -119,6 +124,7 @@ class Sampler(abc.ABC):
         dynamic_threshold: float | None = None,
         spacing: str | Spacing = Spacing.EVEN,
     ) -> None:
+        self.check_process_kind(diffusion)
         self.diffusion = diffusion
         self.parameterization = parse_enum(Parameterization, parameterization, "model.parameterization")
         model_variance = parse_enum(VarianceType, model_variance_type, "model.variance_type")
@@ -142,6 +148,20 @@ class Sampler(abc.ABC):
         self.timesteps = torch.empty(0, dtype=torch.long)
         self.nfe = 0  # network evaluations of the current chain, counted by sample_loop
         self.set_timesteps(self.num_steps)
+
+    def check_process_kind(self, diffusion) -> None:
+        """A sampler of one process (Gaussian diffusion, flow) refuses a model of the other, naming the fix."""
+        process = getattr(diffusion, "process_kind", "gaussian")
+        if process != self.process_kind:
+            raise ValueError(
+                f"{type(self).__name__} samples a {self.process_kind} process but the model's process is a "
+                f"{process} ({type(diffusion).__name__}): "
+                + (
+                    "use sampler=flow_euler or sampler=flow_heun (sample.py: or '~sampler', the checkpoint's own)"
+                    if process == "flow"
+                    else "choose a diffusion sampler"
+                )
+            )
 
     @property
     def num_timesteps(self) -> int:

@@ -108,8 +108,13 @@ class ContinuousSampler(Sampler):
         self.sigma_schedule = parse_enum(SigmaSchedule, sigma_schedule, "sampler.sigma_schedule")
         self.rho, self.sigma_min, self.sigma_max = float(rho), sigma_min, sigma_max
         diffusion = kwargs.get("diffusion", args[0] if args else None)
-        check_sigma_range(diffusion.continuous, self.sigma_schedule, sigma_min, sigma_max, self.rho)
+        self.check_process_kind(diffusion)
+        self.check_process(diffusion)
         super().__init__(*args, **kwargs)
+
+    def check_process(self, diffusion) -> None:
+        """Clear errors for settings the process cannot take (construction time)."""
+        check_sigma_range(diffusion.continuous, self.sigma_schedule, self.sigma_min, self.sigma_max, self.rho)
 
     def levels_for(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(σ_0 … σ_{N−1}, their network timesteps), (N,) float64 each: the model's σ of ``sigma_schedule``."""
@@ -131,13 +136,17 @@ class ContinuousSampler(Sampler):
             )
         sigmas, t = self.levels_for(num_steps)
         self.sigmas = torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])  # (N + 1,), last σ = 0
-        self.levels = [NoiseLevel.from_sigma(float(s)) for s in self.sigmas]
+        self.levels = [self.level(float(s)) for s in self.sigmas]
         self.plan = self.evaluation_plan(num_steps)  # level index of each network evaluation
         self.timesteps = t[self.plan].float()
         self._t_host = self.timesteps.tolist()
         self.nfe, self.num_steps_run = 0, num_steps
         self._eval = 0
         self.state: dict = {}
+
+    def level(self, sigma: float) -> NoiseLevel:
+        """The :class:`NoiseLevel` the solver math reads at σ (a flow's: σ = τ, α = 1)."""
+        return NoiseLevel.from_sigma(sigma)
 
     def describe(self) -> str:
         """Extra text for error messages (e.g. the order)."""

@@ -3,6 +3,7 @@
 from difflab.schedules.betas import BetaSchedule, make_betas
 from difflab.schedules.continuous import ContinuousSchedule, NoiseLevel, eps_from_x0, score, x0_eps_from_output
 from difflab.schedules.diffusion import GaussianDiffusion, model_log_variance, posterior_terms
+from difflab.schedules.flow import RectifiedFlow, flow_times, shift_time
 from difflab.schedules.parameterization import Parameterization, VarianceType
 
 __all__ = [
@@ -11,11 +12,14 @@ __all__ = [
     "GaussianDiffusion",
     "NoiseLevel",
     "Parameterization",
+    "RectifiedFlow",
     "VarianceType",
     "eps_from_x0",
+    "flow_times",
     "make_betas",
     "model_log_variance",
     "posterior_terms",
     "score",
+    "shift_time",
     "x0_eps_from_output",
 ]

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from difflab.metrics import GenerativeMetrics
+from difflab.metrics import GenerativeMetrics, straightness
 from difflab.modules import sampler_config
 from difflab.tasks.sample import load_for_sampling, resolve_device
 from difflab.utils.checkpoint_io import trusted_checkpoints
@@ -59,6 +59,8 @@ def generative(cfg: DictConfig, module: Any, dataset: Any, data_cfg: dict[str, A
 def nll(cfg: DictConfig, module: Any, dataset: Any) -> dict[str, float]:
     if not hasattr(module, "nll"):
         raise ValueError(f"metrics=[nll]: {type(module).__name__} has no likelihood")
+    if getattr(module.diffusion, "process_kind", "gaussian") != "gaussian":
+        raise ValueError("metrics=[nll]: the bound in bits/dim is a Gaussian diffusion's VLB; this model is a flow")
     generator = torch.Generator(device=module.device).manual_seed(int(cfg.seed))
     sums: dict[str, float] = {}
     count = 0
@@ -78,18 +80,22 @@ def nll(cfg: DictConfig, module: Any, dataset: Any) -> dict[str, float]:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Compute ``cfg.metrics`` for ``cfg.ckpt``; write ``<ckpt stem>_eval.json`` beside it and print a table."""
     names = [str(m).lower() for m in cfg.metrics]
-    unknown = set(names) - {"fid", "kid", "is", "nll"}
+    unknown = set(names) - {"fid", "kid", "is", "nll", "straightness"}
     if unknown:
-        raise ValueError(f"metrics={names}: unknown {sorted(unknown)}; expected fid, kid, is, nll")
+        raise ValueError(f"metrics={names}: unknown {sorted(unknown)}; expected fid, kid, is, nll, straightness")
     device = resolve_device(cfg.device)
     module, record = load_for_sampling(cfg, device)
     dataset, data_cfg = _dataset(cfg, record)
     results: dict[str, Any] = {}
-    if set(names) - {"nll"}:
+    if set(names) - {"nll", "straightness"}:
         with trusted_checkpoints(cfg.get("trust_checkpoint", False)):  # the feature net's weights file
-            results.update(generative(cfg, module, dataset, data_cfg, [n for n in names if n != "nll"]))
+            results.update(generative(cfg, module, dataset, data_cfg, [n for n in names if n in ("fid", "kid", "is")]))
     if "nll" in names:
         results.update(nll(cfg, module, dataset))
+    if "straightness" in names:  # rectified flows: Liu et al.'s S over straightness_steps Euler steps
+        generator = torch.Generator(device=module.device).manual_seed(int(cfg.seed))
+        steps = int(cfg.get("straightness_steps", 100))
+        results.update(straightness(module, int(cfg.num_samples), steps, generator, cfg.get("guidance_scale")))
     sampler = OmegaConf.to_container(sampler_config(record["config"]["model"]["sampler"], cfg.get("sampler")))
     report = {
         "ckpt": str(cfg.ckpt),

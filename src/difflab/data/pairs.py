@@ -1,0 +1,165 @@
+"""Reflow's training data: K fixed (noise, sample) couplings of a trained flow (Liu et al. 2022, §2.3 "Reflow").
+
+The teacher (a checkpoint of ``model=rectified_flow``) integrates its ODE from K seeded noises ε_k with its own sampler
+(``teacher_steps`` steps); the pairs (x̂_0,k = ODE(ε_k), ε_k) are cached in one ``.pt`` file (plain tensors, read
+with ``weights_only``) and reused by every later run with the same settings. Batches are ``(x_0, y, ε)``: the
+DiffusionModule trains on the coupling (x_τ = (1 − τ) x̂_0 + τ ε) instead of fresh noise. ``val`` holds the last
+``val_size`` pairs (the loss on held-out couplings); ``test`` is the teacher's real test set, so FID in ``eval.py``
+and the metric callbacks compares with real images, never with the teacher's samples.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from torch.utils.data import Dataset
+
+from difflab.data.base import ImageDataModule, _check_int
+from difflab.samplers import sample_loop
+from difflab.utils.checkpoint_io import AtomicCheckpointIO, CheckpointError, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class PairDataset(Dataset):
+    """Items (x_0 (C, H, W) float32, y int64, noise (C, H, W) float32) of pairs held in memory."""
+
+    def __init__(self, x_start: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor) -> None:
+        self.x_start, self.noise, self.labels = x_start, noise, labels
+
+    def __len__(self) -> int:
+        return len(self.x_start)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.x_start[i], self.labels[i], self.noise[i]
+
+
+@torch.no_grad()
+def generate_pairs(
+    teacher: Any, num_pairs: int, steps: int, seed: int, batch_size: int, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """K = ``num_pairs`` couplings of ``teacher`` (a flow's DiffusionModule): ``noise`` (K, C, H, W) from the CPU
+    generator seeded ``seed`` (the same pairs on any device), ``x_start`` = the teacher's ODE solution from it (its
+    sampler, ``steps`` steps, its default guidance), ``labels`` (K,) (all classes in turn; zeros if unconditional)."""
+    noise = torch.randn((num_pairs, *teacher.image_shape), generator=torch.Generator().manual_seed(seed))
+    classes = teacher.num_classes or 0
+    labels = torch.arange(num_pairs) % classes if classes else torch.zeros(num_pairs, dtype=torch.long)
+    sampler, chunks = teacher.sampler, []
+    teacher.eval()
+    for start in range(0, num_pairs, batch_size):
+        eps = noise[start : start + batch_size].to(device)
+        y = labels[start : start + batch_size].to(device) if classes else None
+        with teacher.sampling_precision():
+            chunks.append(
+                sample_loop(
+                    teacher.model_fn(y, teacher.guidance_scale), sampler, eps.shape, num_steps=steps, noise=eps
+                ).cpu()
+            )
+    return {"x_start": torch.cat(chunks).float(), "noise": noise, "labels": labels}
+
+
+class PairsDataModule(ImageDataModule):
+    """Reflow couplings of ``teacher_ckpt`` as a data module (batches (x_0, y, ε); see the module docstring).
+
+    Args:
+        teacher_ckpt: a flow checkpoint (``python src/train.py model=rectified_flow``).
+        num_pairs: K, the couplings generated (``val_size`` of them held out for the validation loss).
+        teacher_steps: steps of the teacher's own sampler (its ``sampler.steps`` when null).
+        cache_path: the ``.pt`` of the pairs (null: ``<teacher dir>/reflow_pairs_<K>_<steps>_<seed>.pt``); an existing
+            file made with other settings is an error.
+        generate_batch_size: batch of the teacher while generating.
+        image_size, channels: must equal the teacher's data (the model config reads them from here).
+        The other arguments as :class:`ImageDataModule`.
+    """
+
+    in_memory = False
+
+    def __init__(
+        self,
+        teacher_ckpt: str,
+        num_pairs: int = 4096,
+        teacher_steps: int | None = None,
+        cache_path: str | None = None,
+        generate_batch_size: int = 256,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("data_dir", ".")
+        super().__init__(**kwargs)
+        from difflab.modules import read_run_record  # modules import data; data needs modules only for the teacher
+
+        self.teacher_ckpt = str(teacher_ckpt)
+        record = read_run_record(self.teacher_ckpt, "model.teacher_ckpt")
+        self.teacher_data = record["config"]["data"]
+        self.num_classes = record["config"]["model"].get("num_classes")
+        taught = (int(self.teacher_data["channels"]), int(self.teacher_data["image_size"]))
+        if taught != (self.channels, self.image_size):
+            raise ValueError(
+                f"data.channels={self.channels}, data.image_size={self.image_size}: the teacher {self.teacher_ckpt} "
+                f"was trained on channels={taught[0]}, image_size={taught[1]}; set those"
+            )
+        self.num_pairs = _check_int("num_pairs", num_pairs, self.val_size + self.batch_size)
+        self.teacher_steps = None if teacher_steps is None else _check_int("teacher_steps", teacher_steps, 1)
+        self.generate_batch_size = _check_int("generate_batch_size", generate_batch_size, 1)
+        self._cache = cache_path
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What the cached pairs depend on (stored in the file and checked when it is read)."""
+        return {
+            "teacher_ckpt": self.teacher_ckpt,
+            "num_pairs": self.num_pairs,
+            "steps": self.teacher_steps,
+            "seed": self.seed,
+        }
+
+    @property
+    def cache_path(self) -> Path:
+        if self._cache:
+            return Path(self._cache)
+        name = f"reflow_pairs_{self.num_pairs}_{self.teacher_steps or 'own'}_{self.seed}.pt"
+        return Path(self.teacher_ckpt).parent / name
+
+    def prepare_data(self) -> None:
+        """Generate and cache the pairs unless the cache exists (rank 0 only, under Lightning)."""
+        if self.cache_path.is_file():
+            return
+        from difflab.modules import load_module
+
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        teacher, _ = load_module(self.teacher_ckpt, map_location=device)
+        if getattr(teacher.diffusion, "process_kind", "gaussian") != "flow":
+            raise ValueError(
+                f"model.teacher_ckpt={self.teacher_ckpt}: reflow needs a rectified flow's checkpoint "
+                "(python src/train.py model=rectified_flow)"
+            )
+        log.info("Reflow: generating %d pairs with the teacher %s", self.num_pairs, self.teacher_ckpt)
+        pairs = generate_pairs(teacher, self.num_pairs, self.teacher_steps, self.seed, self.generate_batch_size, device)
+        AtomicCheckpointIO().save_checkpoint({**pairs, "settings": self.settings}, self.cache_path)
+        log.info("Reflow pairs cached in %s", self.cache_path)
+
+    def load_pairs(self) -> dict[str, torch.Tensor]:
+        """The cached pairs (generated first if missing), checked against this module's settings."""
+        self.prepare_data()
+        pairs = load_checkpoint(self.cache_path, "data.cache_path")
+        if not isinstance(pairs, dict) or pairs.get("settings") != self.settings:
+            found = pairs.get("settings") if isinstance(pairs, dict) else type(pairs).__name__
+            raise CheckpointError(
+                f"data.cache_path={str(self.cache_path)!r}: holds pairs made with {found}, not {self.settings}; "
+                "delete the file or point data.cache_path elsewhere"
+            )
+        return pairs
+
+    def _build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
+        pairs = self.load_pairs()
+        n_train = self.num_pairs - self.val_size
+        if self.limit_train_size is not None:
+            n_train = min(n_train, self.limit_train_size)
+        split = lambda part: PairDataset(*(pairs[k][part] for k in ("x_start", "noise", "labels")))  # noqa: E731
+        real = instantiate(self.teacher_data)
+        real.setup("test")
+        return split(slice(0, n_train)), split(slice(self.num_pairs - self.val_size, None)), real.test
