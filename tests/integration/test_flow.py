@@ -95,8 +95,15 @@ def test_sample_and_eval_on_a_flow_checkpoint(teacher, tmp_path, weights_dir):  
 
     first, again, shifted = draw("a"), draw("b"), draw("c", "sampler.shift=3.0")
     assert first.shape == (6, 16, 16, 1) and np.array_equal(first, again) and not np.array_equal(first, shifted)
-    with raises_in_config(ValueError, match="flow_euler"):  # sample.py's default is a diffusion solver
-        sample(compose_config([f"ckpt={teacher}", "num_samples=2"], tmp_path / "d", "sample"))
+    # sample.py's default (a diffusion solver, not chosen here) gives way to the flow's own sampler, with the
+    # sampler.KEYs given; a diffusion sampler the user names is an error naming the flow samplers
+    own = sample(compose_config([f"ckpt={teacher}", "num_samples=6", "sampler.steps=3"], tmp_path / "d", "sample"))
+    euler = compose_config(
+        [f"ckpt={teacher}", "num_samples=6", "sampler=flow_euler", "sampler.steps=3"], tmp_path / "e", "sample"
+    )
+    assert np.array_equal(np.load(own["npz"])["arr_0"], np.load(sample(euler)["npz"])["arr_0"])
+    with raises_in_config(ValueError, match="flow_euler"):
+        sample(compose_config([f"ckpt={teacher}", "num_samples=2", "sampler=dpmpp_2m"], tmp_path / "f", "sample"))
     overrides = [f"ckpt={teacher}", "metrics=[fid,straightness]", "num_samples=8", "num_real=16", "batch_size=8"]
     report = evaluate(compose_config([*overrides, "straightness_steps=4"], tmp_path / "eval", "eval"))
     results = json.loads(json.dumps(report))["results"]  # what eval.py wrote beside the checkpoint

@@ -62,15 +62,28 @@ def read_run_record(path: str | Path, key: str = "ckpt") -> dict[str, Any]:
     return {**checkpoint["difflab"], "global_step": checkpoint.get("global_step", 0)}
 
 
-def sampler_config(trained: DictConfig | dict, given: DictConfig | dict | None) -> DictConfig:
+def sampler_config(
+    trained: DictConfig | dict, given: DictConfig | dict | None, fallback: DictConfig | dict | None = None
+) -> DictConfig:
     """The sampler config to build: ``given`` when it names a sampler (``sampler=ddim ...``: it has a ``_target_``),
     else the ``trained`` one with the keys ``given`` sets (``sampler.steps=50`` alone). Keys left unset (``???``
-    in ``conf/sample.yaml``) are ignored; a key the trained sampler does not take fails here, naming it."""
+    in ``conf/sample.yaml``) are ignored; a key the trained sampler does not take fails here, naming it.
+
+    ``fallback``: used instead of ``given`` when ``given`` is a default the user did not choose (sample.py's
+    ``dpmpp_2m_sde``) and samples another process than the checkpoint's (a rectified flow): the checkpoint's own
+    sampler with the keys the user set."""
     trained = OmegaConf.create(trained)
     if given is None:
         return trained
     given = OmegaConf.create(given)
     chosen = {key: given[key] for key in given if not OmegaConf.is_missing(given, key)}
+    if (
+        "_target_" in chosen
+        and fallback is not None
+        and _process_kind(chosen["_target_"]) != _process_kind(trained.get("_target_", ""))
+    ):
+        log.info("the checkpoint's process is a %s: sampling with its own sampler", _process_kind(trained._target_))
+        return sampler_config(trained, fallback)
     if "_target_" in chosen:
         return OmegaConf.create(chosen)
     target = trained.get("_target_", "")
@@ -82,6 +95,12 @@ def sampler_config(trained: DictConfig | dict, given: DictConfig | dict | None) 
             f"choose a sampler that has it, e.g. sampler=ddim sampler.{unknown[0]}=..."
         )
     return OmegaConf.merge(trained, chosen)
+
+
+def _process_kind(target: str) -> str:
+    """The process a sampler class integrates (``gaussian`` or ``flow``, :attr:`Sampler.process_kind`)."""
+    sampler_class = get_method(target) if target else None
+    return getattr(sampler_class, "process_kind", "gaussian")
 
 
 def _sampler_arguments(target: str) -> set[str] | None:
@@ -108,9 +127,10 @@ def load_module(
     compile: str | None = None,
     precision: str | None = None,
     weights: str = "ema",
+    sampler_fallback: DictConfig | dict | None = None,
 ) -> tuple[DiffusionModule, dict[str, Any]]:
     """Rebuild the trained module from a checkpoint alone, optionally with another sampler config (see
-    :func:`sampler_config`) and, with
+    :func:`sampler_config`, also for ``sampler_fallback``) and, with
     ``compile`` (none | default | reduce-overhead | max-autotune), another ``model.compile`` than in training; with
     ``precision`` (a trainer precision: 32-true | bf16-mixed | 16-mixed) another ``model.sample_precision``;
     ``weights``: ``ema`` or ``raw`` (see :func:`select_weights`).
@@ -120,7 +140,7 @@ def load_module(
     checkpoint = _load(path)
     record = checkpoint["difflab"]
     model_cfg = OmegaConf.create(record["config"]["model"])
-    model_cfg.sampler = sampler_config(model_cfg.sampler, sampler)
+    model_cfg.sampler = sampler_config(model_cfg.sampler, sampler, sampler_fallback)
     if model_cfg.get("teacher_ckpt"):  # reflow's warm start: the weights come from this checkpoint
         model_cfg.teacher_ckpt = None
     if compile is not None and "compile" in model_cfg:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from difflab.modules import DiffusionModule, load_module
@@ -31,9 +32,27 @@ def load_for_sampling(cfg: DictConfig, device: torch.device) -> tuple[DiffusionM
             compile=cfg.get("compile"),
             precision=cfg.get("precision"),
             weights=cfg.get("weights") or "ema",
+            sampler_fallback=default_sampler_fallback(cfg),
         )
     module.sample_batch_size = int(cfg.batch_size)
     return module, record
+
+
+def default_sampler_fallback(cfg: DictConfig) -> dict[str, Any] | None:
+    """When the sampler group is the config's default (the command line names no ``sampler=``), the settings
+    to apply to the checkpoint's own sampler should the default not fit the checkpoint's process (a flow): the
+    ``sampler.KEY=VALUE``s the user gave. None when the user chose a sampler (then a misfit is an error)."""
+    if not HydraConfig.initialized() or cfg.get("sampler") is None:
+        return None
+    overrides = [str(o) for o in HydraConfig.get().overrides.task]
+    if any(o.split("=", 1)[0].lstrip("+~") == "sampler" for o in overrides):
+        return None
+    keys = {
+        o.split("=", 1)[0].lstrip("+").removeprefix("sampler.")
+        for o in overrides
+        if o.lstrip("+").startswith("sampler.")
+    }
+    return {key: cfg.sampler[key] for key in keys if key in cfg.sampler}
 
 
 def resolve_device(name: str) -> torch.device:
