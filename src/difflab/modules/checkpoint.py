@@ -94,7 +94,10 @@ def load_module(
     checkpoint = _load(path)
     record = checkpoint["difflab"]
     model_cfg = OmegaConf.create(record["config"]["model"])
-    model_cfg.sampler = sampler_config(model_cfg.sampler, sampler)
+    if "sampler" in model_cfg:  # diffusion models (a classifier checkpoint has no sampler)
+        model_cfg.sampler = sampler_config(model_cfg.sampler, sampler)
+    elif sampler is not None:
+        raise CheckpointError(f"ckpt={str(path)!r}: a {model_cfg.get('_target_')} checkpoint takes no sampler")
     if compile is not None and "compile" in model_cfg:
         model_cfg.compile = compile
     if precision is not None:  # also for checkpoints from before model.sample_precision (which sample in fp32)
