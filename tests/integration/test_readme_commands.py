@@ -25,6 +25,7 @@ from difflab.tasks.eval import evaluate
 from difflab.tasks.sample import sample
 from difflab.tasks.train import train
 from tests.conftest import ROOT, TINY, compose_config
+from tests.integration.test_classifier_guidance import TINY_CLASSIFIER
 
 README = ROOT / "README.md"
 SCRIPTS = {"train.py": ("train", train), "sample.py": ("sample", sample), "eval.py": ("eval", evaluate)}
@@ -138,7 +139,8 @@ def test_the_readme_has_the_commands_this_test_knows():
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, str]:
-    """Tiny checkpoints to stand in for `ckpt=...`: unconditional, class-conditional, text-conditioned latent."""
+    """Tiny checkpoints to stand in for `ckpt=...`: unconditional, class-conditional, text-conditioned latent; and a
+    noisy classifier for `classifier_ckpt=...`."""
     made = {}
     common = [*TINY, "trainer.max_steps=2", "trainer.limit_train_batches=2", "trainer.limit_val_batches=0"]
     for kind, extra in {
@@ -154,6 +156,7 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     }.items():
         out = tmp_path_factory.mktemp(kind)
         made[kind] = train(compose_config([*common, *extra], out))["checkpoint"]
+    made["classifier"] = train(compose_config(TINY_CLASSIFIER, tmp_path_factory.mktemp("classifier")))["checkpoint"]
     return made
 
 
@@ -173,6 +176,8 @@ def substitute(script: str, args: list[str], checkpoints: dict[str, str]) -> lis
             arg = "compile=none"
         elif key in ("ckpt", "ckpt_path"):
             arg = f"{key}={checkpoints[kind]}"
+        elif key == "classifier_ckpt":  # a noisy classifier of the tiny models' data, size and schedule
+            arg = f"{key}={checkpoints['classifier']}"
         elif key == "model.autoencoder_ckpt":
             arg = f"{key}=shipped:ae_kl_f4_fmnist"  # a stage-1 checkpoint of the right shape
         elif script != "train.py" and key in (SAMPLE_SIZES if script == "sample.py" else EVAL_SIZES):
