@@ -151,3 +151,31 @@ def test_conditional_model_without_classifier_suggests_cfg(tmp_path):
     cfg = compose_config(["ckpt=x", "classifier_scale=1"], tmp_path, "sample")
     with pytest.raises(ValueError, match="a class-conditional model has no classifier.*guidance_scale"):
         attach_classifier(cfg, model, torch.device("cpu"))
+
+
+def test_the_study_script_runs_every_row(classifier_run, weights_dir, tmp_path):  # noqa: F811
+    """experiments/guidance_editing/classifier_guidance.py on tiny checkpoints: a row per (guidance, scale) with
+    FID, IS and accuracy; s = 0 of classifier guidance on the unconditional branch differs from w = 0 of CFG
+    (the conditional model), and the guided rows differ from their s = 0 row."""
+    import shutil
+
+    from tests.conftest import load_experiment
+
+    for name, ckpt in (
+        ("cfg_model", train(compose_config([*TINY, "model=cfg", "trainer.max_steps=2"], tmp_path / "cfg"))),
+        ("noisy_classifier", classifier_run),
+    ):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        shutil.copy(ckpt["checkpoint"], tmp_path / name / "checkpoints" / "last.ckpt")
+    study = load_experiment("guidance_editing/classifier_guidance")
+    out = tmp_path / "results.json"
+    study.main(
+        ["--run-dir", str(tmp_path), "--num-samples", "4", "--num-real", "16", "--steps", "3", "--batch-size", "4"]
+        + ["--out", str(out)]
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["guidance"], r["scale"]) for r in rows] == [(k, s) for k, scales in study.ROWS.items() for s in scales]
+    assert all(np.isfinite(r["fid_fmnist_cls"]) and 0 <= r["class_accuracy"] <= 1 for r in rows)
+    fid = {(r["guidance"], r["scale"]): r["fid_fmnist_cls"] for r in rows}
+    assert fid[("cg_uncond", 0.0)] != fid[("cfg", 0.0)] and fid[("cg_uncond", 30.0)] != fid[("cg_uncond", 0.0)]
+    assert out.with_suffix(".png").is_file()
