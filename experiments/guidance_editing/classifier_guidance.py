@@ -35,16 +35,7 @@ from difflab.metrics import load_classifier  # noqa: E402
 from difflab.samplers import DDIMSampler, sample_loop  # noqa: E402
 from difflab.samplers.classifier_guidance import classifier_guidance  # noqa: E402
 from difflab.tasks.classifier_guidance import check_compatible, load_noisy_classifier  # noqa: E402
-from experiments.common import (  # noqa: E402
-    ROOT,
-    ensure_checkpoint,
-    hardware,
-    load,
-    markdown_table,
-    real_metrics,
-    sampling_precision,
-    write_json,
-)
+from experiments import common  # noqa: E402
 
 OUT = Path(__file__).parent
 TRAIN = (
@@ -71,7 +62,7 @@ def generate(module, classifier, sampler, kind: str, scale: float, args, device)
         y = labels[first : first + args.batch_size]
         g = torch.Generator(device).manual_seed(args.seed + b)
         noise = torch.randn((y.shape[0], *module.image_shape), generator=g, device=device)
-        with sampling_precision(device), module.sampling_precision():
+        with common.sampling_precision(device), module.sampling_precision():
             x = sample_loop(model_fn(module, classifier, kind, scale, y), sampler, noise.shape, g, device, noise=noise)
         chunks.append(x.clamp(-1, 1))
     return torch.cat(chunks), time.time() - start
@@ -81,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", default=TRAIN)
     p.add_argument("--classifier-train", default=CLASSIFIER_TRAIN)
-    p.add_argument("--run-dir", default=str(ROOT / "logs" / "guidance_editing"))
+    p.add_argument("--run-dir", default=str(common.ROOT / "logs" / "guidance_editing"))
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument("--num-real", type=int, default=1000)
@@ -93,11 +84,13 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     run_dir = Path(args.run_dir)
-    module, record, test = load(ensure_checkpoint(run_dir / "cfg_model", args.train.split()), device)
-    classifier_ckpt = ensure_checkpoint(run_dir / "noisy_classifier", args.classifier_train.split())
+    module, record, test = common.load(common.ensure_checkpoint(run_dir / "cfg_model", args.train.split()), device)
+    classifier_ckpt = common.ensure_checkpoint(run_dir / "noisy_classifier", args.classifier_train.split())
     classifier = load_noisy_classifier(str(classifier_ckpt), device)
     check_compatible(classifier, module, str(classifier_ckpt))
-    gm = real_metrics(test, args.num_real, ("fid", "is"), "fmnist_cls", device, {"data": record["config"]["data"]})
+    gm = common.real_metrics(
+        test, args.num_real, ("fid", "is"), "fmnist_cls", device, {"data": record["config"]["data"]}
+    )
     judge = load_classifier("fmnist_cls")[0].to(device)
     sampler = module.build_sampler(functools.partial(DDIMSampler, eta=0.0, steps=args.steps))
     labels = torch.arange(args.num_samples) % module.num_classes
@@ -106,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         "num_samples": args.num_samples,
         "num_real": args.num_real,
         "sampler": f"DDIM eta=0, {args.steps} steps, static clip",
-        "hardware": hardware(),
+        "hardware": common.hardware(),
         "train": args.train,
         "classifier_train": args.classifier_train,
         "global_step": record["global_step"],
@@ -122,10 +115,10 @@ def main(argv: list[str] | None = None) -> None:
             row.update(class_accuracy=accuracy, seconds=round(seconds, 1))
             print(row, flush=True)
             payload["rows"].append(row)
-            write_json(Path(args.out), payload)  # after every cell: a stopped run keeps its rows
+            common.write_json(Path(args.out), payload)  # after every cell: a stopped run keeps its rows
     plot(payload["rows"], Path(args.out).with_suffix(".png"))
     keys = ["guidance", "scale", "fid_fmnist_cls", "is_fmnist_cls", "class_accuracy"]
-    print(markdown_table(keys, [[r[k] for k in keys] for r in payload["rows"]]))
+    print(common.markdown_table(keys, [[r[k] for k in keys] for r in payload["rows"]]))
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -176,28 +176,28 @@ class _Net(torch.nn.Module):
         return self.fn(x, t, y)
 
 
-def test_respaced_ddim_and_the_full_chain_give_the_classifier_the_models_timesteps():
-    """The classifier sees the original timesteps the net sees (respaced DDIM too), not the step index."""
-    diffusion = GaussianDiffusion(num_timesteps=40)
+def spied_guidance(diffusion: GaussianDiffusion, label: int):
+    """A guided exact-ε model function recording the timesteps the net and the classifier see: (fn, net's, clf's)."""
     seen_net, seen_classifier = [], []
     classifier = GaussianClasses(diffusion, torch.zeros(2, 1, 2, 2))
     spy = lambda x, t: seen_classifier.append(t.tolist()) or classifier(x, t)  # noqa: E731
     net = exact_eps(diffusion)
     model_fn = lambda x, t: seen_net.append(t.tolist()) or net(x, t)  # noqa: E731
-    guided = classifier_guidance(model_fn, spy, torch.tensor([0]), 1.0, diffusion, Parameterization.EPS)
-    sampler = DDIMSampler(diffusion, steps=5, eta=0.0)
-    sample_loop(guided, sampler, (1, 1, 2, 2), torch.Generator().manual_seed(0))
+    guided = classifier_guidance(model_fn, spy, torch.tensor([label]), 1.0, diffusion, Parameterization.EPS)
+    return guided, seen_net, seen_classifier
+
+
+def test_respaced_ddim_gives_the_classifier_the_models_timesteps():
+    """The classifier sees the original timesteps the net sees (respaced DDIM), not the step index."""
+    diffusion = GaussianDiffusion(num_timesteps=40)
+    guided, seen_net, seen_classifier = spied_guidance(diffusion, 0)
+    sample_loop(guided, DDIMSampler(diffusion, steps=5, eta=0.0), (1, 1, 2, 2), torch.Generator().manual_seed(0))
     assert seen_net == seen_classifier and len(seen_net) == 5 and seen_net[0] == [39]
 
 
 def test_fractional_timesteps_reach_net_and_classifier_equally():
     diffusion = GaussianDiffusion(num_timesteps=40)
-    seen_net, seen_classifier = [], []
-    classifier = GaussianClasses(diffusion, torch.zeros(2, 1, 2, 2))
-    spy = lambda x, t: seen_classifier.append(t.tolist()) or classifier(x, t)  # noqa: E731
-    net = exact_eps(diffusion)
-    model_fn = lambda x, t: seen_net.append(t.tolist()) or net(x, t)  # noqa: E731
-    guided = classifier_guidance(model_fn, spy, torch.tensor([1]), 1.0, diffusion, Parameterization.EPS)
+    guided, seen_net, seen_classifier = spied_guidance(diffusion, 1)
     cfg = OmegaConf.load(CONF_DIR / "sampler" / "dpmpp_2m.yaml")
     cfg.steps = 6
     sampler = instantiate(cfg)(diffusion=diffusion, parameterization="eps", model_variance_type="fixed_small")

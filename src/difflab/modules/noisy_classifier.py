@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from difflab.modules.classifier import ClassifierModule
 from difflab.schedules import GaussianDiffusion
@@ -16,26 +14,17 @@ from difflab.schedules import GaussianDiffusion
 class NoisyClassifierModule(ClassifierModule):
     """A :class:`ClassifierModule` whose net takes ``(x_t, t)`` (``ClassifierNet(time_embed_dim=...)``).
 
-    Args (beyond ClassifierModule's):
+    Args (keywords; the others are ClassifierModule's):
         schedule: the :class:`GaussianDiffusion` of the diffusion models it will guide (β schedule and T must
             match theirs: ``sample.py classifier_ckpt=...`` checks ᾱ).
 
-    Training draws t ~ U{0, …, T−1} and ε ~ N(0, I) per example (ADM trains on the whole range; its ImageNet
-    classifiers on the first 0.6 T only, Appendix H, which this uniform range contains). Validation and test
+    Training draws t ~ U{0, …, T−1} and ε ~ N(0, I) per example. Validation and test
     draw them from a generator seeded by the batch index, so the logged ``val/acc`` is the accuracy averaged over
     noise levels on the same draws every time; ``val/acc_clean`` is the accuracy at t = 0.
     """
 
-    def __init__(
-        self,
-        net: Callable[..., nn.Module],
-        schedule: GaussianDiffusion,
-        optimizer: Callable[..., torch.optim.Optimizer],
-        image_shape: Sequence[int],
-        num_classes: int,
-        lr_scheduler: Callable[..., Any] | None = None,
-    ) -> None:
-        super().__init__(net, optimizer, image_shape, num_classes, lr_scheduler)
+    def __init__(self, schedule: GaussianDiffusion, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         if getattr(self.net, "time_embed_dim", None) is None:
             raise ValueError(
                 "model.net: the noisy classifier needs a timestep input (ClassifierNet with net.time_embed_dim set)"
