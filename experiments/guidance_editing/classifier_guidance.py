@@ -38,11 +38,12 @@ from difflab.tasks.classifier_guidance import check_compatible, load_noisy_class
 from experiments import common  # noqa: E402
 
 OUT = Path(__file__).parent
-TRAIN = (
-    "experiment=quickstart model=cfg net.use_scale_shift_norm=true trainer.max_steps=1200 task_name=guidance_editing"
-)
+TRAIN = "experiment=quickstart model=cfg net.use_scale_shift_norm=true trainer.max_steps=900 task_name=guidance_editing"
 CLASSIFIER_TRAIN = "experiment=noisy_classifier_fmnist data.image_size=16 logger=csv"
 ROWS = {"cg_uncond": [0.0, 1.0, 3.0, 10.0, 30.0], "cg_cond": [3.0], "cfg": [0.0, 1.0, 3.0]}
+# the order cells run in (results are written after each): the comparison first, the ends of the sweep last
+ORDER = ["cfg:0", "cg_uncond:0", "cg_uncond:3", "cfg:1", "cg_uncond:10", "cfg:3", "cg_uncond:1", "cg_cond:3"]
+ORDER += ["cg_uncond:30"]
 
 
 def model_fn(module, classifier, kind: str, scale: float, labels: torch.Tensor):
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train", default=TRAIN)
     p.add_argument("--classifier-train", default=CLASSIFIER_TRAIN)
     p.add_argument("--run-dir", default=str(common.ROOT / "logs" / "guidance_editing"))
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--cells", nargs="+", default=ORDER, help="guidance:scale pairs, run in this order")
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument("--num-real", type=int, default=1000)
     p.add_argument("--steps", type=int, default=25)
@@ -104,18 +105,19 @@ def main(argv: list[str] | None = None) -> None:
         "classifier_train": args.classifier_train,
         "global_step": record["global_step"],
     }
-    for kind in args.rows:
-        for scale in ROWS[kind]:
-            images, seconds = generate(module, classifier, sampler, kind, scale, args, device)
-            gm.update_fake(images)
-            values = gm.compute()
-            with torch.no_grad():
-                accuracy = (judge(images).argmax(1).cpu() == labels).float().mean().item()
-            row = {"guidance": kind, "scale": scale, **{k: float(v) for k, v in values.items()}}
-            row.update(class_accuracy=accuracy, seconds=round(seconds, 1))
-            print(row, flush=True)
-            payload["rows"].append(row)
-            common.write_json(Path(args.out), payload)  # after every cell: a stopped run keeps its rows
+    for kind, scale in ((c.split(":")[0], float(c.split(":")[1])) for c in args.cells):
+        if kind not in ROWS:
+            raise ValueError(f"--cells {kind}:{scale}: expected one of {list(ROWS)}")
+        images, seconds = generate(module, classifier, sampler, kind, scale, args, device)
+        gm.update_fake(images)
+        values = gm.compute()
+        with torch.no_grad():
+            accuracy = (judge(images).argmax(1).cpu() == labels).float().mean().item()
+        row = {"guidance": kind, "scale": scale, **{k: float(v) for k, v in values.items()}}
+        row.update(class_accuracy=accuracy, seconds=round(seconds, 1))
+        print(row, flush=True)
+        payload["rows"].append(row)
+        common.write_json(Path(args.out), payload)  # after every cell: a stopped run keeps its rows
     plot(payload["rows"], Path(args.out).with_suffix(".png"))
     keys = ["guidance", "scale", "fid_fmnist_cls", "is_fmnist_cls", "class_accuracy"]
     print(common.markdown_table(keys, [[r[k] for k in keys] for r in payload["rows"]]))
@@ -130,7 +132,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for kind in dict.fromkeys(r["guidance"] for r in rows):
-        sub = [r for r in rows if r["guidance"] == kind]
+        sub = sorted((r for r in rows if r["guidance"] == kind), key=lambda r: r["scale"])
         ax.plot([r["class_accuracy"] for r in sub], [r["fid_fmnist_cls"] for r in sub], marker="o", label=kind)
         for r in sub:
             ax.annotate(f"{'w' if kind == 'cfg' else 's'}={r['scale']:g}", (r["class_accuracy"], r["fid_fmnist_cls"]))

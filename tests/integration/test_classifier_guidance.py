@@ -174,7 +174,8 @@ def test_the_study_script_runs_every_row(classifier_run, weights_dir, tmp_path):
         + ["--out", str(out)]
     )
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["guidance"], r["scale"]) for r in rows] == [(k, s) for k, scales in study.ROWS.items() for s in scales]
+    assert [f"{r['guidance']}:{r['scale']:g}" for r in rows] == study.ORDER
+    assert {(r["guidance"], r["scale"]) for r in rows} == {(k, s) for k, scales in study.ROWS.items() for s in scales}
     assert all(np.isfinite(r["fid_fmnist_cls"]) and 0 <= r["class_accuracy"] <= 1 for r in rows)
     fid = {(r["guidance"], r["scale"]): r["fid_fmnist_cls"] for r in rows}
     assert fid[("cg_uncond", 0.0)] != fid[("cfg", 0.0)] and fid[("cg_uncond", 30.0)] != fid[("cg_uncond", 0.0)]
