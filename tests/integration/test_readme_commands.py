@@ -25,6 +25,7 @@ from difflab.tasks.eval import evaluate
 from difflab.tasks.sample import sample
 from difflab.tasks.train import train
 from tests.conftest import ROOT, TINY, compose_config
+from tests.integration.test_classifier_guidance import TINY_CLASSIFIER
 
 README = ROOT / "README.md"
 SCRIPTS = {"train.py": ("train", train), "sample.py": ("sample", sample), "eval.py": ("eval", evaluate)}
@@ -141,7 +142,7 @@ def test_the_readme_has_the_commands_this_test_knows():
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, str]:
     """Tiny checkpoints to stand in for `ckpt=...`: unconditional, class-conditional, rectified flow, text-conditioned
-    latent."""
+    latent; and a noisy classifier for `classifier_ckpt=...`."""
     made = {}
     common = [*TINY, "trainer.max_steps=2", "trainer.limit_train_batches=2", "trainer.limit_val_batches=0"]
     for kind, extra in {
@@ -158,6 +159,7 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     }.items():
         out = tmp_path_factory.mktemp(kind)
         made[kind] = train(compose_config([*common, *extra], out))["checkpoint"]
+    made["classifier"] = train(compose_config(TINY_CLASSIFIER, tmp_path_factory.mktemp("classifier")))["checkpoint"]
     return made
 
 
@@ -182,6 +184,8 @@ def substitute(script: str, args: list[str], checkpoints: dict[str, str]) -> lis
         elif key == "model.teacher_ckpt":  # reflow's teacher: the tiny flow (digits, 16x16, the tiny UNet)
             arg = f"{key}={checkpoints['flow']}"
             out += ["data.image_size=16", "net=unet_s"]  # the student is the teacher's size and net
+        elif key == "classifier_ckpt":  # a noisy classifier of the tiny models' data, size and schedule
+            arg = f"{key}={checkpoints['classifier']}"
         elif key == "model.autoencoder_ckpt":
             arg = f"{key}=shipped:ae_kl_f4_fmnist"  # a stage-1 checkpoint of the right shape
         elif key in ("out_dir", "out") and script != "train.py":  # under the test's output folder

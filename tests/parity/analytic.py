@@ -114,3 +114,34 @@ def flow_velocity(x: torch.Tensor, tau: float | torch.Tensor, wiggle: float = 0.
     r = xd - (1 - tau) * MU
     exact = tau * r / var - (MU + (1 - tau) * STD**2 * r / var)
     return exact + wiggle * torch.sin(3.0 * xd) * torch.cos(math.pi * tau)
+
+
+class GaussianClasses(torch.nn.Module):
+    """An exact noise-conditional classifier for classifier guidance: K classes with p(x_0 | k) = N(μ_k, τ² I) and equal
+    priors. Under q, x_t | k ~ N(α_t μ_k, v_t I) with v_t = α_t² τ² + s_t², so (logits up to a constant)
+        log p(k | x_t) = −|x_t − α_t μ_k|² / (2 v_t) − logsumexp,
+        ∇_{x_t} log p(y | x_t) = (α_t/v_t)(μ_y − Σ_k p_k μ_k).
+    ``forward(x_t, t)`` takes t as the network does (long, or float between the model's steps: α_t, s_t by the
+    schedule's log-σ interpolation, ``GaussianDiffusion.noise_level``). ``means``: (K, C, H, W).
+    """
+
+    def __init__(self, diffusion, means: torch.Tensor, tau: float = 0.4) -> None:
+        super().__init__()
+        self.diffusion, self.means, self.tau = diffusion, means, tau
+
+    def alpha_var(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(α_t, v_t), each (B,)."""
+        level = self.diffusion.noise_level(t, x)
+        return level.alpha.flatten(), (level.alpha**2 * self.tau**2 + level.std**2).flatten()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha, var = self.alpha_var(x, t)
+        diff = x[:, None] - alpha.reshape(-1, 1, *[1] * (x.ndim - 1)) * self.means[None]
+        return -diff.pow(2).flatten(2).sum(-1) / (2 * var[:, None])
+
+    def grad(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The closed-form ∇_{x_t} log p(y | x_t, t), (B, C, H, W)."""
+        alpha, var = self.alpha_var(x, t)
+        p = self(x, t).softmax(dim=1)
+        mean = torch.einsum("bk,k...->b...", p, self.means)
+        return (alpha / var).reshape(-1, *[1] * (x.ndim - 1)) * (self.means[y] - mean)

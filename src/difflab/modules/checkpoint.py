@@ -140,7 +140,10 @@ def load_module(
     checkpoint = _load(path)
     record = checkpoint["difflab"]
     model_cfg = OmegaConf.create(record["config"]["model"])
-    model_cfg.sampler = sampler_config(model_cfg.sampler, sampler, sampler_fallback)
+    if "sampler" in model_cfg:  # diffusion models (a classifier checkpoint has no sampler)
+        model_cfg.sampler = sampler_config(model_cfg.sampler, sampler, sampler_fallback)
+    elif sampler is not None:
+        raise CheckpointError(f"ckpt={str(path)!r}: a {model_cfg.get('_target_')} checkpoint takes no sampler")
     if model_cfg.get("teacher_ckpt"):  # reflow's warm start: the weights come from this checkpoint
         model_cfg.teacher_ckpt = None
     if compile is not None and "compile" in model_cfg:

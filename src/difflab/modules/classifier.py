@@ -35,9 +35,13 @@ class ClassifierModule(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+    def batch_logits(self, x: torch.Tensor, stage: str, batch_idx: int) -> torch.Tensor:
+        """Logits (B, num_classes) of a data batch x (B, C, H, W); the noisy classifier noises x first."""
+        return self(x)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        logits = self(x)
+        logits = self.batch_logits(x, stage, batch_idx)
         loss = F.cross_entropy(logits, y)
         accuracy = (logits.argmax(dim=1) == y).float().mean()
         for name, value in (("loss", loss), ("acc", accuracy)):
@@ -48,13 +52,13 @@ class ClassifierModule(pl.LightningModule):
         return loss
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        return self._step(batch, "train", batch_idx)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
+        self._step(batch, "val", batch_idx)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
+        self._step(batch, "test", batch_idx)
 
     def configure_optimizers(self) -> Any:
         optimizer = self._optimizer(self.parameters())

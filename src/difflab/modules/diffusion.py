@@ -16,6 +16,7 @@ from difflab.modules.optim import check_optimizer, clip_gradients
 from difflab.modules.step_logging import log_train_step
 from difflab.modules.warm_start import load_net_weights
 from difflab.samplers import AncestralSampler, DDIMSampler, Sampler, sample_loop
+from difflab.samplers.classifier_guidance import ClassifierGuidance
 from difflab.samplers.guidance import classifier_free_guidance
 from difflab.schedules import GaussianDiffusion, Parameterization, VarianceType
 from difflab.utils.enums import parse_enum
@@ -114,6 +115,8 @@ class DiffusionModule(pl.LightningModule):
         self._forward_dtype: torch.dtype | None = None  # set by sampling_precision()
         if teacher_ckpt:
             load_net_weights(self.net, teacher_ckpt, "model.teacher_ckpt")
+        # sampling only (sample.py classifier_ckpt=...): a plain attribute, so the classifier is no submodule
+        self.classifier_guidance: ClassifierGuidance | None = None
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
 
@@ -260,8 +263,9 @@ class DiffusionModule(pl.LightningModule):
                 "(python src/train.py experiment=cfg) or a conditioned latent diffusion model"
             )
         sampler = sampler or self.sampler
-        if self.num_classes and y is None:
-            y = torch.arange(num_samples) % self.num_classes
+        num_classes = self.num_classes or (self.classifier_guidance and self.classifier_guidance.num_classes)
+        if num_classes and y is None:
+            y = torch.arange(num_samples) % num_classes
         w = self.guidance_scale if guidance_scale is None else guidance_scale
         was_training = self.training
         self.eval()
@@ -330,7 +334,12 @@ class DiffusionModule(pl.LightningModule):
             self._forward_dtype = previous
 
     def model_fn(self, y: torch.Tensor | None, guidance_scale: float = 0.0) -> Callable[..., torch.Tensor]:
-        """``fn(x_t, t)`` for samplers: the network with labels ``y`` bound, guided when w > 0."""
+        """``fn(x_t, t)`` for samplers: the network with labels ``y`` bound, guided when w > 0; with
+        ``classifier_guidance`` set, that output's ε̂ is then guided by the classifier's gradient towards ``y``."""
         if not self.num_classes or y is None:
-            return lambda x, t: self(x, t, None)
-        return classifier_free_guidance(self.forward, y, self.num_classes, guidance_scale, self.image_shape[0])
+            fn = lambda x, t: self(x, t, None)  # noqa: E731
+        else:
+            fn = classifier_free_guidance(self.forward, y, self.num_classes, guidance_scale, self.image_shape[0])
+        if self.classifier_guidance is None:
+            return fn
+        return self.classifier_guidance.wrap(fn, y, self.diffusion, self.parameterization, self.image_shape[0])

@@ -77,6 +77,18 @@ def x0_eps_from_output(
     return x0, eps
 
 
+def output_from_x0_eps(
+    parameterization: Parameterization, x0: torch.Tensor, eps: torch.Tensor, level: NoiseLevel
+) -> torch.Tensor:
+    """The network output in ``parameterization`` that :func:`x0_eps_from_output` maps to (x̂_0, ε̂) (its inverse,
+    for a consistent pair x_t = α x̂_0 + s ε̂): ε̂, x̂_0, or v̂ = α ε̂ − s x̂_0 (Salimans & Ho 2022, §4)."""
+    if parameterization is Parameterization.EPS:
+        return eps
+    if parameterization is Parameterization.X0:
+        return x0
+    return level.alpha * eps - level.std * x0
+
+
 def eps_from_x0(x_t: torch.Tensor, x0: torch.Tensor, level: NoiseLevel) -> torch.Tensor:
     """ε̂ = (x_t/α − x̂_0)/σ: the noise that, with x̂_0, makes x_t."""
     return (level.recip_alpha * x_t - x0) / level.sigma

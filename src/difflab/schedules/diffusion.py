@@ -155,7 +155,15 @@ class GaussianDiffusion(nn.Module):
 
     # ------------------------------------------------------------------ parameterisations
     def noise_level(self, t: torch.Tensor, x: torch.Tensor) -> NoiseLevel:
-        """The coefficients α, s, 1/α, σ of timesteps t (B,) long, shaped (B, 1, ..., 1) to broadcast against x."""
+        """The coefficients α, s, 1/α, σ of timesteps t (B,), shaped (B, 1, ..., 1) to broadcast against x.
+
+        Long t reads the tables; float t (the solvers' timesteps between the model's) takes σ_t by log-σ
+        interpolation (:meth:`ContinuousSchedule.t_to_sigma`, exact at integer t, float64 on the CPU)."""
+        if t.is_floating_point():
+            sigma = self.continuous.t_to_sigma(t.detach().cpu()).reshape(t.shape[0], *([1] * (x.ndim - 1)))
+            recip_alpha = (1.0 + sigma**2).sqrt()
+            values = {"alpha": 1.0 / recip_alpha, "std": sigma / recip_alpha, "recip_alpha": recip_alpha}
+            return NoiseLevel(**{k: v.to(x.device, torch.float32) for k, v in {**values, "sigma": sigma}.items()})
         return NoiseLevel(
             alpha=self.extract(self.sqrt_alphas_cumprod, t, x),
             std=self.extract(self.sqrt_one_minus_alphas_cumprod, t, x),

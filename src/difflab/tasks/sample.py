@@ -11,6 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from difflab.modules import DiffusionModule, load_module
+from difflab.tasks.classifier_guidance import attach_classifier, guided_classes
 from difflab.tasks.sample_info import image_tags, npz_arrays, sample_info, write_json
 from difflab.tasks.sample_modes import interpolate, reconstruct
 from difflab.utils.checkpoint_io import trusted_checkpoints
@@ -34,6 +35,7 @@ def load_for_sampling(cfg: DictConfig, device: torch.device) -> tuple[DiffusionM
             weights=cfg.get("weights") or "ema",
             sampler_fallback=default_sampler_fallback(cfg),
         )
+        attach_classifier(cfg, module, device)  # classifier_ckpt= / classifier_scale= (classifier guidance)
     module.sample_batch_size = int(cfg.batch_size)
     return module, record
 
@@ -116,7 +118,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     if prompts is not None:
         labels, row = None, None
     else:
-        labels, row = class_labels(cfg.get("classes"), module.num_classes, int(cfg.num_samples))
+        labels, row = class_labels(cfg.get("classes"), guided_classes(module), int(cfg.num_samples))
     num = int(cfg.num_samples) if labels is None else labels.numel()
     index = shard(num, rank, world)
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed) + rank)
