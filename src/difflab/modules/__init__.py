@@ -5,6 +5,7 @@ from difflab.modules.checkpoint import CheckpointError, load_module, read_run_re
 from difflab.modules.classifier import ClassifierModule
 from difflab.modules.diffusion import DiffusionModule
 from difflab.modules.latent_diffusion import LatentDiffusionModule
+from difflab.modules.upscaler import UpscalerModule
 
 __all__ = [
     "AutoencoderModule",
@@ -12,6 +13,7 @@ __all__ = [
     "ClassifierModule",
     "DiffusionModule",
     "LatentDiffusionModule",
+    "UpscalerModule",
     "export_autoencoder",
     "load_autoencoder",
     "load_module",
