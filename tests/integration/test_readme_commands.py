@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
+from PIL import Image
 
 from difflab.tasks.eval import evaluate
 from difflab.tasks.sample import sample
@@ -67,6 +68,8 @@ TINY_SIZES = {
     "model.discriminator.num_groups": "4",
     "conditioner.context_dim": "16",
     "conditioner.width": "16",
+    "model.aug_levels": "10",  # the upscaler's augmentation levels must fit in the tiny T = 20
+    "model.sample_aug_level": "2",
 }
 # Tiny sizes for sampling and evaluation (these keys always exist).
 SAMPLE_SIZES = {"num_samples": "4", "batch_size": "4", "num_interp": "3", "sampler.steps": "5"}
@@ -138,7 +141,8 @@ def test_the_readme_has_the_commands_this_test_knows():
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, str]:
-    """Tiny checkpoints to stand in for `ckpt=...`: unconditional, class-conditional, text-conditioned latent."""
+    """Tiny checkpoints to stand in for `ckpt=...`: unconditional, class-conditional, text-conditioned latent, an
+    upscaler; and the input files of the editing modes."""
     made = {}
     common = [*TINY, "trainer.max_steps=2", "trainer.limit_train_batches=2", "trainer.limit_val_batches=0"]
     for kind, extra in {
@@ -151,9 +155,23 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
             "net.num_heads=2",
             "net.num_head_channels=-1",
         ],
+        "upscaler": [  # a 16 → 32 upscaler for mode=cascade (the ddpm checkpoint is its base)
+            "model=upscaler",
+            "data.image_size=32",
+            "net.attention_resolutions=[16]",
+            "model.low_res_size=16",
+            "model.aug_levels=10",
+            "model.sample_aug_level=2",
+        ],
     }.items():
         out = tmp_path_factory.mktemp(kind)
         made[kind] = train(compose_config([*common, *extra], out))["checkpoint"]
+    # inputs of the editing modes (image=, mask=): a 20x12 image and a mask of its size
+    inputs = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    for name, pixels in {"image": rng.random((12, 20)) * 255, "mask": (rng.random((12, 20)) > 0.5) * 255}.items():
+        Image.fromarray(pixels.astype(np.uint8)).save(inputs / f"{name}.png")
+        made[name] = str(inputs / f"{name}.png")
     return made
 
 
@@ -173,6 +191,10 @@ def substitute(script: str, args: list[str], checkpoints: dict[str, str]) -> lis
             arg = "compile=none"
         elif key in ("ckpt", "ckpt_path"):
             arg = f"{key}={checkpoints[kind]}"
+        elif key == "upscaler_ckpt":
+            arg = f"{key}={checkpoints['upscaler']}"
+        elif key == "image" or (key == "mask" and not value.startswith("[") and value != "center"):
+            arg = f"{key}={checkpoints[key]}"  # a file the fixture wrote
         elif key == "model.autoencoder_ckpt":
             arg = f"{key}=shipped:ae_kl_f4_fmnist"  # a stage-1 checkpoint of the right shape
         elif script != "train.py" and key in (SAMPLE_SIZES if script == "sample.py" else EVAL_SIZES):
