@@ -71,7 +71,8 @@ def training_compute(module, record) -> dict[str, float]:
 
 def draw(module, num: int, batch: int, device, seed: int, upscale_from=None, aug_level=None) -> torch.Tensor:
     """DDIM-50 samples (or upscales of ``upscale_from``), batch b from the generator seeded seed + b."""
-    sampler = module.build_sampler(functools.partial(DDIMSampler, steps=50, spacing="trailing"))
+    steps = min(50, module.diffusion.num_timesteps)
+    sampler = module.build_sampler(functools.partial(DDIMSampler, steps=steps, spacing="trailing"))
     chunks = []
     for b, i in enumerate(range(0, num, batch)):
         g = torch.Generator(device=device).manual_seed(seed + b)

@@ -59,7 +59,9 @@ def holes(kind: str, num: int, size: int, seed: int) -> torch.Tensor:
 
 def inpaint_all(module, steps: int, j: int, r: int, x_ref, hole, args, device) -> tuple[torch.Tensor, int, float]:
     """Inpainted images (N, C, H, W), NFE per image, seconds."""
-    sampler = module.build_sampler(functools.partial(AncestralSampler, steps=steps))
+    sampler = module.build_sampler(
+        functools.partial(AncestralSampler, steps=min(steps, module.diffusion.num_timesteps))
+    )
     start, chunks = time.time(), []
     model_fn = module.model_fn(None)
     for b, i in enumerate(range(0, x_ref.shape[0], args.batch_size)):
