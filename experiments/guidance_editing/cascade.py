@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         result["rows"].append(entry)
         (OUT / f"results_cascade_{tag}.json").write_text(json.dumps(result, indent=2))
 
+    floor = torch.stack([test[i][0] for i in range(min(args.num_samples, len(test)))])
+    row("test images (the FID floor at this sample count)", floor, 0.0, 0.0)
     start = time.time()
     high = draw(single, args.num_samples, args.batch_size, device, args.seed)
     row("single model", high, compute["single"]["train_tmac"], time.time() - start)

@@ -8,17 +8,8 @@ from PIL import Image
 
 from difflab.tasks.sample import sample
 from difflab.tasks.train import train
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, TINY_UPSCALER, compose_config
 
-UPSCALER = [
-    *TINY,
-    "model=upscaler",
-    "data.image_size=32",
-    "net.attention_resolutions=[16]",
-    "model.low_res_size=16",
-    "model.aug_levels=10",
-    "model.sample_aug_level=2",
-]
 SHORT = ["trainer.max_steps=2", "trainer.limit_train_batches=2"]
 
 
@@ -28,7 +19,7 @@ def checkpoints(tmp_path_factory):
     out = tmp_path_factory.mktemp("editing")
     base = train(compose_config([*TINY, *SHORT], out / "base"))["checkpoint"]
     cfg = train(compose_config([*TINY, *SHORT, "model=cfg"], out / "cfg"))["checkpoint"]
-    upscaler = train(compose_config([*UPSCALER, *SHORT], out / "upscaler"))["checkpoint"]
+    upscaler = train(compose_config([*TINY_UPSCALER, *SHORT], out / "upscaler"))["checkpoint"]
     return {"base": base, "cfg": cfg, "upscaler": upscaler}
 
 
@@ -120,6 +111,6 @@ def test_editing_errors(checkpoints, image, tmp_path):
 
 def test_fast_dev_run_upscaler(tmp_path):
     """One batch; the samples after fit are upscales of that batch's low-res versions (32x32)."""
-    result = train(compose_config([*UPSCALER, "debug=fast"], tmp_path))
+    result = train(compose_config([*TINY_UPSCALER, "debug=fast"], tmp_path))
     assert np.isfinite(result["metrics"]["train/loss"])
     assert np.load(result["npz"])["arr_0"].shape == (4, 32, 32, 1)

@@ -25,7 +25,7 @@ from PIL import Image
 from difflab.tasks.eval import evaluate
 from difflab.tasks.sample import sample
 from difflab.tasks.train import train
-from tests.conftest import ROOT, TINY, compose_config
+from tests.conftest import ROOT, TINY, TINY_UPSCALER, compose_config
 
 README = ROOT / "README.md"
 SCRIPTS = {"train.py": ("train", train), "sample.py": ("sample", sample), "eval.py": ("eval", evaluate)}
@@ -155,14 +155,7 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
             "net.num_heads=2",
             "net.num_head_channels=-1",
         ],
-        "upscaler": [  # a 16 → 32 upscaler for mode=cascade (the ddpm checkpoint is its base)
-            "model=upscaler",
-            "data.image_size=32",
-            "net.attention_resolutions=[16]",
-            "model.low_res_size=16",
-            "model.aug_levels=10",
-            "model.sample_aug_level=2",
-        ],
+        "upscaler": TINY_UPSCALER[len(TINY) :],  # 16 → 32 for mode=cascade (the ddpm checkpoint is its base)
     }.items():
         out = tmp_path_factory.mktemp(kind)
         made[kind] = train(compose_config([*common, *extra], out))["checkpoint"]

@@ -146,17 +146,12 @@ class UpscalerModule(DiffusionModule):
 
     @torch.no_grad()
     def sample(
-        self,
-        num_samples: int,
-        generator: torch.Generator | None = None,
-        sampler: Sampler | None = None,
-        num_steps: int | None = None,
-        y: torch.Tensor | None = None,
-        guidance_scale: float | None = None,
-        progress: bool = False,
-    ) -> torch.Tensor:
+        self, num_samples: int, generator: torch.Generator | None = None, sampler: Sampler | None = None,
+        num_steps: int | None = None, guidance_scale: float | None = None, **unused: Any,
+    ) -> torch.Tensor:  # fmt: skip
         """Upscales of the low-res versions of the first training batch's images (grids and train-end samples);
-        an upscaler alone has nothing to upscale: ``sample.py mode=cascade`` runs it on a base model's samples."""
+        an upscaler alone has nothing to upscale: ``sample.py mode=cascade`` runs it on a base model's samples.
+        (``y``, ``progress`` of :meth:`DiffusionModule.sample` are accepted and unused.)"""
         if self.reference is None:
             raise ValueError(
                 "this upscaler has no low-res images to upscale: run the cascade, "
