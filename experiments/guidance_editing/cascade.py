@@ -87,6 +87,7 @@ def draw(module, num: int, batch: int, device, seed: int, upscale_from=None, aug
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    p.add_argument("--base-ckpt", default=None, help="another base checkpoint (e.g. an earlier step's)")
     p.add_argument("--upscaler-ckpt", default=None, help="another upscaler checkpoint (e.g. an earlier step's)")
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument("--num-real", type=int, default=10000)
@@ -100,8 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     ckpts = {
         name: ensure_checkpoint(run_dir, overrides.split()) for name, (run_dir, overrides) in SCALES[args.scale].items()
     }
-    if args.upscaler_ckpt:
-        ckpts["upscaler"] = Path(args.upscaler_ckpt)
+    for name in ("base", "upscaler"):
+        if getattr(args, f"{name}_ckpt"):
+            ckpts[name] = Path(getattr(args, f"{name}_ckpt"))
     modules = {name: load(ckpt, device) for name, ckpt in ckpts.items()}
     compute = {name: training_compute(m, rec) for name, (m, rec, _) in modules.items()}
     single, single_record, test = modules["single"]
