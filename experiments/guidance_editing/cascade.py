@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
-from difflab.modules.upscaler import upsample  # noqa: E402
+from difflab.modules.upscaler import downsample, upsample  # noqa: E402
 from difflab.samplers import DDIMSampler  # noqa: E402
 from difflab.utils.images import save_grid  # noqa: E402
 from experiments.common import ROOT, ensure_checkpoint, hardware, load, markdown_table, real_metrics  # noqa: E402
@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tag", default=None, help="results_cascade_<tag>.json (default: the scale)")
+    p.add_argument("--upscaler-on-test", action="store_true", help="only the upscaler on real low-res test images")
     args = p.parse_args(argv)
     device, tag = torch.device(args.device), args.tag or args.scale
     ckpts = {
@@ -121,6 +122,17 @@ def main(argv: list[str] | None = None) -> None:
 
     floor = torch.stack([test[i][0] for i in range(min(args.num_samples, len(test)))])
     row("test images (the FID floor at this sample count)", floor, 0.0, 0.0)
+    if args.upscaler_on_test:  # the upscaler alone, on the true low-res versions of the test images
+        upscaler = modules["upscaler"][0]
+        low = downsample(floor, upscaler.low_res_size)
+        row("test images' low-res, bilinear", upsample(low, floor.shape[-1]).clamp(-1, 1), 0.0, 0.0)
+        shown = [floor[:8], upsample(low[:8], floor.shape[-1])]
+        for level in args.aug_levels:
+            up = draw(upscaler, len(low), args.batch_size, device, args.seed + 10**6, low, level)
+            row(f"upscaler on the test images' low-res, aug level {level}", up, compute["upscaler"]["train_tmac"], 0)
+            shown.append(up[:8])
+        save_grid(torch.cat(shown), OUT / f"cascade_{tag}.png", nrow=8)
+        return
     start = time.time()
     high = draw(single, args.num_samples, args.batch_size, device, args.seed)
     row("single model", high, compute["single"]["train_tmac"], time.time() - start)

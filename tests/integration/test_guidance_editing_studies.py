@@ -79,3 +79,23 @@ def test_cascade_study_runs(tmp_path, monkeypatch):
     assert result["rows"][3]["train_tmac"] == pytest.approx(
         compute["base"]["train_tmac"] + compute["upscaler"]["train_tmac"], abs=0.1
     )
+    cascade.main(
+        [
+            "--num-samples",
+            "3",
+            "--num-real",
+            "16",
+            "--batch-size",
+            "3",
+            "--aug-levels",
+            "2",
+            "--upscaler-on-test",
+            "--tag",
+            "t",
+        ]
+    )
+    rows = json.loads((tmp_path / "results_cascade_t.json").read_text())["rows"]
+    assert [r["model"] for r in rows][1:] == [
+        "test images' low-res, bilinear",
+        "upscaler on the test images' low-res, aug level 2",
+    ]
