@@ -64,6 +64,17 @@ TINY_GENERATIVE_METRICS = [
 # The same with net=dit_tiny at half its width (2 blocks of width 32, 2 heads, 2x2 patches).
 TINY_DIT = [o for o in TINY if not o.startswith("net")] + ["net=dit_tiny", "net.hidden_size=32", "net.num_heads=2"]
 
+# A 16 → 32 upscaler (model=upscaler) on digits, with augmentation levels that fit the tiny T = 20.
+TINY_UPSCALER = [
+    *TINY,
+    "model=upscaler",
+    "data.image_size=32",
+    "net.attention_resolutions=[16]",
+    "model.low_res_size=16",
+    "model.aug_levels=10",
+    "model.sample_aug_level=2",
+]
+
 register_resolvers()
 
 # the user cache folder (FID statistics) of every test and subprocess: a fresh one, never the developer's ~/.cache

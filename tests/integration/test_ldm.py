@@ -353,3 +353,18 @@ def test_output_shape_is_the_image_shape_not_the_latent_one(trained_ldm):
     module, _ = load_module(result["checkpoint"])
     images = module.sample(1, generator=torch.Generator().manual_seed(0), num_steps=2)
     assert module.output_shape == tuple(images.shape[1:]) == (1, 16, 16) != module.image_shape
+
+
+@pytest.mark.parametrize("mode", ["inpaint", "img2img"])
+def test_editing_modes_work_in_latent_space(trained_ldm, tmp_path, mode):
+    """The input encoded, the mask min-pooled to the 8x8 latent grid, guidance with the null caption, decoded."""
+    from PIL import Image
+
+    _, result = trained_ldm
+    Image.fromarray((np.arange(256).reshape(16, 16) % 251).astype(np.uint8)).save(tmp_path / "in.png")
+    extra = ["mask=[0,0,8,16]", "resample_times=2", "resample_jumps=2"] if mode == "inpaint" else ["start=invert"]
+    overrides = [f"mode={mode}", f"image={tmp_path / 'in.png'}", "variants=2", "sampler=ddim", "sampler.steps=4"]
+    cfg = compose_config(["ckpt=" + result["checkpoint"], *overrides, *extra, "guidance_scale=2"], tmp_path, "sample")
+    out = sample(cfg)
+    assert np.load(out["npz"])["arr_0"].shape == (2, 16, 16, 1)
+    assert out["nfe"] == (4 + 2 if mode == "inpaint" else 2)  # one RePaint jump of 2 | the steps with τ < 0.6 T

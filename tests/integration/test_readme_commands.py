@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
+from PIL import Image
 
 from difflab.tasks.eval import evaluate
 from difflab.tasks.sample import sample
 from difflab.tasks.train import train
-from tests.conftest import ROOT, TINY, compose_config
+from tests.conftest import ROOT, TINY, TINY_UPSCALER, compose_config
 from tests.integration.test_classifier_guidance import TINY_CLASSIFIER
 
 README = ROOT / "README.md"
@@ -70,6 +71,8 @@ TINY_SIZES = {
     "conditioner.width": "16",
     "data.num_pairs": "48",  # experiment=reflow: 48 pairs of a 2-step teacher ODE
     "data.teacher_steps": "2",
+    "model.aug_levels": "10",  # the upscaler's augmentation levels must fit in the tiny T = 20
+    "model.sample_aug_level": "2",
 }
 # Tiny sizes for sampling and evaluation (these keys always exist).
 SAMPLE_SIZES = {"num_samples": "4", "batch_size": "4", "num_interp": "3", "sampler.steps": "5"}
@@ -142,7 +145,7 @@ def test_the_readme_has_the_commands_this_test_knows():
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, str]:
     """Tiny checkpoints to stand in for `ckpt=...`: unconditional, class-conditional, rectified flow, text-conditioned
-    latent; and a noisy classifier for `classifier_ckpt=...`."""
+    latent, an upscaler; a noisy classifier for `classifier_ckpt=...`; and the input files of the editing modes."""
     made = {}
     common = [*TINY, "trainer.max_steps=2", "trainer.limit_train_batches=2", "trainer.limit_val_batches=0"]
     for kind, extra in {
@@ -156,10 +159,17 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
             "net.num_heads=2",
             "net.num_head_channels=-1",
         ],
+        "upscaler": TINY_UPSCALER[len(TINY) :],  # 16 → 32 for mode=cascade (the ddpm checkpoint is its base)
     }.items():
         out = tmp_path_factory.mktemp(kind)
         made[kind] = train(compose_config([*common, *extra], out))["checkpoint"]
     made["classifier"] = train(compose_config(TINY_CLASSIFIER, tmp_path_factory.mktemp("classifier")))["checkpoint"]
+    # inputs of the editing modes (image=, mask=): a 20x12 image and a mask of its size
+    inputs = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    for name, pixels in {"image": rng.random((12, 20)) * 255, "mask": (rng.random((12, 20)) > 0.5) * 255}.items():
+        Image.fromarray(pixels.astype(np.uint8)).save(inputs / f"{name}.png")
+        made[name] = str(inputs / f"{name}.png")
     return made
 
 
@@ -186,6 +196,10 @@ def substitute(script: str, args: list[str], checkpoints: dict[str, str]) -> lis
             out += ["data.image_size=16", "net=unet_s"]  # the student is the teacher's size and net
         elif key == "classifier_ckpt":  # a noisy classifier of the tiny models' data, size and schedule
             arg = f"{key}={checkpoints['classifier']}"
+        elif key == "upscaler_ckpt":
+            arg = f"{key}={checkpoints['upscaler']}"
+        elif key == "image" or (key == "mask" and not value.startswith("[") and value != "center"):
+            arg = f"{key}={checkpoints[key]}"  # a file the fixture wrote
         elif key == "model.autoencoder_ckpt":
             arg = f"{key}=shipped:ae_kl_f4_fmnist"  # a stage-1 checkpoint of the right shape
         elif key in ("out_dir", "out") and script != "train.py":  # under the test's output folder

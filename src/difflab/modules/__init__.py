@@ -6,6 +6,7 @@ from difflab.modules.classifier import ClassifierModule
 from difflab.modules.diffusion import DiffusionModule
 from difflab.modules.latent_diffusion import LatentDiffusionModule
 from difflab.modules.noisy_classifier import NoisyClassifierModule
+from difflab.modules.upscaler import UpscalerModule
 
 __all__ = [
     "AutoencoderModule",
@@ -14,6 +15,7 @@ __all__ = [
     "DiffusionModule",
     "LatentDiffusionModule",
     "NoisyClassifierModule",
+    "UpscalerModule",
     "export_autoencoder",
     "load_autoencoder",
     "load_module",

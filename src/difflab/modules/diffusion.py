@@ -310,6 +310,11 @@ class DiffusionModule(pl.LightningModule):
         """Map samples of the diffusion space to images (identity here; latent diffusion decodes)."""
         return x_0
 
+    def from_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] → the diffusion space, the inverse of ``to_images`` (identity here; latent
+        diffusion encodes): where inpainting and img2img start from."""
+        return images
+
     @torch.no_grad()
     def reconstruct(
         self, x_start: torch.Tensor, y: torch.Tensor | None = None, sampler: DDIMSampler | None = None

@@ -140,6 +140,10 @@ class LatentDiffusionModule(DiffusionModule):
         """Latents from the sampler → images D(z / scale_factor) in [-1, 1]."""
         return self.autoencoder.decode(x_0 / self.scale_factor).clamp(-1, 1)
 
+    def from_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images → scaled latents (the posterior mean outside training)."""
+        return self.encode(images)
+
     @torch.no_grad()
     def _set_scale(self, x: torch.Tensor, cached: bool = False) -> None:
         """scale_by_std: 1 / std of the first batch's latents, the variance averaged over DDP ranks."""

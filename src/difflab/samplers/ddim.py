@@ -89,8 +89,10 @@ class DDIMSampler(Sampler):
         model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         x_start: torch.Tensor,
         num_steps: int | None = None,
+        num_levels: int | None = None,
     ) -> torch.Tensor:
-        """Deterministic inversion x_0 → x_{τ_S}: the η = 0 update run forwards (Song et al. §4.3, eq. 13).
+        """Deterministic inversion x_0 → x_{τ_S}: the η = 0 update run forwards (Song et al. §4.3, eq. 13); with
+        ``num_levels`` = n only up to τ_n (img2img's start).
 
         From level τ_{i−1} to τ_i: ε̂ = ε_θ(x_{τ_{i−1}}, τ_i) (the usual first-order approximation of the ODE),
         x̂_0 = (x_{τ_{i−1}} − sqrt(1 − ᾱ_{τ_{i−1}}) ε̂)/sqrt(ᾱ_{τ_{i−1}}),
@@ -99,7 +101,7 @@ class DDIMSampler(Sampler):
         """
         self.set_timesteps(num_steps)
         x = x_start.float()
-        for i, t in enumerate(self.timesteps.flip(0).tolist()):
+        for i, t in enumerate(self.timesteps.flip(0).tolist()[:num_levels]):
             t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
             _, eps, _ = self.predict(model_fn(x, t_batch), t, x, clip=False)
             sqrt_ab_prev = self._table["sqrt_ab_prev"][i]

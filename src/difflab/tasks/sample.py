@@ -112,8 +112,14 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         return reconstruct(cfg, module, record, device)
     if mode == "interpolate":
         return interpolate(cfg, module, device)
+    from difflab.tasks.editing import EDIT_MODES, edit  # editing imports this module
+
+    if mode in EDIT_MODES:
+        return edit(cfg, module, device)
     if mode != "generate":
-        raise ValueError(f"mode={mode!r}: expected one of [generate, reconstruct, interpolate]")
+        raise ValueError(
+            f"mode={mode!r}: expected one of [generate, reconstruct, interpolate, {', '.join(EDIT_MODES)}]"
+        )
     prompts = prompt_list(cfg.get("prompt"), int(cfg.num_samples))
     if prompts is not None:
         labels, row = None, None
