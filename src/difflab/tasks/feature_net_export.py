@@ -1,7 +1,7 @@
 """Export a trained ClassifierModule checkpoint as a shipped feature network (``difflab/metrics/weights/``).
 
-    python -m difflab.metrics.export --ckpt logs/feature_nets/fmnist/checkpoints/last.ckpt --name fmnist_cls \\
-        --command "python src/train.py experiment=classifier_fmnist"
+    python -m difflab.tasks.feature_net_export --ckpt logs/feature_nets/fmnist/checkpoints/last.ckpt \\
+        --name fmnist_cls --command "python src/train.py experiment=classifier_fmnist"
 
 Measures the test accuracy on the checkpoint's own test split and stores it with the weights.
 """
