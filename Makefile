@@ -44,7 +44,7 @@ test-all: install data
 	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: install
-	$(BIN)/python experiments/bench.py --net unet_s --device cpu $(ARGS)
+	$(BIN)/python experiments/bench/run.py --net unet_s --device cpu $(ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests experiments

@@ -134,8 +134,8 @@ def load_experiment(name: str):
 
 
 def load_bench():
-    """``experiments/bench.py`` as a module."""
-    return load_experiment("bench")
+    """``experiments/bench/run.py`` as a module."""
+    return load_experiment("bench/run")
 
 
 def cli_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

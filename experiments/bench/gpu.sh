@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU run of experiments/bench/RESULTS.md: the four bench.py commands at the anchor conditions, one
+# The GPU run of experiments/bench/RESULTS.md: the four run.py commands at the anchor conditions, one
 # JSONL file each (plus the stderr, nvidia-smi and versions) in $OUT (else logs/bench). Name the runs to do only
 # some of them (each compiles several times; split them over device calls that have a 10-minute limit):
 #     bash experiments/bench/gpu.sh                      # anchor fast cudagraphs same_levers
@@ -39,7 +39,7 @@ for name in "${@:-anchor fast cudagraphs same_levers}"; do
         [[ -n ${runs[$run]:-} ]] || { echo "unknown run '$run' (anchor fast cudagraphs same_levers)"; exit 2; }
         # shellcheck disable=SC2086  # the flags split on purpose
         file="$DEST/${NET:+${NET}_}$run"
-        "$PY" experiments/bench.py "${base[@]}" --peer diffusers ${runs[$run]} > "$file.jsonl" 2> "$file.err"
+        "$PY" experiments/bench/run.py "${base[@]}" --peer diffusers ${runs[$run]} > "$file.jsonl" 2> "$file.err"
         rc=$?
         echo "== $run: rc=$rc"
         tail -n 1 "$file.jsonl"

@@ -91,6 +91,20 @@ def test_hparams_search_composes_a_sweep(tmp_path):
     assert cfg.hydra.sweeper.params.schedule == "linear,cosine"
 
 
+def test_optuna_hparams_search_composes(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    cfg = compose_config(["hparams_search=optuna_lr_ema", "logger=wandb"], tmp_path, keep_hydra=True)
+    assert cfg.hydra.mode.name == "MULTIRUN" and "OptunaSweeper" in cfg.hydra.sweeper._target_
+    assert set(cfg.hydra.sweeper.params) == {
+        "model.optimizer.lr",
+        "model.lr_scheduler.warmup_steps",
+        "callbacks.ema.decay",
+        "model.p_uncond",
+    }
+    assert cfg.optimized_metric == "val/loss" and cfg.model.num_classes == 10  # model=cfg: p_uncond applies
+    assert cfg.logger.wandb.group == "train"  # composed outside a launch: no sweep, the task name
+
+
 def test_submitit_slurm_launcher_composes(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     cfg = compose_config(["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"], tmp_path, keep_hydra=True)

@@ -6,16 +6,26 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 import time
 import warnings
 
 import lightning.pytorch as pl
 import torch
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from difflab.callbacks import TrainThroughput
-from difflab.utils.sweep_summary import RUN_SUMMARY, write_run_summary, write_sweep_summary
+from difflab.utils import sweep_summary
+from difflab.utils.sweep_summary import (
+    JOB_DIRNAME_MAX,
+    RUN_SUMMARY,
+    job_dirname,
+    sweep_name,
+    write_run_summary,
+    write_sweep_summary,
+)
 from tests.conftest import bare_trainer, tiny_diffusion_module
 
 
@@ -98,3 +108,45 @@ def test_throughput_of_a_run_shorter_than_its_warmup_is_none():
         warnings.filterwarnings("ignore", ".*(does not have many workers|Skipping val loop).*")
         trainer.fit(tiny_diffusion_module(), DataLoader(data, batch_size=4))
     assert clock.images == 8 and clock.images_per_s is None
+
+
+def _hydra_root(task: list[str], exclude: list[str] | None = None, **hydra: object):
+    job = {"num": 3, "config": {"override_dirname": {"exclude_keys": exclude or []}}}
+    return OmegaConf.create({"hydra": {"overrides": {"task": task}, "job": job, **hydra}})
+
+
+def test_job_dirname_names_a_job_by_the_overrides_that_vary(monkeypatch):
+    argv = ["train.py", "-m", "data=digits", "trainer.enable_progress_bar=false", "schedule=linear,cosine"]
+    monkeypatch.setattr(sys, "argv", argv)
+    task = ["data=digits", "trainer.enable_progress_bar=False", "schedule=cosine", "model.optimizer.lr=0.00023276939"]
+    root = _hydra_root([*task, "hparams_search=optuna_lr_ema", "data.data_dir=/a/b"], exclude=["hparams_search"])
+    # the command line's fixed overrides (also as Hydra rewrites them: false → False) and excluded keys are left out;
+    # Optuna's long floats shortened; a path's "/" made safe
+    assert job_dirname(3, _root_=root) == "3_data.data_dir=_a_b,model.optimizer.lr=0.0002328,schedule=cosine"
+    assert job_dirname(0, _root_=_hydra_root(["data=digits"])) == "0"  # nothing varies: the number alone
+    long = _hydra_root([f"key{i}=value{i}" for i in range(40)])
+    name = job_dirname(7, _root_=long)
+    assert name.startswith("7_key0=value0,") and len(name) == len("7_") + JOB_DIRNAME_MAX and "/" not in name
+
+
+def test_jobs_named_by_overrides_keep_the_job_order(tmp_path):
+    fake_job(tmp_path, "10_net=dit_tiny", 10, ["net=dit_tiny"], {"metrics": {}})
+    fake_job(tmp_path, "9_net=unet_s", 9, ["net=unet_s"], {"metrics": {}})
+    (tmp_path / "10_net=dit_tiny" / ".hydra" / "hydra.yaml").unlink()  # the number from the name then
+    assert [r["job"] for r in write_sweep_summary(tmp_path)] == ["9_net=unet_s", "10_net=dit_tiny"]
+
+
+def test_sweep_name_is_the_sweep_dir_in_a_multirun_and_the_default_otherwise(tmp_path, monkeypatch):
+    assert sweep_name("train") == "train"  # outside Hydra
+    job_dir = tmp_path / "multiruns" / "2026-12-01_18-30-00" / "1_schedule=cosine"
+    hydra = OmegaConf.create({"mode": RunMode.MULTIRUN, "runtime": {"output_dir": str(job_dir)}})
+    hydra.sweep = {"subdir": "1_schedule=cosine"}
+
+    class Fake:  # HydraConfig as a running job sees it
+        initialized = staticmethod(lambda: True)
+        get = staticmethod(lambda: hydra)
+
+    monkeypatch.setattr(sweep_summary, "HydraConfig", Fake)
+    assert sweep_name("train") == "train_2026-12-01_18-30-00"
+    hydra.mode = RunMode.RUN
+    assert sweep_name("train") == "train"

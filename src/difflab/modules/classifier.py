@@ -24,8 +24,12 @@ class ClassifierModule(pl.LightningModule):
         image_shape: Sequence[int],
         num_classes: int,
         lr_scheduler: Callable[..., Any] | None = None,
+        augment_shift: int = 0,
     ) -> None:
         super().__init__()
+        if not isinstance(augment_shift, int) or augment_shift < 0:
+            raise ValueError(f"model.augment_shift={augment_shift!r}: expected an int >= 0 (pixels)")
+        self.augment_shift = augment_shift
         self.image_shape = tuple(int(s) for s in image_shape)
         self.num_classes = num_classes
         self.net = net(in_channels=self.image_shape[0], num_classes=num_classes, image_size=self.image_shape[1])
@@ -51,7 +55,23 @@ class ClassifierModule(pl.LightningModule):
                 self.log(f"{stage}/{name}", value, prog_bar=True, on_epoch=True, sync_dist=True)
         return loss
 
+    def shift(self, x: torch.Tensor) -> torch.Tensor:
+        """Random translation of each image by up to ``augment_shift`` pixels (B, C, H, W), the background (-1)
+        padded in. Drawn inside the training step from the global generator (the training stream that
+        ``TrainingRandomState`` swaps in), so resume replays it; the data order stays ``difflab.data.order``'s."""
+        k = self.augment_shift
+        b, _, h, w = x.shape
+        padded = F.pad(x, (k, k, k, k), value=-1.0)
+        offsets = torch.randint(0, 2 * k + 1, (2, b), device=x.device)
+        rows = (torch.arange(h, device=x.device)[None, :] + offsets[0][:, None])[:, None, :, None]
+        cols = (torch.arange(w, device=x.device)[None, :] + offsets[1][:, None])[:, None, None, :]
+        batch = torch.arange(b, device=x.device)[:, None, None, None]
+        channels = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        return padded[batch, channels, rows, cols]
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.augment_shift:
+            batch = (self.shift(batch[0]), batch[1])
         return self._step(batch, "train", batch_idx)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

@@ -12,6 +12,7 @@ from difflab.utils.help import config_groups_help
 from difflab.utils.loggers import wandb_offline
 from difflab.utils.paths import user_cache_dir
 from difflab.utils.run_dir import given_out_dir, run_dir, unique_dir
+from difflab.utils.sweep_summary import job_dirname, sweep_name
 
 
 def data_num_classes(*, _root_: DictConfig) -> int:
@@ -45,7 +46,8 @@ def register_resolvers() -> None:
     """Register difflab's OmegaConf resolvers (idempotent): ``${wandb_offline:}``, ``${data_num_classes:}``,
     ``${data_class_names:}``, ``${unique_dir:PATH}`` and ``${run_dir:PATH}`` (cached: one directory per config),
     ``${launch_dir:}``, ``${user_cache_dir:SUBDIR}`` (:func:`difflab.utils.paths.user_cache_dir`),
-    ``${config_groups_help:}`` (``--help``)."""
+    ``${config_groups_help:}`` (``--help``), ``${job_dirname:NUM}`` and ``${sweep_name:DEFAULT}`` (multirun job
+    folders and the wandb group)."""
     if not OmegaConf.has_resolver("wandb_offline"):
         OmegaConf.register_new_resolver("wandb_offline", wandb_offline)
     if not OmegaConf.has_resolver("data_num_classes"):
@@ -54,6 +56,9 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("data_class_names", data_class_names)
     if not OmegaConf.has_resolver("launch_dir"):
         OmegaConf.register_new_resolver("launch_dir", launch_dir)
+    for name, resolver in (("job_dirname", job_dirname), ("sweep_name", sweep_name)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
     if not OmegaConf.has_resolver("unique_dir"):
         OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True)
     if not OmegaConf.has_resolver("run_dir"):

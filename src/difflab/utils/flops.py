@@ -1,8 +1,8 @@
 """Counting the arithmetic of a network call with torch's ``FlopCounterMode`` (matmuls, convolutions and attention).
 
 Two conventions, named apart: ``count_flops`` returns FLOPs at 2 per multiply-add (what MFU divides by a device's
-FLOP/s, ``experiments/bench.py``); ``gflops_per_forward`` returns *multiply-adds* in billions, the unit the DiT paper
-and fvcore call "Gflops" (DiT Table 4: DiT-XL/2 at 32x32x4 latents, 118.6 Gflops; a test reproduces the table).
+FLOP/s, ``experiments/bench/run.py``); ``gflops_per_forward`` returns *multiply-adds* in billions, the unit the DiT
+paper and fvcore call "Gflops" (DiT Table 4: DiT-XL/2 at 32x32x4 latents, 118.6 Gflops; a test reproduces the table).
 """
 
 from __future__ import annotations

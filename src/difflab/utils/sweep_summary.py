@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 RUN_SUMMARY = "run_summary.json"
 # run_summary.json fields that become columns, in this order (metrics follow, sorted)
@@ -60,8 +62,8 @@ def _job_number(job_dir: Path) -> tuple[int, str]:
         num = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.job.num")
         if isinstance(num, int):
             return num, str(job_dir)
-    digits = re.findall(r"\d+", job_dir.name)
-    return (int(digits[-1]) if digits else 1 << 30), str(job_dir)
+    number = re.match(r"\d+", job_dir.name)  # job_dirname: <num>_<overrides>
+    return (int(number.group()) if number else 1 << 30), str(job_dir)
 
 
 def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -158,6 +160,61 @@ def write_sweep_summary(sweep_dir: str | Path, name: str = "sweep_summary") -> l
 def _strip_parts(path: Path, relative: str) -> Path:
     """``path`` without the trailing components of ``relative`` (a job dir → its sweep dir)."""
     return Path(*path.parts[: len(path.parts) - len(Path(relative).parts)])
+
+
+JOB_DIRNAME_MAX = 120  # characters of the overrides kept in a job dir's name (file systems allow 255 bytes)
+
+
+def _command_line_overrides() -> set[str]:
+    """The overrides on this process's command line, verbatim and as Hydra's sweepers write a job's (``x=False``
+    for ``x=false``); sweeps (``a=1,2``, ``interval(...)``) are left out."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    given = set(sys.argv[1:])
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in sys.argv[1:] if "=" in a and a[0] != "-"])
+    except Exception:  # not a Hydra command line (a test's, a launcher's): the verbatim strings only
+        return given
+    return given | {
+        f"{o.get_key_element()}={o.get_value_element_as_str()}" for o in parsed if not o.is_sweep_override()
+    }
+
+
+def job_dirname(num: int, *, _root_: DictConfig) -> str:
+    """``${job_dirname:${hydra.job.num}}``: a multirun job's folder, named by the overrides that make it differ from
+    the other jobs (``3_callbacks.ema.decay=0.999,model.optimizer.lr=0.0003``): its ``hydra.overrides.task`` less
+    those given verbatim on the command line (the same in every job; a sweep's ``a=1,2`` or an Optuna trial's values
+    are not) and less ``hydra.job.config.override_dirname.exclude_keys``. The job number keeps names unique and
+    non-empty; long decimals are shown to 4 digits (the exact values are in the job's ``.hydra/overrides.yaml``);
+    characters other than letters, digits and ``._,=+-`` (``/`` in a path value) become ``_``, cut at
+    :data:`JOB_DIRNAME_MAX`, so the name is always one safe path component."""
+    hydra_cfg = _root_.hydra
+    exclude = set(OmegaConf.select(hydra_cfg, "job.config.override_dirname.exclude_keys", default=[]) or [])
+    given = _command_line_overrides()
+    varying = sorted(
+        str(o)
+        for o in hydra_cfg.overrides.task
+        if str(o) not in given and _split(str(o))[0].lstrip("+~") not in exclude
+    )
+    name = re.sub(r"\d+\.\d{5,}(e-?\d+)?", lambda m: f"{float(m.group()):.4g}", ",".join(varying))  # Optuna's floats
+    safe = re.sub(r"[^A-Za-z0-9._,=+\-]", "_", name)[:JOB_DIRNAME_MAX]
+    return f"{num}_{safe}" if safe else str(num)
+
+
+def sweep_name(default: str) -> str:
+    """``${sweep_name:DEFAULT}``: in a multirun job, ``<DEFAULT>_<sweep dir name>`` (e.g. the wandb group of every job
+    of one sweep: ``train_2026-12-01_18-30-00``); ``DEFAULT`` in a single run or outside Hydra. Read from the job's
+    own dir (re-resolving ``hydra.sweep.dir`` would claim a new ``unique_dir``)."""
+    if not HydraConfig.initialized():
+        return default
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN or not hydra_cfg.runtime.output_dir:
+        return default
+    try:
+        subdir = str(hydra_cfg.sweep.subdir)
+    except OmegaConfBaseException:  # a config composed outside a launch (no hydra.job.num): not a job of a sweep
+        return default
+    return f"{default}_{_strip_parts(Path(hydra_cfg.runtime.output_dir), subdir).name}"
 
 
 class SweepSummary(Callback):

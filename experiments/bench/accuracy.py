@@ -1,4 +1,4 @@
-"""The accuracy side of ``experiments/bench.py``: the benchmark's fast path against the plain one, on the same weights.
+"""The accuracy side of ``experiments/bench/run.py``: the fast path against the plain one, on the same weights.
 
 The performance issue asks for speed "with no loss of accuracy": fp32 and optimised outputs agree within bf16
 tolerance, and a short training run reaches the same loss curve. Both are measured here, in the benchmark's run:

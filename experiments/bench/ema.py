@@ -1,5 +1,5 @@
 """The EMA update of one training step, Lightning's ``EMAWeightAveraging`` vs ``difflab.callbacks.EMA``, on the
-benchmark's network (used by ``bench.py``; run alone: ``python experiments/bench_ema.py --net unet_m``).
+benchmark's network (used by ``run.py``; run alone: ``python experiments/bench/ema.py --net unet_m``).
 
 Both callbacks keep the same average (tests/unit/test_ema.py); this times one update of each after
 ``--warmup-steps`` untimed ones and counts the operators an update dispatches (on a GPU each is at least one kernel
@@ -9,6 +9,7 @@ launch) and the host-device synchronisations it makes.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -22,8 +23,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from difflab.callbacks import EMA
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from experiments.bench_peer import sync  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
+from experiments.bench.options import build_net, parse_args, resolve_device  # noqa: E402
+from experiments.bench.peer import sync  # noqa: E402
+from experiments.bench.report import record  # noqa: E402
 
 
 class _Ops(TorchDispatchMode):
@@ -74,8 +77,6 @@ def bench_ema(args: argparse.Namespace, device: torch.device, net: nn.Module, re
 
 
 if __name__ == "__main__":
-    from experiments import bench
-
-    args = bench.parse_args(sys.argv[1:])
-    device = bench.resolve_device(args.device)
-    print(bench.json.dumps(bench_ema(args, device, bench.build_net(args), bench.record)))
+    args = parse_args(sys.argv[1:])
+    device = resolve_device(args.device)
+    print(json.dumps(bench_ema(args, device, build_net(args), record)))

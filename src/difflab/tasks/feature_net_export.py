@@ -1,15 +1,13 @@
 """Export a trained ClassifierModule checkpoint as a shipped feature network (``difflab/metrics/weights/``).
 
-    python -m difflab.metrics.export --ckpt logs/feature_nets/fmnist/checkpoints/last.ckpt --name fmnist_cls \\
-        --command "python src/train.py experiment=classifier_fmnist"
+    python src/export.py format=feature_net ckpt=logs/feature_nets/fmnist/checkpoints/last.ckpt \\
+        name=fmnist_cls command="python src/train.py experiment=classifier_fmnist"
 
 Measures the test accuracy on the checkpoint's own test split and stores it with the weights.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -57,16 +55,3 @@ def export(ckpt: str, name: str, command: str, out_dir: Path = WEIGHTS_DIR) -> d
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": net.state_dict(), "net_kwargs": kwargs, "meta": meta}, out_dir / f"{name}.pt")
     return meta
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True)
-    parser.add_argument("--name", required=True)
-    parser.add_argument("--command", required=True, help="the training command, recorded with the weights")
-    args = parser.parse_args(argv)
-    print(json.dumps(export(args.ckpt, args.name, args.command), indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""What ``experiments/bench.py`` prints: one JSON-ready record per measurement and the run's summary line."""
+"""What ``experiments/bench/run.py`` prints: one JSON-ready record per measurement and the run's summary line."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def summary(records: list[dict], args: argparse.Namespace, peak: float | None) -
         out["train_lightning_images_per_s"] = light
         # extra time per training step under Lightning, relative to the bare loop
         out["lightning_gap_pct"] = round((bare / light - 1.0) * 100.0, 2)
-    if "accuracy" in by:  # the fast path against fp32 eager (bench_accuracy.py)
+    if "accuracy" in by:  # the fast path against fp32 eager (accuracy.py)
         for key in ("outputs_agree", "output_rel_err", "loss_curves_agree", "loss_final_rel_diff"):
             out[key] = by["accuracy"][key]
     if args.peer != "none":

@@ -2,9 +2,9 @@
 
 Usage (``make bench`` runs the first line)::
 
-    python experiments/bench.py --net unet_s --device cpu
-    python experiments/bench.py --net unet_m --device cuda --precision bf16 --batch-size 128 --train-steps 50
-    python experiments/bench.py --net dit_s2 --device cuda --precision bf16 --channels 4 --peer diffusers
+    python experiments/bench/run.py --net unet_s --device cpu
+    python experiments/bench/run.py --net unet_m --device cuda --precision bf16 --batch-size 128 --train-steps 50
+    python experiments/bench/run.py --net dit_s2 --device cuda --precision bf16 --channels 4 --peer diffusers
 
 Measurements, each printed to stdout as one JSON line:
 
@@ -16,13 +16,13 @@ Measurements, each printed to stdout as one JSON line:
 * ``sample``: ``--sample-steps`` network forwards under ``torch.inference_mode`` plus one
   :meth:`AncestralSampler.step` each; image-steps/s (one forward at batch B = B image-steps).
 * ``ema_update``: the EMA update after a training step, Lightning's ``EMAWeightAveraging`` vs
-  ``difflab.callbacks.EMA`` (``bench_ema.py``): ms, operators and host syncs per update.
+  ``difflab.callbacks.EMA`` (``ema.py``): ms, operators and host syncs per update.
 
 On CUDA the clock is read only at the timing boundaries, after ``torch.cuda.synchronize()``. Lightning's own
 messages go to stderr, so stdout holds only the JSON lines. This is a benchmark, not a test.
 
 ``--peer diffusers`` times diffusers' ``UNet2DModel`` (``DiTTransformer2DModel`` for ``--net dit_*``) of the same
-shape (see ``bench_peer.py``) with the same bare training loop and sampling loop, in the same process, and prints
+shape (see ``peer.py``) with the same bare training loop and sampling loop, in the same process, and prints
 the ratios. ``--compile`` (``torch.compile``),
 ``--channels-last`` and ``--fused-optimizer`` apply to both sides. MFU = achieved FLOP/s (FlopCounterMode's count
 of a step) over the dense matmul rate measured in the same run, in the run's precision.
@@ -38,12 +38,9 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -54,85 +51,19 @@ from difflab.samplers import AncestralSampler
 from difflab.schedules import GaussianDiffusion
 from difflab.utils.speed import CompileMode, compile_in_place
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from experiments.bench_accuracy import bench_accuracy  # noqa: E402
-from experiments.bench_ema import bench_ema  # noqa: E402
-from experiments.bench_peer import (  # noqa: E402
-    diffusers_peer,
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
+from experiments.bench.accuracy import bench_accuracy  # noqa: E402
+from experiments.bench.ema import bench_ema  # noqa: E402
+from experiments.bench.options import build_net, count_params, net_factory, parse_args, resolve_device  # noqa: E402
+from experiments.bench.peer import (  # noqa: E402
     forward_flops_per_image,
     matmul_flops_per_s,
     sync,
     train_flops_per_image,
 )
-from experiments.bench_report import record, summary  # noqa: E402
+from experiments.bench.report import record, summary  # noqa: E402
 
-CONF_NET = Path(__file__).resolve().parents[1] / "conf" / "net"
 LR = 2e-4
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--net", default="unet_s", help="preset in conf/net/ (unet_s | unet_m | dit_s2 | ...)")
-    p.add_argument("--batch-size", type=int, default=16, help="training batch size")
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--channels", type=int, default=3)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: bfloat16 autocast")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
-    p.add_argument("--train-steps", type=int, default=10, help="timed training steps (after warm-up)")
-    p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps before each measurement")
-    p.add_argument("--sample-batch-size", type=int, default=16)
-    p.add_argument("--sample-steps", type=int, default=10, help="timed sampler steps (network forwards)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--peer", choices=["none", "diffusers"], default="none", help="also time the peer network")
-    p.add_argument(
-        "--compile",
-        nargs="?",
-        const="default",
-        default="none",
-        choices=[m.value for m in CompileMode],
-        help="torch.compile the networks (bare flag: mode default; reduce-overhead adds CUDA graphs)",
-    )
-    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    p.add_argument("--fused-optimizer", action="store_true", help="AdamW(fused=True) (both sides, as model.optimizer)")
-    p.add_argument("--skip-lightning", action="store_true", help="only the bare loops")
-    p.add_argument("--data-on-device", action="store_true", help="Trainer.fit run: data.on_device batches")
-    p.add_argument(
-        "--peer-levers",
-        choices=["anchor", "same"],
-        default="anchor",
-        help="anchor: the peer as the issue's anchor ran it (eager, NCHW, foreach AdamW, the run's precision); "
-        "same: the run's --compile/--channels-last/--fused-optimizer on the peer too",
-    )
-    p.add_argument(
-        "--accuracy-steps", type=int, default=10, help="steps of the plain-vs-fast loss curves (0: no accuracy check)"
-    )
-    return p.parse_args(argv)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device available")
-    return torch.device(name)
-
-
-def net_factory(name: str) -> Any:
-    """The ``_partial_`` network factory of conf/net/<name>.yaml."""
-    path = CONF_NET / f"{name}.yaml"
-    if not path.is_file():
-        presets = sorted(p.stem for p in CONF_NET.glob("*.yaml"))
-        raise SystemExit(f"--net {name}: no {path}; presets: {presets}")
-    return instantiate(OmegaConf.load(path))
-
-
-def build_net(args: argparse.Namespace, which: str = "difflab") -> nn.Module:
-    """difflab's network of preset ``--net``, or (``which="diffusers"``) the peer of the same shape."""
-    if which == "diffusers":
-        cfg = OmegaConf.to_container(OmegaConf.load(CONF_NET / f"{args.net}.yaml"))
-        return diffusers_peer(cfg, args.channels, args.image_size)
-    factory = net_factory(args.net)
-    return factory(in_channels=args.channels, out_channels=args.channels, image_size=args.image_size, num_classes=None)
 
 
 def prepare(net: nn.Module, args: argparse.Namespace, device: torch.device) -> nn.Module:
@@ -164,10 +95,6 @@ def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-
-
-def count_params(net: nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())
 
 
 def bench_train_bare(args: argparse.Namespace, device: torch.device, which: str, peak: float | None) -> dict:
@@ -329,7 +256,7 @@ def bench_sample(args: argparse.Namespace, device: torch.device, which: str, pea
 
 
 def accuracy(args: argparse.Namespace, device: torch.device) -> dict:
-    """The plain path vs the run's fast path (``bench_accuracy.py``) on one freshly built network."""
+    """The plain path vs the run's fast path (``accuracy.py``) on one freshly built network."""
 
     def optimise(net: nn.Module) -> nn.Module:
         return maybe_compile(prepare(net, args, device), args)

@@ -1,4 +1,4 @@
-"""The peer side of ``experiments/bench.py``: diffusers' UNet2DModel (or DiTTransformer2DModel) in the shape of a
+"""The peer side of ``experiments/bench/run.py``: diffusers' UNet2DModel (or DiTTransformer2DModel) in the shape of a
 difflab UNet (or DiT) preset, the FLOPs
 of a training step, the matmul rate of the same device (the denominator of MFU), and the device sync every timer
 of the benchmark reads the clock after.
