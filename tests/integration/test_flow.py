@@ -102,6 +102,8 @@ def test_sample_and_eval_on_a_flow_checkpoint(teacher, tmp_path, weights_dir):  
         [f"ckpt={teacher}", "num_samples=6", "sampler=flow_euler", "sampler.steps=3"], tmp_path / "e", "sample"
     )
     assert np.array_equal(np.load(own["npz"])["arr_0"], np.load(sample(euler)["npz"])["arr_0"])
+    info = json.loads(Path(own["json"]).read_text())  # the record names the sampler that drew them
+    assert info["sampler_name"] == "FlowEulerSampler" and info["sampler"]["steps"] == 3
     with raises_in_config(ValueError, match="flow_euler"):
         sample(compose_config([f"ckpt={teacher}", "num_samples=2", "sampler=dpmpp_2m"], tmp_path / "f", "sample"))
     overrides = [f"ckpt={teacher}", "metrics=[fid,straightness]", "num_samples=8", "num_real=16", "batch_size=8"]

@@ -135,7 +135,8 @@ def load_module(
     ``precision`` (a trainer precision: 32-true | bf16-mixed | 16-mixed) another ``model.sample_precision``;
     ``weights``: ``ema`` or ``raw`` (see :func:`select_weights`).
 
-    Returns (module in eval mode with the chosen weights, the run record).
+    Returns (module in eval mode with the chosen weights, the run record with ``sampler``: the sampler config the
+    module was built with, for reports of what drew the samples).
     """
     checkpoint = _load(path)
     record = checkpoint["difflab"]
@@ -164,4 +165,5 @@ def load_module(
         )
     module.on_load_checkpoint(checkpoint)  # what modules keep beside the weights (latent scale, t-sampler state)
     module.configure_model()  # model.compile applies to sampling too
-    return module.to(map_location).eval(), {**record, "global_step": checkpoint.get("global_step", 0)}
+    built = {"sampler": OmegaConf.to_container(model_cfg.sampler)} if "sampler" in model_cfg else {}
+    return module.to(map_location).eval(), {**record, "global_step": checkpoint.get("global_step", 0), **built}

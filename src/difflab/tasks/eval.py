@@ -9,11 +9,10 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from difflab.metrics import GenerativeMetrics, straightness
-from difflab.modules import sampler_config
 from difflab.tasks.sample import load_for_sampling, resolve_device
 from difflab.utils.checkpoint_io import trusted_checkpoints
 from difflab.utils.paths import ensure_parent
@@ -96,7 +95,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         generator = torch.Generator(device=module.device).manual_seed(int(cfg.seed))
         steps = int(cfg.get("straightness_steps", 100))
         results.update(straightness(module, int(cfg.num_samples), steps, generator, cfg.get("guidance_scale")))
-    sampler = OmegaConf.to_container(sampler_config(record["config"]["model"]["sampler"], cfg.get("sampler")))
+    sampler = record["sampler"]  # as load_module built it
     report = {
         "ckpt": str(cfg.ckpt),
         "global_step": record["global_step"],

@@ -10,9 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 from hydra.utils import get_class
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from difflab.modules import sampler_config
 from difflab.utils.paths import ensure_parent
 
 
@@ -41,7 +40,7 @@ def sample_info(
 ) -> dict[str, Any]:
     """What produced the samples: checkpoint, step, seed, weights, sampler (name and resolved config), guidance
     weight w, labels with their class names, prompts."""
-    sampler = OmegaConf.to_container(sampler_config(record["config"]["model"]["sampler"], cfg.get("sampler")))
+    sampler = record["sampler"]  # as load_module built it
     guidance = cfg.get("guidance_scale")
     if guidance is None and module.conditional:
         guidance = getattr(module, "guidance_scale", None)
