@@ -337,7 +337,7 @@ def test_training_multirun_torchrun_and_make_commands_run(p, checkpoints, tmp_pa
     else:
         resume = [a for a in p.args if a.startswith("ckpt_path=")]
         args = substitute(p.script, [a for a in p.args if a not in resume], checkpoints)
-        if p.script == "train.py" and "--cfg" not in args:
+        if p.script == "train.py" and not {"--cfg", "--help"} & set(args):  # flags: nothing to shrink
             args = training_args(args, tmp_path)
         if p.how == "run":
             config, task = SCRIPTS[p.script]
