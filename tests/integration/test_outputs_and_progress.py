@@ -223,6 +223,17 @@ def test_sample_with_out_dir_creates_no_run_dir_and_no_bars_in_logs(young_ema_ck
     assert "sampling:" not in proc.stderr and "%|" not in proc.stderr  # not a TTY: no bar in the log
 
 
+def test_eval_writes_only_its_report_with_the_config(young_ema_ckpt, tmp_path):
+    out = tmp_path / "results" / "nll.json"
+    proc = cli_ok(run_cli("eval.py", f"ckpt={young_ema_ckpt}", *EVAL, f"out={out}", cwd=tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # no logs/eval/runs/..., no .hydra, no eval.log
+    assert [p.name for p in out.parent.iterdir()] == ["nll.json"]
+    report = json.loads(out.read_text())
+    assert report["config"]["ckpt"] == str(young_ema_ckpt) and report["config"]["nll_images"] == 2
+    assert report["classifier_ckpt"] is None and report["classifier_scale"] is None
+    assert "nll_total_bpd" in proc.stdout
+
+
 def test_user_cache_dir_follows_xdg_and_difflab_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("DIFFLAB_CACHE", raising=False)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)

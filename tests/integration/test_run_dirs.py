@@ -24,9 +24,14 @@ def test_unique_dir_never_hands_out_an_existing_directory(tmp_path):
 
 def test_run_and_sweep_dirs_use_it():
     hydra = yaml.safe_load((CONF_DIR / "hydra" / "default.yaml").read_text())
-    assert hydra["run"]["dir"].startswith("${run_dir:${given_out_dir:},") and hydra["sweep"]["dir"].startswith(
+    common = yaml.safe_load((CONF_DIR / "hydra" / "common.yaml").read_text())
+    assert hydra["run"]["dir"].startswith("${run_dir:${given_out_dir:},") and common["sweep"]["dir"].startswith(
         "${unique_dir:"
     )
+    assert "common" in hydra["defaults"]
+    # eval.py writes only its report: run dir = the launch dir, no .hydra/ record
+    evaluation = yaml.safe_load((CONF_DIR / "hydra" / "eval.yaml").read_text())
+    assert "common" in evaluation["defaults"] and evaluation["run"]["dir"] == "." and evaluation["output_subdir"] is None
 
 
 def test_a_multiruns_sweep_dir_resolves_before_hydras_config_is_set(tmp_path, monkeypatch):

@@ -9,11 +9,12 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from difflab.metrics import GenerativeMetrics, straightness
 from difflab.tasks.sample import load_for_sampling, resolve_device
+from difflab.tasks.sample_info import guidance_info
 from difflab.utils.checkpoint_io import trusted_checkpoints
 from difflab.utils.paths import ensure_parent
 from difflab.utils.progress import SamplingProgress, progress_iter
@@ -105,7 +106,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "feature_net": cfg.feature_net,
         "weights": cfg.get("weights") or "ema",
         "sampler": sampler,
+        **guidance_info(cfg, module),
         "results": results,
+        # the whole command's config: eval writes no run dir (conf/eval.yaml), so the report is the record
+        "config": OmegaConf.to_container(cfg, resolve=True),
     }
     # the table first: a failed write (a full disk, a read-only folder) must not lose minutes of results
     print(f"{'metric':<28} value\n" + "\n".join(f"{k:<28} {v:.4f}" for k, v in results.items()), flush=True)

@@ -35,15 +35,26 @@ def image_tags(labels: torch.Tensor | None, prompts: list[str] | None, names: li
     return [names[i] if names and i < len(names) else f"class {i}" for i in labels.tolist()]
 
 
+def guidance_info(cfg: DictConfig, module: Any) -> dict[str, Any]:
+    """The guidance the samples were drawn with: CFG's w (the command's, else a class-conditional model's own) and
+    classifier guidance's classifier checkpoint and scale s (None where not used)."""
+    guidance = cfg.get("guidance_scale")
+    if guidance is None and module.conditional:
+        guidance = getattr(module, "guidance_scale", None)
+    classifier = getattr(module, "classifier_guidance", None)
+    return {
+        "guidance_scale": None if guidance is None else float(guidance),
+        "classifier_ckpt": None if classifier is None else str(cfg.get("classifier_ckpt")),
+        "classifier_scale": None if classifier is None else float(classifier.scale),
+    }
+
+
 def sample_info(
     cfg: DictConfig, module: Any, record: dict[str, Any], labels: torch.Tensor | None, prompts: list[str] | None
 ) -> dict[str, Any]:
     """What produced the samples: checkpoint, step, seed, weights, sampler (name and resolved config), guidance
-    weight w, labels with their class names, prompts."""
+    (CFG's w, the guiding classifier and its scale), labels with their class names, prompts."""
     sampler = record["sampler"]  # as load_module built it
-    guidance = cfg.get("guidance_scale")
-    if guidance is None and module.conditional:
-        guidance = getattr(module, "guidance_scale", None)
     return {
         "ckpt": str(cfg.ckpt),
         "global_step": record["global_step"],
@@ -52,7 +63,7 @@ def sample_info(
         "weights": cfg.get("weights") or "ema",
         "sampler_name": str(sampler.get("_target_", "")).rsplit(".", 1)[-1],
         "sampler": sampler,
-        "guidance_scale": None if guidance is None else float(guidance),
+        **guidance_info(cfg, module),
         "labels": None if labels is None else labels.tolist(),
         "class_names": class_names(record) if labels is not None else None,
         "prompts": prompts,
@@ -61,10 +72,13 @@ def sample_info(
 
 def npz_arrays(info: dict[str, Any]) -> dict[str, np.ndarray]:
     """The extra arrays of ``samples.npz``: ``sampler`` (name), ``sampler_config`` (JSON), ``guidance_scale``,
-    ``class_names``, ``prompts`` (per image), where they apply."""
+    ``classifier_ckpt`` and ``classifier_scale``, ``class_names``, ``prompts`` (per image), where they apply."""
     arrays = {"sampler": np.array(info["sampler_name"]), "sampler_config": np.array(json.dumps(info["sampler"]))}
     if info["guidance_scale"] is not None:
         arrays["guidance_scale"] = np.array(info["guidance_scale"], dtype=np.float32)
+    if info.get("classifier_scale") is not None:
+        arrays["classifier_ckpt"] = np.array(info["classifier_ckpt"])
+        arrays["classifier_scale"] = np.array(info["classifier_scale"], dtype=np.float32)
     if info["class_names"]:
         arrays["class_names"] = np.array(info["class_names"])
     if info["prompts"]:
