@@ -79,3 +79,35 @@ def test_prompts_are_tags_and_npz_arrays():
     info = {"sampler_name": "DDIMSampler", "sampler": {"steps": 2}, "guidance_scale": None, "class_names": None}
     arrays = npz_arrays({**info, "prompts": prompts})
     assert arrays["prompts"].tolist() == prompts and "guidance_scale" not in arrays and "class_names" not in arrays
+
+
+def test_training_grids_of_a_class_conditional_model_have_a_labelled_row_per_class(tmp_path):
+    from difflab.tasks.train import train
+
+    overrides = [*TINY, "model=cfg", "trainer.max_steps=3", "trainer.limit_train_batches=2"]  # validates at step 2
+    overrides += [
+        "samples.num_samples=20",
+        "callbacks.sample_grid.num_samples=20",
+        "callbacks.sample_grid.every_n_epochs=1",
+    ]
+    train(compose_config(overrides, tmp_path))
+    final = tmp_path / "samples" / "samples.png"
+    epoch = next((tmp_path / "samples").glob("epoch*.png"))  # the per-epoch grid of SampleGridCallback
+    saved = np.load(tmp_path / "samples" / "samples.npz")
+    assert saved["labels"].tolist() == [c for c in range(10) for _ in range(2)]
+    plain_h, plain_w = image_grid(torch.zeros(20, saved["arr_0"].shape[-1], *saved["arr_0"].shape[1:3]), 2).shape[1:]
+    for path in (final, epoch):
+        picture = np.asarray(Image.open(path).convert("L"))
+        assert picture.shape[0] == plain_h  # 10 rows of 2 (one per class) ...
+        assert picture.shape[1] > plain_w + 20  # ... with a left margin holding the class names
+        assert (picture[:, : picture.shape[1] - plain_w] < 128).any()
+
+
+def test_grid_classes_rows_per_class_or_one_row():
+    from difflab.utils.labels import grid_classes
+
+    labels, nrow = grid_classes(10, 25)
+    assert nrow == 2 and labels.tolist() == [c for c in range(10) for _ in range(2)]
+    labels, nrow = grid_classes(10, 4)
+    assert nrow == 4 and labels.tolist() == [0, 1, 2, 3]
+    assert grid_classes(None, 8) == (None, None)

@@ -31,7 +31,9 @@ def test_run_and_sweep_dirs_use_it():
     assert "common" in hydra["defaults"]
     # eval.py writes only its report: run dir = the launch dir, no .hydra/ record
     evaluation = yaml.safe_load((CONF_DIR / "hydra" / "eval.yaml").read_text())
-    assert "common" in evaluation["defaults"] and evaluation["run"]["dir"] == "." and evaluation["output_subdir"] is None
+    assert (
+        "common" in evaluation["defaults"] and evaluation["run"]["dir"] == "." and evaluation["output_subdir"] is None
+    )
 
 
 def test_a_multiruns_sweep_dir_resolves_before_hydras_config_is_set(tmp_path, monkeypatch):

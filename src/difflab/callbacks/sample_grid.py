@@ -8,13 +8,34 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from difflab.utils.images import image_grid, save_grid
+from difflab.utils.images import image_grid
+from difflab.utils.labels import class_tags, grid_classes, save_labelled_grid
 from difflab.utils.loggers import log_image
+
+
+def sample_class_rows(
+    module: Any, num_samples: int, generator: torch.Generator, names: list[str] | None = None, **kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None, int | None]:
+    """(images, labels, per-image tags, row length) of a training-time grid: a class-conditional model draws one row per
+    class (tagged with ``names``, else ``class i``; see :func:`~difflab.utils.labels.grid_classes`), an
+    unconditional one ``num_samples`` untagged images. ``kwargs`` go to ``module.sample``."""
+    labels, nrow = grid_classes(getattr(module, "num_classes", None), num_samples)
+    if labels is None:
+        return module.sample(num_samples, generator=generator, **kwargs), None, None, None
+    images = module.sample(labels.numel(), generator=generator, y=labels.to(module.device), **kwargs)
+    return images, labels, class_tags(labels, names), nrow
+
+
+def datamodule_class_names(datamodule: Any) -> list[str] | None:
+    """The ``class_names`` of a data module (None when it has none, e.g. an image folder)."""
+    names = getattr(datamodule, "class_names", None)
+    return [str(n) for n in names] if names else None
 
 
 class SampleGridCallback(pl.Callback):
     """Every ``every_n_epochs`` validation epochs, sample ``num_samples`` images and save/log a grid.
 
+    A class-conditional model's grid has one row per class, labelled with the data's class names.
     Runs in ``on_validation_batch_end`` of the first batch: the EMA callback has swapped the
     EMA weights in for the whole validation epoch, so samples use them. Only global rank 0 samples (there is no
     collective inside the loop, so other ranks do not wait on it). The seed is fixed, so grids of successive
@@ -42,7 +63,9 @@ class SampleGridCallback(pl.Callback):
         if (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        images = pl_module.sample(self.num_samples, generator=generator, num_steps=self.steps)
+        names = datamodule_class_names(getattr(trainer, "datamodule", None))
+        images, _, tags, nrow = sample_class_rows(pl_module, self.num_samples, generator, names, num_steps=self.steps)
         out_dir = Path(trainer.default_root_dir) / "samples"
-        save_grid(images, out_dir / f"epoch{trainer.current_epoch:04d}_step{trainer.global_step:07d}.png")
-        log_image(trainer.loggers, "samples", image_grid(images), trainer.global_step)
+        name = f"epoch{trainer.current_epoch:04d}_step{trainer.global_step:07d}.png"
+        save_labelled_grid(images, out_dir / name, nrow=nrow, tags=tags)  # class-conditional: a row per class
+        log_image(trainer.loggers, "samples", image_grid(images, nrow), trainer.global_step)

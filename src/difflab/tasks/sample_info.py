@@ -12,6 +12,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
+from difflab.utils.labels import class_tags
 from difflab.utils.paths import ensure_parent
 
 
@@ -32,7 +33,7 @@ def image_tags(labels: torch.Tensor | None, prompts: list[str] | None, names: li
         return list(prompts)
     if labels is None:
         return None
-    return [names[i] if names and i < len(names) else f"class {i}" for i in labels.tolist()]
+    return class_tags(labels, names)
 
 
 def guidance_info(cfg: DictConfig, module: Any) -> dict[str, Any]:

@@ -15,10 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from difflab.callbacks import EMA, RunRecord, TrainingRandomState, TrainThroughput
 from difflab.callbacks.ema import young_ema_warning
+from difflab.callbacks.sample_grid import sample_class_rows
 from difflab.modules import read_run_record
+from difflab.tasks.sample_info import class_names
 from difflab.utils.checkpoint_io import AtomicCheckpointIO, checkpoints_trusted, trusted_checkpoints
 from difflab.utils.config import instantiate_group
-from difflab.utils.images import image_grid, save_grid, save_npz
+from difflab.utils.images import image_grid, save_npz
+from difflab.utils.labels import save_labelled_grid
 from difflab.utils.loggers import finish_loggers, log_image, resume_logger_kwargs, silence_litlogger_tip
 from difflab.utils.sweep_summary import write_run_summary
 
@@ -39,14 +42,19 @@ def _resume_overrides(cfg: DictConfig, ckpt_path: str | None) -> dict[str, dict[
 
 
 def write_samples(module: Any, cfg: DictConfig, out_dir: Path, loggers: list[Any]) -> dict[str, Path]:
-    """Sample ``cfg.samples.num_samples`` images with a seeded generator; write a PNG grid and a .npz, log the grid."""
+    """Sample ``cfg.samples.num_samples`` images with a seeded generator (class-conditional: a row per class,
+    labelled); write a PNG grid and a .npz, log the grid."""
     generator = torch.Generator(device=module.device).manual_seed(int(cfg.samples.seed))
     progress = bool(cfg.trainer.get("enable_progress_bar", True))  # with Lightning's bar (a TTY only, as it)
-    images = module.sample(int(cfg.samples.num_samples), generator=generator, progress=progress)
-    log_image(loggers, "samples/final", image_grid(images, cfg.samples.get("nrow")), module.global_step)
+    names = class_names({"config": cfg})
+    images, labels, tags, rows = sample_class_rows(
+        module, int(cfg.samples.num_samples), generator, names, progress=progress
+    )
+    nrow = cfg.samples.get("nrow") or rows  # class-conditional: one labelled row per class
+    log_image(loggers, "samples/final", image_grid(images, nrow), module.global_step)
     return {
-        "grid": save_grid(images, out_dir / "samples.png", nrow=cfg.samples.get("nrow")),
-        "npz": save_npz(images, out_dir / "samples.npz"),
+        "grid": save_labelled_grid(images, out_dir / "samples.png", nrow=nrow, tags=tags),
+        "npz": save_npz(images, out_dir / "samples.npz", labels=labels),
     }
 
 

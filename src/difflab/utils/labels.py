@@ -33,6 +33,23 @@ def grid_axes(tags: Sequence[str], nrow: int) -> tuple[list[str] | None, list[st
     return None, None
 
 
+def class_tags(labels: torch.Tensor, names: Sequence[str] | None) -> list[str]:
+    """One tag per label: its class name, ``class i`` where there are no names."""
+    return [names[i] if names and i < len(names) else f"class {i}" for i in labels.tolist()]
+
+
+def grid_classes(num_classes: int | None, num_samples: int) -> tuple[torch.Tensor | None, int | None]:
+    """Labels (n,) and row length of a training-time grid of a class-conditional model: one row per class
+    (``num_samples // num_classes`` images each) when there are enough samples, else classes 0, 1, ... in one row;
+    (None, None) for an unconditional model."""
+    if not num_classes:
+        return None, None
+    if num_samples < num_classes:
+        return torch.arange(num_samples), num_samples
+    per_class = num_samples // num_classes
+    return torch.arange(num_classes).repeat_interleave(per_class), per_class
+
+
 def _short(text: str) -> str:
     return text if len(text) <= MAX_CHARS else text[: MAX_CHARS - 1] + "…"
 
