@@ -167,6 +167,60 @@ def test_wandb_resumes_its_run_id(tmp_path, monkeypatch):
     assert list((tmp_path / "resumed" / "wandb").glob(f"offline-run-*-{run_id}"))
 
 
+class FakeArtifactApi:
+    """``wandb.Api`` offline: ``artifact(name, type).download(root)`` puts ``file`` in root as ``model.ckpt`` (the
+    name Lightning's WandbLogger gives a logged checkpoint); ``error`` makes it fail as without a network."""
+
+    def __init__(self, file: str | None = None, error: Exception | None = None) -> None:
+        self.file, self.error, self.asked = file, error, []
+
+    def __call__(self) -> FakeArtifactApi:
+        return self
+
+    def artifact(self, name: str, type: str):
+        self.asked.append((name, type))
+        if self.error:
+            raise self.error
+        api = self
+
+        class Artifact:
+            def download(self, root: str) -> str:
+                Path(root).mkdir(parents=True, exist_ok=True)
+                (Path(root) / "model.ckpt").write_bytes(Path(api.file).read_bytes())
+                return root
+
+        return Artifact()
+
+
+def test_resume_from_a_wandb_model_artifact_is_exact(uninterrupted, tmp_path, monkeypatch):
+    import wandb
+
+    from difflab.utils.checkpoint_ref import fetch_checkpoint
+
+    fetch_checkpoint.cache_clear()
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "cache"))
+    first = fit(tmp_path / "first", "trainer.max_steps=4")
+    api = FakeArtifactApi(first["checkpoint"])
+    monkeypatch.setattr(wandb, "Api", api)
+    ref = "wandb:me/difflab/model-abc123:latest"
+    resumed = fit(tmp_path / "resumed", "trainer.max_steps=10", f"ckpt_path={ref}")
+    assert api.asked == [("me/difflab/model-abc123:latest", "model")]
+    assert (tmp_path / "cache" / "wandb_artifacts" / "me_difflab_model-abc123_latest" / "model.ckpt").is_file()
+    assert max(max_abs_diff(uninterrupted["false"]["checkpoint"], resumed["checkpoint"]).values()) == 0
+
+
+def test_an_unreachable_wandb_artifact_says_what_to_do(tmp_path, monkeypatch):
+    import wandb
+
+    from difflab.utils.checkpoint_ref import fetch_checkpoint
+
+    fetch_checkpoint.cache_clear()
+    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(wandb, "Api", FakeArtifactApi(error=ConnectionError("no network")))
+    with pytest.raises(ValueError, match=r"ckpt_path=wandb:me/p/model-x:v3: could not fetch .*wandb artifact get"):
+        fit(tmp_path / "run", "trainer.max_steps=1", "ckpt_path=wandb:me/p/model-x:v3")
+
+
 @pytest.mark.slow
 def test_two_process_ddp_resume_is_bit_exact(tmp_path):
     """Under 2-process CPU DDP: each rank's random stream and its share of the epoch order come back."""

@@ -16,6 +16,7 @@ from difflab.metrics import GenerativeMetrics, straightness
 from difflab.tasks.sample import load_for_sampling, resolve_device
 from difflab.tasks.sample_info import guidance_info
 from difflab.utils.checkpoint_io import trusted_checkpoints
+from difflab.utils.checkpoint_ref import fetch_checkpoint
 from difflab.utils.paths import ensure_parent
 from difflab.utils.progress import SamplingProgress, progress_iter
 
@@ -113,7 +114,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     # the table first: a failed write (a full disk, a read-only folder) must not lose minutes of results
     print(f"{'metric':<28} value\n" + "\n".join(f"{k:<28} {v:.4f}" for k, v in results.items()), flush=True)
-    out = ensure_parent(cfg.get("out") or Path(cfg.ckpt).with_name(f"{Path(cfg.ckpt).stem}_eval.json"))
+    ckpt = Path(fetch_checkpoint(str(cfg.ckpt)))  # a wandb:... artifact: its downloaded file
+    out = ensure_parent(cfg.get("out") or ckpt.with_name(f"{ckpt.stem}_eval.json"))
     out.write_text(json.dumps(report, indent=2, default=str))
     print(f"wrote {out}")
     return report

@@ -15,6 +15,7 @@ from difflab.tasks.classifier_guidance import attach_classifier, guided_classes
 from difflab.tasks.sample_info import image_tags, npz_arrays, sample_info, write_json
 from difflab.tasks.sample_modes import interpolate, reconstruct
 from difflab.utils.checkpoint_io import trusted_checkpoints
+from difflab.utils.checkpoint_ref import fetch_checkpoint
 from difflab.utils.distributed import gather_shards, init_from_env, rank_world, shard
 from difflab.utils.images import save_npz
 from difflab.utils.labels import save_labelled_grid
@@ -27,7 +28,7 @@ def load_for_sampling(cfg: DictConfig, device: torch.device) -> tuple[DiffusionM
     safely unless ``trust_checkpoint``, see :mod:`difflab.utils.checkpoint_io`)."""
     with trusted_checkpoints(cfg.get("trust_checkpoint", False)):
         module, record = load_module(
-            cfg.ckpt,
+            fetch_checkpoint(str(cfg.ckpt)),  # a path or a wandb:... model artifact
             sampler=cfg.get("sampler"),
             map_location=device,
             compile=cfg.get("compile"),

@@ -19,6 +19,7 @@ from difflab.callbacks.sample_grid import sample_class_rows
 from difflab.modules import read_run_record
 from difflab.tasks.sample_info import class_names
 from difflab.utils.checkpoint_io import AtomicCheckpointIO, checkpoints_trusted, trusted_checkpoints
+from difflab.utils.checkpoint_ref import fetch_checkpoint
 from difflab.utils.config import instantiate_group
 from difflab.utils.images import image_grid, save_npz
 from difflab.utils.labels import save_labelled_grid
@@ -80,6 +81,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path:  # a path, or wandb:<entity>/<project>/model-<run id>:<alias> (logger.wandb.log_model)
+        ckpt_path = fetch_checkpoint(str(ckpt_path), "ckpt_path")
     logger_overrides = _resume_overrides(cfg, ckpt_path)
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     model: pl.LightningModule = instantiate(cfg.model)
