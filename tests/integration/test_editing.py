@@ -92,6 +92,10 @@ def test_editing_errors(checkpoints, image, tmp_path):
         run(base, tmp_path, "mode=img2img", f"image={path}", "strength=1.5", "sampler=ddpm")
     with pytest.raises(ValueError, match="sampler=ddpm"):  # the default solver cannot restart mid-chain
         run(base, tmp_path, "mode=img2img", f"image={path}")
+    with pytest.raises(ValueError, match="does not take text"):  # a class-conditional model: classes=, not prompt=
+        run(checkpoints["cfg"], tmp_path, "mode=img2img", f"image={path}", "strength=0.5", "sampler=ddpm", "prompt=a")
+    with pytest.raises(ValueError, match="does not take text"):
+        run(base, tmp_path, "mode=cascade", f"upscaler_ckpt={upscaler}", "prompt=a", "sampler=ddpm")
     with pytest.raises(ValueError, match="box"):
         run(base, tmp_path, "mode=inpaint", f"image={path}", "mask=[0,0,17,4]", "sampler=ddpm")
     Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(tmp_path / "small.png")

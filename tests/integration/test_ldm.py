@@ -193,21 +193,28 @@ def test_resume_keeps_the_scale_factor(trained_ldm, tmp_path):
     assert checkpoint["global_step"] == 3 and checkpoint["latent_scale_factor"] == first
 
 
-def test_sample_from_a_prompt(trained_ldm, tmp_path):
-    """The prompt reaches the network: two prompts, the same seed, different images. The 2-step checkpoint's
-    weights are perturbed first (its zero-initialised output layer barely depends on the context yet)."""
+@pytest.fixture(scope="module")
+def perturbed_ldm(trained_ldm, tmp_path_factory) -> Path:
+    """The 2-step text LDM with its network and conditioner weights perturbed: its zero-initialised output layer
+    barely depends on the context yet, so prompts would change nothing visible."""
     _, result = trained_ldm
     checkpoint = torch.load(result["checkpoint"], weights_only=False)
     generator = torch.Generator().manual_seed(0)
     for key, value in checkpoint["state_dict"].items():
         if key.startswith(("net.", "conditioner.")) and value.is_floating_point():
             value.add_(torch.randn(value.shape, generator=generator) * 0.1)
-    torch.save(checkpoint, tmp_path / "perturbed.ckpt")
+    path = tmp_path_factory.mktemp("perturbed_ldm") / "perturbed.ckpt"
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_sample_from_a_prompt(perturbed_ldm, tmp_path):
+    """The prompt reaches the network: two prompts, the same seed, different images."""
     images = {}
     for prompt in ("a photo of a handwritten seven", "a photo of a handwritten two"):
         cfg = compose_config(
             [
-                f"ckpt={tmp_path / 'perturbed.ckpt'}",
+                f"ckpt={perturbed_ldm}",
                 "num_samples=3",
                 f"prompt={prompt}",
                 "guidance_scale=2",
@@ -368,3 +375,22 @@ def test_editing_modes_work_in_latent_space(trained_ldm, tmp_path, mode):
     out = sample(cfg)
     assert np.load(out["npz"])["arr_0"].shape == (2, 16, 16, 1)
     assert out["nfe"] == (4 + 2 if mode == "inpaint" else 2)  # one RePaint jump of 2 | the steps with τ < 0.6 T
+
+
+@pytest.mark.parametrize("mode", ["inpaint", "img2img"])
+def test_editing_modes_take_text_prompts(perturbed_ldm, tmp_path, mode):
+    """Text-guided editing: the prompts (cycled over the results) condition every step, as generation's do."""
+    from PIL import Image
+
+    Image.fromarray((np.arange(256).reshape(16, 16) % 251).astype(np.uint8)).save(tmp_path / "in.png")
+    extra = ["mask=[0,0,8,16]"] if mode == "inpaint" else ["strength=0.8"]
+    overrides = [f"mode={mode}", f"image={tmp_path / 'in.png'}", "variants=2", "sampler=ddim", "sampler.steps=4"]
+    prompts = "prompt=[a photo of a sneaker,a bag]"
+    runs = {}
+    for name, prompt in {"text": prompts, "other": "prompt=a photo of a trouser"}.items():
+        cfg = compose_config(
+            [f"ckpt={perturbed_ldm}", *overrides, *extra, prompt, "guidance_scale=3"], tmp_path / name, "sample"
+        )
+        runs[name] = np.load(sample(cfg)["npz"])
+    assert runs["text"]["prompts"].tolist() == ["a photo of a sneaker", "a bag"]
+    assert not np.array_equal(runs["text"]["arr_0"], runs["other"]["arr_0"])  # the prompt changes the result

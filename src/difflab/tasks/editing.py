@@ -2,11 +2,14 @@
 
     python src/sample.py ckpt=... mode=inpaint image=shirt.png mask=[4,4,12,12] sampler=ddpm sampler.steps=250
     python src/sample.py ckpt=... mode=img2img image=shirt.png strength=0.6 sampler=ddim sampler.steps=50
+    python src/sample.py ckpt=<text LDM> mode=img2img image=shirt.png prompt="a photo of a sneaker" guidance_scale=3
     python src/sample.py mode=cascade ckpt=<base 16x16> upscaler_ckpt=<upscaler 16→32>
 
 Inputs are read with the image folder's loader (any PNG/JPEG/BMP/WebP, a file or a folder of them: shorter side
 resized to the model's size, centre crop). Each input gets ``variants`` results; the grid shows per row the input
 (inpaint: its mask and the masked input) and then the results; ``<mode>.npz`` holds the results as sample.py's npz.
+Every mode takes ``classes`` (class-conditional models) or ``prompt`` (text-conditioned latent diffusion: one caption
+or a list, cycled over the results) with ``guidance_scale``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig
@@ -26,7 +30,7 @@ from difflab.data.transforms import to_unit_range
 from difflab.modules import UpscalerModule, load_module
 from difflab.samplers.img2img import check_strength, img2img_loop
 from difflab.samplers.inpaint import check_revisitable, inpaint_loop
-from difflab.tasks.sample import class_labels
+from difflab.tasks.sample import class_labels, prompt_list
 from difflab.utils.checkpoint_io import trusted_checkpoints
 from difflab.utils.images import save_grid, save_npz
 
@@ -114,13 +118,34 @@ def latent_mask(known: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return -F.adaptive_max_pool2d(-known, shape[-2:])
 
 
-def conditioning(cfg: DictConfig, module: Any, count: int) -> tuple[torch.Tensor | None, float | None]:
-    """Labels (count,) from ``classes`` (null: all in turn) and the guidance weight, checked as sample.py does."""
+def text_conditioner(module: Any) -> Any:
+    """The module's conditioner if it takes text prompts, else a clear error."""
+    conditioner = getattr(module, "conditioner", None)
+    if conditioner is None or not conditioner.accepts_prompts:
+        raise ValueError("prompt=...: this checkpoint's conditioner does not take text (conditioner=text_*)")
+    return conditioner
+
+
+def conditioning(
+    cfg: DictConfig, module: Any, count: int, device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None, list[str] | None, float | None]:
+    """(the condition ``model_fn`` takes, labels, prompts, guidance weight) for ``count`` results: text ``prompt``
+    (one or a list, cycled; text-conditioned latent diffusion) or ``classes`` (null: all in turn), checked as
+    sample.py does."""
     scale = cfg.get("guidance_scale")
     if scale is not None and not module.conditional:
         raise ValueError(f"guidance_scale={scale}: this checkpoint's model is unconditional (it has no classes)")
+    scale = module.guidance_scale if scale is None else float(scale)
+    prompts = prompt_list(cfg.get("prompt"), count)
+    if prompts is not None:
+        return text_conditioner(module).from_prompts(prompts).to(device), None, prompts, scale
     labels, _ = class_labels(cfg.get("classes"), module.num_classes, count)
-    return labels, (module.guidance_scale if scale is None else float(scale))
+    return module.condition(None if labels is None else labels.to(device)), labels, None, scale
+
+
+def prompt_arrays(prompts: list[str] | None) -> dict[str, np.ndarray] | None:
+    """The npz's ``prompts`` array (one per result), as sample.py writes it."""
+    return None if prompts is None else {"prompts": np.array(prompts)}
 
 
 def edit(cfg: DictConfig, module: Any, device: torch.device) -> dict[str, Any]:
@@ -136,9 +161,9 @@ def edit(cfg: DictConfig, module: Any, device: torch.device) -> dict[str, Any]:
     paths = image_paths(cfg.get("image"))
     images = read_images(paths, module.output_shape).to(device)
     x_ref = images.repeat_interleave(variants, dim=0)  # (N·variants, C, H, W): input i's results are a row
-    labels, scale = conditioning(cfg, module, x_ref.shape[0])
+    cond, labels, prompts, scale = conditioning(cfg, module, x_ref.shape[0], device)
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    model_fn = module.model_fn(module.condition(None if labels is None else labels.to(device)), scale)
+    model_fn = module.model_fn(cond, scale)
     rows = [images]
     with torch.inference_mode(), module.sampling_precision():
         z_ref = module.from_images(x_ref)
@@ -156,7 +181,7 @@ def edit(cfg: DictConfig, module: Any, device: torch.device) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     result = {
         "grid": save_grid(grid.flatten(0, 1), out_dir / f"{cfg.mode}.png", nrow=grid.shape[1]),
-        "npz": save_npz(results, out_dir / f"{cfg.mode}.npz", labels=labels),
+        "npz": save_npz(results, out_dir / f"{cfg.mode}.npz", labels=labels, extra=prompt_arrays(prompts)),
         "nfe": module.sampler.nfe,
     }
     log.info("Wrote %s and %s (%d inputs x %d results)", result["grid"], result["npz"], images.shape[0], variants)
@@ -185,13 +210,21 @@ def load_upscaler(cfg: DictConfig, base: Any, device: torch.device) -> UpscalerM
 
 
 def cascade(cfg: DictConfig, base: Any, device: torch.device) -> dict[str, Any]:
-    """Base samples (classes / guidance as generation) → the upscaler at ``aug_level``: a grid of pairs and npz."""
+    """Base samples (classes or text prompts, guidance as generation) → the upscaler at ``aug_level``: a grid of
+    pairs and npz."""
     upscaler = load_upscaler(cfg, base, device)
     num = int(cfg.num_samples)
-    labels, _ = class_labels(cfg.get("classes"), base.num_classes, num)
-    num = num if labels is None else labels.numel()
+    prompts = prompt_list(cfg.get("prompt"), num)
+    labels, kwargs = None, {}
+    if prompts is not None:  # a text-conditioned latent base
+        text_conditioner(base)
+        kwargs["prompts"] = prompts
+    else:
+        labels, _ = class_labels(cfg.get("classes"), base.num_classes, num)
+        num = num if labels is None else labels.numel()
+        kwargs["y"] = labels
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    low = base.sample(num, generator=generator, y=labels, guidance_scale=cfg.get("guidance_scale"))
+    low = base.sample(num, generator=generator, guidance_scale=cfg.get("guidance_scale"), **kwargs)
     aug = cfg.get("aug_level")
     high = upscaler.upscale(low, generator, aug_level=None if aug is None else int(aug))
     size = high.shape[-1]
@@ -199,8 +232,8 @@ def cascade(cfg: DictConfig, base: Any, device: torch.device) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     result = {
         "grid": save_grid(pairs, out_dir / "cascade.png", nrow=2 * max(1, int(num**0.5))),
-        "npz": save_npz(high, out_dir / "samples.npz", labels=labels),
-        "base_npz": save_npz(low, out_dir / "base_samples.npz", labels=labels),
+        "npz": save_npz(high, out_dir / "samples.npz", labels=labels, extra=prompt_arrays(prompts)),
+        "base_npz": save_npz(low, out_dir / "base_samples.npz", labels=labels, extra=prompt_arrays(prompts)),
     }
     log.info(
         "Wrote %s and %s (%d samples, %s → %s)",
