@@ -96,6 +96,10 @@ def test_sample_py_guides_with_the_classifier(checkpoint, classifier_run, tmp_pa
     np.testing.assert_array_equal(a[0], [0, 1, 2, 3])
     np.testing.assert_array_equal(a[1], b[1])
     assert np.abs(a[1].astype(int) - plain.astype(int)).max() > 0
+    info = json.loads((tmp_path / "a" / "samples.json").read_text())  # what guided the samples is recorded
+    assert info["classifier_ckpt"] == str(classifier_run["checkpoint"]) and info["classifier_scale"] == 30.0
+    saved = np.load(tmp_path / "a" / "samples.npz")
+    assert float(saved["classifier_scale"]) == 30.0 and str(saved["classifier_ckpt"]) == info["classifier_ckpt"]
 
 
 def test_eval_py_with_classifier_guidance(checkpoint, classifier_run, weights_dir, tmp_path):  # noqa: F811
@@ -105,7 +109,8 @@ def test_eval_py_with_classifier_guidance(checkpoint, classifier_run, weights_di
         compose_config([*overrides, "classifier_scale=20", f"out={tmp_path / 'e.json'}"], tmp_path, "eval")
     )
     plain = evaluate(compose_config([*overrides, "classifier_scale=0", f"out={tmp_path / 'p.json'}"], tmp_path, "eval"))
-    assert json.loads((tmp_path / "e.json").read_text())["results"]["fid_fmnist_cls"] > 0
+    written = json.loads((tmp_path / "e.json").read_text())
+    assert written["results"]["fid_fmnist_cls"] > 0 and written["classifier_scale"] == 20.0
     assert report["results"]["fid_fmnist_cls"] != plain["results"]["fid_fmnist_cls"]
 
 
