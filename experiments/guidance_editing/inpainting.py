@@ -1,7 +1,7 @@
 """Inpainting held-out Fashion-MNIST test images: masked-region PSNR / SSIM and FID, with and without RePaint.
 
     python experiments/guidance_editing/inpainting.py                       # the CPU run of RESULTS_inpainting.md
-    python experiments/guidance_editing/inpainting.py --rows 3 4 --tag cpu_paper   # RePaint's own 250/10/10
+    python experiments/guidance_editing/inpainting.py --paper --tag cpu_paper      # RePaint's own 250/10/10
     python experiments/guidance_editing/inpainting.py --device cuda --num-images 10000 --batch-size 1000 --tag gpu \\
         --train "experiment=quickstart trainer=gpu trainer.max_steps=100000 model=ddpm schedule=cosine" \\
         --run-dir logs/guidance_editing/gpu/base16
@@ -44,7 +44,8 @@ ROWS = [  # (name, steps, jump length j, passes r); RePaint at 50 steps costs 50
     ("replacement, 50 steps", 50, 1, 1),
     ("replacement, 140 steps", 140, 1, 1),  # the NFE of the RePaint row
     ("RePaint j=5 r=3, 50 steps", 50, 5, 3),
-    # the paper's setting (--rows 3 4 --tag cpu_paper): 250 steps, j = 10, r = 10: 250 + 24·9·10 = 2,410 NFE
+]
+PAPER_ROWS = [  # --paper: RePaint's own setting, 250 steps, j = 10, r = 10: 250 + 24·9·10 = 2,410 NFE
     ("replacement, 250 steps", 250, 1, 1),
     ("RePaint j=10 r=10, 250 steps (the paper's)", 250, 10, 10),
 ]
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-images", type=int, default=100)
     p.add_argument("--num-real", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--rows", type=int, nargs="+", default=[0, 1, 2], help="indices into ROWS (3 4: the paper's)")
+    p.add_argument("--rows", type=int, nargs="+", default=None, help="indices into ROWS (default: all)")
+    p.add_argument("--paper", action="store_true", help="PAPER_ROWS (RePaint 250/10/10) instead of ROWS")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tag", default="cpu", help="results_inpainting_<tag>.json, inpainting_<tag>.png")
@@ -117,8 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     for kind in MASKS:
         hole = holes(kind, args.num_images, x_ref.shape[-1], args.seed)
         shown.append(x_ref[:8] * (1 - hole[:8]) + hole[:8] * 0.0)
-        for index in args.rows:
-            name, steps, j, r = ROWS[index]
+        table = PAPER_ROWS if args.paper else ROWS
+        for index in args.rows if args.rows is not None else range(len(table)):
+            name, steps, j, r = table[index]
             images, nfe, seconds = inpaint_all(module, steps, j, r, x_ref, hole, args, device)
             row = {"mask": kind, "method": name, "nfe": nfe, "seconds": round(seconds, 1)}
             row.update(region_metrics(images, x_ref, hole, gm))

@@ -53,6 +53,11 @@ def test_inpainting_study_runs(tmp_path, monkeypatch):
     rows = json.loads((tmp_path / "results_inpainting_cpu.json").read_text())["rows"]
     assert [(r["mask"], r["nfe"]) for r in rows] == [("centre", 4), ("centre", 6), ("random", 4), ("random", 6)]
     assert all(r["known_exact"] for r in rows) and (tmp_path / "inpainting_cpu.png").is_file()
+    monkeypatch.setattr(inpainting, "PAPER_ROWS", [("paper", 4, 2, 2)])
+    args = ["--run-dir", str(run_dir), "--num-images", "4", "--num-real", "16", "--batch-size", "4"]
+    inpainting.main([*args, "--paper", "--tag", "paper", "--rows", "0"])
+    rows = json.loads((tmp_path / "results_inpainting_paper.json").read_text())["rows"]
+    assert [(r["method"], r["nfe"]) for r in rows] == [("paper", 6), ("paper", 6)]  # centre, random
 
 
 def test_cascade_study_runs(tmp_path, monkeypatch):
