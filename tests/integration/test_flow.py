@@ -145,6 +145,23 @@ def test_reflow_pairs_are_seeded_cached_and_checked(teacher, tmp_path):
     assert x0.shape == eps.shape == (8, 1, 16, 16) and len(datamodule.val) == 8 and len(datamodule.test[0]) == 2
 
 
+def test_the_nll_callback_refuses_a_flow_before_training(tmp_path):
+    cfg = compose_config([*TINY, "model=rectified_flow", "callbacks=[default,nll]", "debug=fast"], tmp_path)
+    with pytest.raises(ValueError, match="callbacks.nll: the bound in bits/dim is a Gaussian diffusion's VLB"):
+        train(cfg)
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_a_latent_teacher_is_refused_at_construction(tmp_path):
+    """Reflow trains a pixel-space student on the teacher's images: a latent flow's ODE ends in latents."""
+    cfg = compose_config(["model=rectified_flow", "net=unet_s"], tmp_path)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["model"]["_target_"] = "difflab.modules.LatentDiffusionModule"
+    torch.save({"state_dict": {}, "difflab": {"config": config}}, tmp_path / "latent.ckpt")
+    with pytest.raises(ValueError, match="a latent rectified flow"):
+        PairsDataModule(str(tmp_path / "latent.ckpt"), num_pairs=40, image_size=32, batch_size=8, val_size=8)
+
+
 def test_reflow_resumes_bit_exact_and_starts_from_the_teacher(teacher, tmp_path):
     def fit(name: str, *extra: str):
         cfg = compose_config(

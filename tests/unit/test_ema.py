@@ -44,6 +44,19 @@ def averaged(callback) -> list[torch.Tensor]:
     return [p.detach().clone() for p in callback._average_model.module.parameters()]
 
 
+def test_the_ema_copy_of_a_compiled_model_is_eager():
+    """model.compile compiles in configure_model, which WeightAveraging.setup calls before copying the module: the
+    copy must stay eager and the module compile afterwards, when Lightning calls configure_model itself."""
+    module = tiny_diffusion_module(compile="default")
+    ema = EMA(decay=0.9)
+    ema.setup(SimpleNamespace(), module, "fit")
+    assert getattr(ema._average_model.module.net, "_compiled_call_impl", None) is None
+    assert getattr(module.net, "_compiled_call_impl", None) is None and "configure_model" not in vars(module)
+    module.configure_model()  # Lightning's own call, after the callbacks' setup
+    assert module.net._compiled_call_impl is not None
+    assert getattr(ema._average_model.module.net, "_compiled_call_impl", None) is None
+
+
 def test_same_average_as_lightnings_ema_weight_averaging():
     ours_module, ours = fitted(EMA(decay=0.9))
     theirs_module, theirs = fitted(EMAWeightAveraging(decay=0.9, use_buffers=False))

@@ -92,11 +92,17 @@ class EMA(WeightAveraging):
         self._num_updates = 0  # host copy of AveragedModel.n_averaged: reading that one would synchronise
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # WeightAveraging warns that it "doesn't support sharding model layers" for every module that overrides
-        # configure_model; ours only compiles there (model.compile), it never shards, so the warning is noise
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="You're using the WeightAveraging callback with a model that")
-            super().setup(trainer, pl_module, stage)
+        # WeightAveraging.setup calls configure_model before it copies the module; ours only compiles there
+        # (model.compile), so it is held back here: the EMA copy stays eager (it is only averaged into and swapped
+        # from, never run compiled), and the module compiles when Lightning calls configure_model itself, right
+        # after the callbacks' setup. Its warning that it "doesn't support sharding model layers" is noise for us.
+        pl_module.configure_model = lambda: None  # an instance attribute over the method, removed below
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="You're using the WeightAveraging callback with a model")
+                super().setup(trainer, pl_module, stage)
+        finally:
+            del pl_module.configure_model
 
     @property
     def num_updates(self) -> int:

@@ -8,6 +8,15 @@ import lightning.pytorch as pl
 import torch
 
 
+def check_likelihood(module: Any, key: str) -> None:
+    """A clear error unless ``module`` has the full-chain bound in bits/dim: a Gaussian diffusion's VLB (not a
+    classifier, an autoencoder, or a rectified flow, whose likelihood would need the ODE's divergence)."""
+    if not hasattr(module, "nll"):
+        raise ValueError(f"{key}: {type(module).__name__} has no likelihood")
+    if getattr(module.diffusion, "process_kind", "gaussian") != "gaussian":
+        raise ValueError(f"{key}: the bound in bits/dim is a Gaussian diffusion's VLB; this model is a flow")
+
+
 class NLLCallback(pl.Callback):
     """Every ``every_n_epochs`` validation epochs, compute −log p(x) ≤ L_vlb in bits/dim on the first ``num_images``
     validation images (per rank) with the EMA weights (swapped in by the EMA callback for the whole
@@ -22,6 +31,9 @@ class NLLCallback(pl.Callback):
         self.every_n_epochs, self.num_images, self.seed = every_n_epochs, num_images, seed
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_likelihood(pl_module, "callbacks.nll")  # at fit start, not at the first NLL epoch
 
     def _active(self, trainer: pl.Trainer) -> bool:
         return not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0

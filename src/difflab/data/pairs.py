@@ -94,6 +94,12 @@ class PairsDataModule(ImageDataModule):
         self.teacher_ckpt = str(teacher_ckpt)
         record = read_run_record(self.teacher_ckpt, "model.teacher_ckpt")
         self.teacher_data = record["config"]["data"]
+        if "Latent" in str(record["config"]["model"].get("_target_", "")):  # its pairs would be latents, not images
+            raise ValueError(
+                f"model.teacher_ckpt={self.teacher_ckpt}: a latent rectified flow; reflow here trains a pixel-space "
+                "student on the teacher's images, and a latent teacher's ODE ends in latents: use a pixel-space "
+                "teacher (python src/train.py model=rectified_flow)"
+            )
         self.num_classes = record["config"]["model"].get("num_classes")
         taught = (int(self.teacher_data["channels"]), int(self.teacher_data["image_size"]))
         if taught != (self.channels, self.image_size):

@@ -15,7 +15,7 @@ from torch import nn
 
 from difflab.metrics.feature_nets import load_classifier, lpips_weights_path
 
-PERCEPTUAL_NETS = ("none", "lpips", "fmnist_cls", "mnist_cls")
+PERCEPTUAL_NETS = ("none", "lpips", "fmnist_cls", "fmnist_cls_v2", "mnist_cls")
 
 
 def _unit_normalize(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:

@@ -22,7 +22,7 @@ from difflab.networks import ClassifierNet
 from difflab.utils.checkpoint_io import load_checkpoint
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-FEATURE_NETS = ("inception", "fmnist_cls", "mnist_cls")
+FEATURE_NETS = ("inception", "fmnist_cls", "fmnist_cls_v2", "mnist_cls")  # v1 stays the default: see weights/README
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception-v3
 # torchvision's ImageNet backbones that torchmetrics' LPIPS loads by download
 LPIPS_BACKBONES = {
@@ -122,7 +122,8 @@ def make_metric(kind: str, feature_net: str, inception_weights: str | None = Non
                 f"feature_net=inception: the standard Inception-v3 weights could not be loaded ({err}). "
                 f"Offline: download {INCEPTION_FILE} (torch-fidelity's release files) where you have a network and "
                 f"put it in $TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch/hub/checkpoints/), or pass its path "
-                "as inception_weights=/path/to/file; or use an offline net: feature_net=fmnist_cls | mnist_cls"
+                "as inception_weights=/path/to/file; or use an offline net: feature_net=fmnist_cls | fmnist_cls_v2 | "
+                "mnist_cls"
             ) from err
     net, _ = load_classifier(feature_net)
     output = "logits" if kind == "is" else "features"

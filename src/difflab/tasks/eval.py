@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from difflab.callbacks.nll import check_likelihood
 from difflab.metrics import GenerativeMetrics, straightness
 from difflab.tasks.sample import load_for_sampling, resolve_device
 from difflab.tasks.sample_info import guidance_info
@@ -58,10 +59,7 @@ def generative(cfg: DictConfig, module: Any, dataset: Any, data_cfg: dict[str, A
 
 
 def nll(cfg: DictConfig, module: Any, dataset: Any) -> dict[str, float]:
-    if not hasattr(module, "nll"):
-        raise ValueError(f"metrics=[nll]: {type(module).__name__} has no likelihood")
-    if getattr(module.diffusion, "process_kind", "gaussian") != "gaussian":
-        raise ValueError("metrics=[nll]: the bound in bits/dim is a Gaussian diffusion's VLB; this model is a flow")
+    check_likelihood(module, "metrics=[nll]")
     generator = torch.Generator(device=module.device).manual_seed(int(cfg.seed))
     sums: dict[str, float] = {}
     count = 0
