@@ -17,7 +17,9 @@ markdown table with each cell's FID rank within its study under every net.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -86,13 +88,17 @@ CELLS = [
         for s in (1, 50)
     ),
     # cascade: the single 16x16 model (iddpm_nll's L_simple model, copied as guidance_editing/cpu/base16) against
-    # base 8x8 → upscaler (aug level 50), DDIM-50 everywhere
+    # base 8x8 → upscaler at aug levels 50 and 0, DDIM-50 everywhere (RESULTS_cascade.md's full CPU run)
     Cell("cascade", "single 16x16 model", SIMPLE),
-    Cell(
-        "cascade",
-        "base 8x8 → upscaler, aug level 50",
-        "guidance_editing/cpu/base8/checkpoints/last-v1.ckpt",
-        upscaler="guidance_editing/cpu/upscaler8to16/checkpoints/last-v1.ckpt",
+    *(
+        Cell(
+            "cascade",
+            f"base 8x8 → upscaler, aug level {level}",
+            "guidance_editing/cpu/base8/checkpoints/last-v1.ckpt",
+            upscaler="guidance_editing/cpu/upscaler8to16/checkpoints/last-v1.ckpt",
+            aug_level=level,
+        )
+        for level in (50, 0)
     ),
 ]
 
@@ -103,8 +109,19 @@ def checkpoint(logs: Path, path: str) -> Path:
     return p if p.suffix == ".ckpt" else p / "checkpoints" / "last.ckpt"
 
 
-def draw(cell: Cell, models: dict, args, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The cell's images and the requested labels (None if unconditional)."""
+def draw(cell: Cell, models: dict, args, device, logs: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The cell's images and the requested labels (None if unconditional), kept in ``logs``/feature_net_v2/samples/
+    under a hash of the cell's sampling, the count, the seed and the checkpoints' size and time: a cell of two studies
+    is drawn once, and another feature net rescores without sampling again (delete the folder to redraw)."""
+    key = {**cell._asdict(), "num_samples": args.num_samples, "seed": args.seed}
+    for c in filter(None, (cell.ckpt, cell.upscaler)):
+        stat = os.stat(checkpoint(logs, c))
+        key[c] = [stat.st_size, stat.st_mtime]
+    del key["study"], key["label"]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    path = logs / "feature_net_v2" / "samples" / f"{digest}.pt"
+    if path.is_file():
+        return torch.load(path)
     module = models[cell.ckpt][0]
     sampler = module.build_sampler(sampler_factory(cell.sampler, **cell.options, steps=cell.steps))
     num, batch = args.num_samples, args.batch_size
@@ -113,6 +130,8 @@ def draw(cell: Cell, models: dict, args, device) -> tuple[torch.Tensor, torch.Te
         upscaler = models[cell.upscaler][0]
         images = cascade_draw(upscaler, len(images), args.batch_size, device, args.seed + 10**6, images, cell.aug_level)
     labels = torch.arange(len(images)) % module.num_classes if module.num_classes else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save((images.cpu(), labels), path)
     return images, labels
 
 
@@ -187,7 +206,6 @@ def main(argv: list[str] | None = None) -> None:
     judges = {net: load_classifier(net)[0].to(device) for net in args.nets}
     scorers: dict[tuple, dict] = {}  # test set → {net: GenerativeMetrics with its real statistics}
     models: dict[str, Any] = {}  # run dir → (module, record, test set)
-    drawn: dict[str, tuple] = {}  # cell spec → (images, labels)
     for cell in CELLS:
         if args.only and not cell.study.startswith(tuple(args.only)) or (cell.study, cell.label) in done:
             continue
@@ -198,11 +216,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         for c in paths:
             models.setdefault(c, load(checkpoint(logs, c), device))
-        spec = {k: v for k, v in cell._asdict().items() if k not in ("study", "label")}
-        drawn_key = json.dumps(spec, sort_keys=True)  # a cell of two studies is drawn once
-        if drawn_key not in drawn:
-            drawn[drawn_key] = draw(cell, models, args, device)
-        images, labels = drawn[drawn_key]
+        images, labels = draw(cell, models, args, device, logs)
         _, record, test = models[cell.upscaler or cell.ckpt]
         key = (type(test).__name__, len(test), tuple(test[0][0].shape))
         if key not in scorers:  # real statistics of this test set, and its floor
@@ -212,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
             if (row["study"], row["cell"]) not in done:
                 payload["rows"].append(row)
         row = {"study": cell.study, "cell": cell.label, **score(images.to(device), scorers[key], judges, labels)}
-        row["spec"] = spec
+        row["spec"] = {k: v for k, v in cell._asdict().items() if k not in ("study", "label")}
         print(row, flush=True)
         payload["rows"].append(row)
         write_json(out, payload)  # after every cell: a stopped run keeps its rows
