@@ -2,7 +2,7 @@
 any study's ordering?
 
     OMP_NUM_THREADS=1 python experiments/feature_net_v2/rescore.py          # the run of RESULTS.md
-    python experiments/feature_net_v2/rescore.py --only iddpm_nll cfg --seed 1000 --tag seed1000   # another noise
+    python experiments/feature_net_v2/rescore.py --only iddpm cfg --seed 1000 --tag seed1000   # other noise
 
 Every cell (study, label, checkpoint under ``--logs``, sampler) draws ``--num-samples`` images ONCE (batch b from the
 generator seeded ``--seed`` + b, the same noise for every cell of a model) and computes, on those very images, FID
