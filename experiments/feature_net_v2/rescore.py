@@ -10,6 +10,7 @@ against ``--num-real`` Fashion-MNIST test images and IS with each of ``--nets`` 
 v1, 86.2 % test accuracy, and ``fmnist_cls_v2``), and for class-conditional cells the class accuracy each net
 gives the requested labels. The floor of each resolution is the FID of ``--num-samples`` test images themselves.
 The checkpoints are those the studies trained (their ``logs/`` layout); a missing one is skipped with a message.
+Sample sets are kept in ``logs/feature_net_v2/samples/``, so another net rescores them without sampling again.
 Results go to ``results_rescore[_<tag>].json`` after every cell (a rerun skips the cells already there), then a
 markdown table with each cell's FID rank within its study under every net.
 """
@@ -38,9 +39,9 @@ NETS = ["fmnist_cls", "fmnist_cls_v2"]
 
 
 class Cell(NamedTuple):
-    """One sample set: ``sampler`` (conf/sampler/<name>.yaml) with ``options`` and ``steps`` on ``ckpt`` (a run dir
-    under --logs), CFG weight ``w`` for class-conditional models; with ``upscaler`` (a run dir), the samples are then
-    upscaled at ``aug_level`` (DDIM-50, as experiments/guidance_editing/cascade.py)."""
+    """One sample set: ``sampler`` (conf/sampler/<name>.yaml) with ``options`` and ``steps`` on ``ckpt`` (a run dir or
+    a .ckpt file under --logs), CFG weight ``w`` for class-conditional models; with ``upscaler`` (the same), the
+    samples are then upscaled at ``aug_level`` (DDIM-50, as experiments/guidance_editing/cascade.py)."""
 
     study: str
     label: str
