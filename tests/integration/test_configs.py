@@ -85,6 +85,16 @@ def test_experiment_net_specialises_only_its_pair(net, tmp_path):
     )
 
 
+@pytest.mark.parametrize("net", ["unet_s", "unet_m", "dit_tiny"])
+def test_experiment_cfg_builds_with_every_net_family(net, tmp_path):
+    """experiment=cfg's adaptive GroupNorm is a UNet key (conf/experiment_net/cfg/unet_m.yaml): `experiment=cfg
+    net=dit_s4` (a README command) must not hand it to a DiT, which conditions through adaLN."""
+    cfg = compose_config(["experiment=cfg", f"net={net}"], tmp_path)
+    assert cfg.net.get("use_scale_shift_norm") == (None if net.startswith("dit") else True)
+    module = instantiate(cfg.model)
+    assert module.num_classes == 10 and module.p_uncond > 0
+
+
 def test_hparams_search_composes_a_sweep(tmp_path):
     cfg = compose_config(["hparams_search=schedule_net"], tmp_path, keep_hydra=True)
     assert cfg.hydra.mode.name == "MULTIRUN"
