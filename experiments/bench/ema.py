@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from difflab.callbacks import EMA
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 from experiments.bench.options import build_net, parse_args, resolve_device  # noqa: E402
-from experiments.bench.peer import sync  # noqa: E402
+from experiments.bench.peer import clocked  # noqa: E402
 from experiments.bench.report import record  # noqa: E402
 
 
@@ -64,12 +63,13 @@ def bench_ema(args: argparse.Namespace, device: torch.device, net: nn.Module, re
             update(module)
         with _Ops() as ops:
             update(module)
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(args.train_steps):
-            update(module)
-        sync(device)
-        fields[f"{name}_ms"] = round((time.perf_counter() - start) / args.train_steps * 1000, 3)
+
+        def updates(update: Callable = update) -> None:  # this callback's update
+            for _ in range(args.train_steps):
+                update(module)
+
+        seconds = clocked(device, updates)
+        fields[f"{name}_ms"] = round(seconds / args.train_steps * 1000, 3)
         fields[f"{name}_ops"], fields[f"{name}_syncs"] = ops.ops, ops.syncs
     fields["speedup"] = round(fields["lightning_ms"] / fields["difflab_ms"], 2)
     params = sum(p.numel() for p in net.parameters())

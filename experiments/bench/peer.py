@@ -9,6 +9,7 @@ diffusers is an optional extra (``pip install -e .[bench]``); it is imported onl
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -131,3 +132,15 @@ def sync(device: torch.device) -> None:
     """Wait for the device's queued work (CUDA); nothing to wait for on a CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def clocked(device: torch.device, measured: Callable[[], None], warmup: Callable[[], None] | None = None) -> float:
+    """Wall seconds of ``measured`` alone: ``warmup`` (compilation, allocator, cuDNN autotuning) runs first, and
+    device syncs bracket the measured work, so the kernels it queues are counted, and nothing queued before."""
+    if warmup is not None:
+        warmup()
+    sync(device)
+    start = time.perf_counter()
+    measured()
+    sync(device)
+    return time.perf_counter() - start

@@ -56,6 +56,7 @@ from experiments.bench.accuracy import bench_accuracy  # noqa: E402
 from experiments.bench.ema import bench_ema  # noqa: E402
 from experiments.bench.options import build_net, count_params, net_factory, parse_args, resolve_device  # noqa: E402
 from experiments.bench.peer import (  # noqa: E402
+    clocked,
     forward_flops_per_image,
     matmul_flops_per_s,
     sync,
@@ -117,15 +118,12 @@ def bench_train_bare(args: argparse.Namespace, device: torch.device, which: str,
         loss.backward()
         opt.step()
 
+    def steps(n: int) -> None:
+        for _ in range(n):
+            step()
+
     reset_peak(device)
-    for _ in range(args.warmup_steps):
-        step()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(args.train_steps):
-        step()
-    sync(device)
-    seconds = time.perf_counter() - start
+    seconds = clocked(device, functools.partial(steps, args.train_steps), functools.partial(steps, args.warmup_steps))
     images_per_s = args.batch_size * args.train_steps / seconds
     return record(
         args,
@@ -234,12 +232,7 @@ def bench_sample(args: argparse.Namespace, device: torch.device, which: str, pea
 
     timesteps = sampler.timesteps.tolist()
     reset_peak(device)
-    run(timesteps[: args.warmup_steps])
-    sync(device)
-    start = time.perf_counter()
-    run(timesteps)
-    sync(device)
-    seconds = time.perf_counter() - start
+    seconds = clocked(device, functools.partial(run, timesteps), functools.partial(run, timesteps[: args.warmup_steps]))
     image_steps_per_s = args.sample_batch_size * args.sample_steps / seconds
     return record(
         args,
