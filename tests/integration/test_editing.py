@@ -96,6 +96,8 @@ def test_editing_errors(checkpoints, image, tmp_path):
         run(checkpoints["cfg"], tmp_path, "mode=img2img", f"image={path}", "strength=0.5", "sampler=ddpm", "prompt=a")
     with pytest.raises(ValueError, match="does not take text"):
         run(base, tmp_path, "mode=cascade", f"upscaler_ckpt={upscaler}", "prompt=a", "sampler=ddpm")
+    with pytest.raises(ValueError, match="does not take text"):  # generation too: the same module-level refusal
+        run(base, tmp_path, "prompt=a", "num_samples=2", "sampler=ddim", "sampler.steps=2")
     with pytest.raises(ValueError, match="box"):
         run(base, tmp_path, "mode=inpaint", f"image={path}", "mask=[0,0,17,4]", "sampler=ddpm")
     Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(tmp_path / "small.png")

@@ -247,6 +247,7 @@ class DiffusionModule(pl.LightningModule):
         y: torch.Tensor | None = None,
         guidance_scale: float | None = None,
         progress: bool | SamplingProgress = False,
+        prompts: Sequence[str] | None = None,
     ) -> torch.Tensor:
         """Generate (num_samples, C, H, W) images in [-1, 1], in batches of ``sample_batch_size``.
 
@@ -254,8 +255,11 @@ class DiffusionModule(pl.LightningModule):
         (num_samples,) gives the labels (default: all classes in turn) and ``guidance_scale`` the CFG weight w
         (default: the model's); an unconditional model refuses a ``guidance_scale`` (it would be ignored).
         ``progress``: a bar over steps × batches with NFE and images/s (TTY only); a ``SamplingProgress`` continues
-        that bar (several calls, one bar), and is left open.
+        that bar (several calls, one bar), and is left open. Text ``prompts`` need a text-conditioned latent model
+        (:meth:`text_condition`): here they are refused.
         """
+        if prompts is not None:
+            y = self.text_condition(prompts)
         if guidance_scale is not None and not self.conditional:
             raise ValueError(
                 f"guidance_scale={guidance_scale}: this checkpoint's model is unconditional (it has no classes), so "
@@ -291,6 +295,11 @@ class DiffusionModule(pl.LightningModule):
             bar.close()
         self.train(was_training)
         return torch.cat(chunks).clamp(-1.0, 1.0)
+
+    def text_condition(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text prompts → the condition ``model_fn`` takes (latent diffusion with a text conditioner); every other
+        model refuses them, with the key to change."""
+        raise ValueError("prompt=...: this checkpoint's conditioner does not take text (conditioner=text_*)")
 
     def condition(self, y: torch.Tensor | None, generator: torch.Generator | None = None) -> torch.Tensor | None:
         """Data labels → what ``model_fn`` takes as condition (the labels here; latent diffusion's conditioner)."""

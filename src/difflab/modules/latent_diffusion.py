@@ -212,6 +212,11 @@ class LatentDiffusionModule(DiffusionModule):
         null = self.conditioner.null(y.shape[0], y.device)
         return classifier_free_guidance(self.forward, y, null, guidance_scale, self.image_shape[0])
 
+    def text_condition(self, prompts: Sequence[str]) -> torch.Tensor:
+        if self.conditioner is None or not self.conditioner.accepts_prompts:
+            return super().text_condition(prompts)  # the refusal
+        return self.conditioner.from_prompts(list(prompts)).to(self.device)
+
     @torch.no_grad()
     def sample(
         self,
@@ -228,9 +233,7 @@ class LatentDiffusionModule(DiffusionModule):
         template) or text ``prompts`` (text conditioners), guided with w = ``guidance_scale``."""
         cond = None
         if prompts is not None:
-            if self.conditioner is None or not self.conditioner.accepts_prompts:
-                raise ValueError("prompt=...: this checkpoint's conditioner does not take text (conditioner=text_*)")
-            cond = self.conditioner.from_prompts(list(prompts)).to(self.device)
+            cond = self.text_condition(prompts)
         elif self.conditioner is not None:
             labels = torch.arange(num_samples) % self.num_classes if y is None else y
             cond = self.conditioner.from_labels(labels.to(self.device))

@@ -118,14 +118,6 @@ def latent_mask(known: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return -F.adaptive_max_pool2d(-known, shape[-2:])
 
 
-def text_conditioner(module: Any) -> Any:
-    """The module's conditioner if it takes text prompts, else a clear error."""
-    conditioner = getattr(module, "conditioner", None)
-    if conditioner is None or not conditioner.accepts_prompts:
-        raise ValueError("prompt=...: this checkpoint's conditioner does not take text (conditioner=text_*)")
-    return conditioner
-
-
 def conditioning(
     cfg: DictConfig, module: Any, count: int, device: torch.device
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[str] | None, float | None]:
@@ -138,7 +130,7 @@ def conditioning(
     scale = module.guidance_scale if scale is None else float(scale)
     prompts = prompt_list(cfg.get("prompt"), count)
     if prompts is not None:
-        return text_conditioner(module).from_prompts(prompts).to(device), None, prompts, scale
+        return module.text_condition(prompts), None, prompts, scale
     labels, _ = class_labels(cfg.get("classes"), module.num_classes, count)
     return module.condition(None if labels is None else labels.to(device)), labels, None, scale
 
@@ -215,16 +207,12 @@ def cascade(cfg: DictConfig, base: Any, device: torch.device) -> dict[str, Any]:
     upscaler = load_upscaler(cfg, base, device)
     num = int(cfg.num_samples)
     prompts = prompt_list(cfg.get("prompt"), num)
-    labels, kwargs = None, {}
-    if prompts is not None:  # a text-conditioned latent base
-        text_conditioner(base)
-        kwargs["prompts"] = prompts
-    else:
+    labels = None
+    if prompts is None:  # else a text-conditioned latent base (any other model refuses the prompts)
         labels, _ = class_labels(cfg.get("classes"), base.num_classes, num)
         num = num if labels is None else labels.numel()
-        kwargs["y"] = labels
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    low = base.sample(num, generator=generator, guidance_scale=cfg.get("guidance_scale"), **kwargs)
+    low = base.sample(num, generator=generator, y=labels, guidance_scale=cfg.get("guidance_scale"), prompts=prompts)
     aug = cfg.get("aug_level")
     high = upscaler.upscale(low, generator, aug_level=None if aug is None else int(aug))
     size = high.shape[-1]
