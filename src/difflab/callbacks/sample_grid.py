@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 
 from difflab.utils.images import image_grid
-from difflab.utils.labels import class_tags, grid_classes, save_labelled_grid
+from difflab.utils.labels import class_names_of, class_tags, grid_classes, save_labelled_grid
 from difflab.utils.loggers import log_image
 
 
@@ -24,12 +24,6 @@ def sample_class_rows(
         return module.sample(num_samples, generator=generator, **kwargs), None, None, None
     images = module.sample(labels.numel(), generator=generator, y=labels.to(module.device), **kwargs)
     return images, labels, class_tags(labels, names), nrow
-
-
-def datamodule_class_names(datamodule: Any) -> list[str] | None:
-    """The ``class_names`` of a data module (None when it has none, e.g. an image folder)."""
-    names = getattr(datamodule, "class_names", None)
-    return [str(n) for n in names] if names else None
 
 
 class SampleGridCallback(pl.Callback):
@@ -63,7 +57,7 @@ class SampleGridCallback(pl.Callback):
         if (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        names = datamodule_class_names(getattr(trainer, "datamodule", None))
+        names = class_names_of(getattr(trainer, "datamodule", None))
         images, _, tags, nrow = sample_class_rows(pl_module, self.num_samples, generator, names, num_steps=self.steps)
         out_dir = Path(trainer.default_root_dir) / "samples"
         name = f"epoch{trainer.current_epoch:04d}_step{trainer.global_step:07d}.png"

@@ -18,7 +18,7 @@ from difflab.utils.checkpoint_io import trusted_checkpoints
 from difflab.utils.checkpoint_ref import fetch_checkpoint
 from difflab.utils.distributed import gather_shards, init_from_env, rank_world, shard
 from difflab.utils.images import save_npz
-from difflab.utils.labels import save_labelled_grid
+from difflab.utils.labels import class_rows, save_labelled_grid
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,7 @@ def class_labels(classes: Any, num_classes: int | None, num_samples: int) -> tup
     if classes is None:
         return torch.arange(num_samples) % num_classes, None
     if classes == "all":
-        per_class = max(1, num_samples // num_classes)
-        return torch.arange(num_classes).repeat_interleave(per_class), per_class
+        return class_rows(num_classes, num_samples)
     labels = torch.as_tensor(list(classes), dtype=torch.long)
     if labels.numel() == 0 or labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"classes={list(classes)}: expected indices in [0, {num_classes})")

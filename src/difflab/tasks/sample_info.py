@@ -12,7 +12,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
-from difflab.utils.labels import class_tags
+from difflab.utils.labels import class_names_of, class_tags
 from difflab.utils.paths import ensure_parent
 
 
@@ -21,10 +21,9 @@ def class_names(record: dict[str, Any]) -> list[str] | None:
     folder, whose names are only known from its files)."""
     target = (record["config"].get("data") or {}).get("_target_")
     try:
-        names = getattr(get_class(target), "class_names", ()) if target else ()
+        return class_names_of(get_class(target)) if target else None
     except (ImportError, AttributeError, ValueError):
         return None
-    return [str(n) for n in names] or None
 
 
 def image_tags(labels: torch.Tensor | None, prompts: list[str] | None, names: list[str] | None) -> list[str] | None:

@@ -17,12 +17,11 @@ from difflab.callbacks import EMA, RunRecord, TrainingRandomState, TrainThroughp
 from difflab.callbacks.ema import young_ema_warning
 from difflab.callbacks.sample_grid import sample_class_rows
 from difflab.modules import read_run_record
-from difflab.tasks.sample_info import class_names
 from difflab.utils.checkpoint_io import AtomicCheckpointIO, checkpoints_trusted, trusted_checkpoints
 from difflab.utils.checkpoint_ref import fetch_checkpoint
 from difflab.utils.config import instantiate_group
 from difflab.utils.images import image_grid, save_npz
-from difflab.utils.labels import save_labelled_grid
+from difflab.utils.labels import class_names_of, save_labelled_grid
 from difflab.utils.loggers import finish_loggers, log_image, resume_logger_kwargs, silence_litlogger_tip
 from difflab.utils.sweep_summary import write_run_summary
 
@@ -42,12 +41,13 @@ def _resume_overrides(cfg: DictConfig, ckpt_path: str | None) -> dict[str, dict[
     }
 
 
-def write_samples(module: Any, cfg: DictConfig, out_dir: Path, loggers: list[Any]) -> dict[str, Path]:
+def write_samples(
+    module: Any, cfg: DictConfig, out_dir: Path, loggers: list[Any], names: list[str] | None
+) -> dict[str, Path]:
     """Sample ``cfg.samples.num_samples`` images with a seeded generator (class-conditional: a row per class,
-    labelled); write a PNG grid and a .npz, log the grid."""
+    labelled with ``names``); write a PNG grid and a .npz, log the grid."""
     generator = torch.Generator(device=module.device).manual_seed(int(cfg.samples.seed))
     progress = bool(cfg.trainer.get("enable_progress_bar", True))  # with Lightning's bar (a TTY only, as it)
-    names = class_names({"config": cfg})
     images, labels, tags, rows = sample_class_rows(
         module, int(cfg.samples.num_samples), generator, names, progress=progress
     )
@@ -126,7 +126,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         for ema in (c for c in trainer.callbacks if isinstance(c, EMA)):
             if warning := young_ema_warning(ema.decay, ema.warmup, ema.num_updates):
                 log.warning("Final samples: %s", warning.replace("`weights=raw`", "`sample.py weights=raw`"))
-        result.update(write_samples(model, cfg, Path(cfg.paths.output_dir) / "samples", loggers))
+        names = class_names_of(datamodule)  # the instance's: an image folder's come from its files
+        result.update(write_samples(model, cfg, Path(cfg.paths.output_dir) / "samples", loggers, names))
         log.info("Samples: %s and %s", result["grid"], result["npz"])
     finish_loggers(loggers)
     if trainer.is_global_zero:

@@ -38,16 +38,27 @@ def class_tags(labels: torch.Tensor, names: Sequence[str] | None) -> list[str]:
     return [names[i] if names and i < len(names) else f"class {i}" for i in labels.tolist()]
 
 
+def class_names_of(data: object) -> list[str] | None:
+    """The ``class_names`` of a data module or its class (None when it has none: e.g. an image folder's class, whose
+    names are only known from its files once an instance has read them)."""
+    names = getattr(data, "class_names", None)
+    return [str(n) for n in names] if names else None
+
+
+def class_rows(num_classes: int, num_samples: int) -> tuple[torch.Tensor, int]:
+    """Labels for one row per class, ``max(1, num_samples // num_classes)`` images each, and that row length."""
+    per_class = max(1, num_samples // num_classes)
+    return torch.arange(num_classes).repeat_interleave(per_class), per_class
+
+
 def grid_classes(num_classes: int | None, num_samples: int) -> tuple[torch.Tensor | None, int | None]:
-    """Labels (n,) and row length of a training-time grid of a class-conditional model: one row per class
-    (``num_samples // num_classes`` images each) when there are enough samples, else classes 0, 1, ... in one row;
-    (None, None) for an unconditional model."""
+    """Labels (n,) and row length of a training-time grid of a class-conditional model: :func:`class_rows` when
+    there are samples for every class, else classes 0, 1, ... in one row; (None, None) for an unconditional model."""
     if not num_classes:
         return None, None
     if num_samples < num_classes:
         return torch.arange(num_samples), num_samples
-    per_class = num_samples // num_classes
-    return torch.arange(num_classes).repeat_interleave(per_class), per_class
+    return class_rows(num_classes, num_samples)
 
 
 def _short(text: str) -> str:
