@@ -214,3 +214,13 @@ ONE_OF_EACH_SAMPLER = [  # DDPM, DDIM and each ODE/SDE solver (Karras steps: fra
     functools.partial(samplers.DPMSolverSDESampler, steps=5, dynamic_threshold=0.995),
     functools.partial(samplers.UniPCSampler, steps=6, order=3, sigma_schedule="karras"),
 ]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    """The ``last.ckpt`` of the tiny DDPM (``TINY``) trained 2 steps, once per session: for tests that only read a
+    checkpoint (never write into its run dir; copy it to change it)."""
+    from difflab.tasks.train import train
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    return train(compose_config([*TINY, "trainer.max_steps=2", "trainer.limit_train_batches=2"], out))["checkpoint"]

@@ -4,6 +4,7 @@ a file that needs full unpickling opens only with trust_checkpoint=true."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +12,23 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from difflab.metrics.feature_nets import load_classifier
+from difflab.losses.perceptual import build_perceptual
+from difflab.metrics.feature_nets import (
+    INCEPTION_FILE,
+    INCEPTION_SHA256,
+    load_classifier,
+    lpips_weights_path,
+    make_metric,
+)
 from difflab.tasks.eval import evaluate
 from difflab.tasks.sample import sample
 from difflab.tasks.train import train
-from difflab.utils.checkpoint_io import UnsafeCheckpointError, load_checkpoint
+from difflab.utils.checkpoint_io import (
+    UnsafeCheckpointError,
+    load_checkpoint,
+    trusted_checkpoints,
+    verify_weights_file,
+)
 from tests.conftest import ROOT, TINY, compose_config, run_cli
 
 
@@ -29,10 +42,9 @@ class Payload:
         return exec, (f"open({str(self.marker)!r}, 'w').write('code from the checkpoint ran')",)
 
 
-@pytest.fixture(scope="module")
-def real_checkpoint(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("run")
-    return train(compose_config([*TINY, "trainer.max_steps=2", "trainer.limit_train_batches=2"], out))["checkpoint"]
+@pytest.fixture
+def real_checkpoint(tiny_checkpoint) -> str:
+    return tiny_checkpoint
 
 
 @pytest.fixture
@@ -82,6 +94,56 @@ def test_feature_net_and_statistics_files_are_opened_safely(crafted, tmp_path):
     refused(marker, lambda: load_classifier("fmnist_cls", weights_dir=tmp_path))
     torch.save({"mu": Payload(marker)}, tmp_path / "stats.pt")
     refused(marker, lambda: load_checkpoint(tmp_path / "stats.pt", "cache_dir"))
+
+
+def payload_file(path: Path, marker: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"conv.weight": torch.zeros(1), "x": Payload(marker)}, path)
+    return path
+
+
+@pytest.mark.parametrize("placed", ["inception_weights", "torch_home"])
+def test_inception_weights_are_checked_before_torch_fidelity_unpickles_them(placed, tmp_path, monkeypatch):
+    """torch-fidelity opens its weights with weights_only=False: a file given as inception_weights= or placed where
+    the README says ($TORCH_HOME/hub/checkpoints/) must be the published one (SHA-256) or trusted."""
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    path = payload_file(tmp_path / "torch" / "hub" / "checkpoints" / INCEPTION_FILE, marker)
+    given = str(path) if placed == "inception_weights" else None
+    with pytest.raises(UnsafeCheckpointError, match=f"SHA-256 is .*not the published file's \\({INCEPTION_SHA256}\\)"):
+        make_metric("fid", "inception", inception_weights=given)
+    assert not marker.exists()
+    with trusted_checkpoints(True), pytest.raises(Exception):  # noqa: B017  (not an Inception: it fails after the code ran)
+        make_metric("fid", "inception", inception_weights=given)
+    assert marker.exists(), "the route is live: trusted, the file is handed over and unpickled in full"
+
+
+def test_eval_refuses_crafted_inception_weights(tiny_checkpoint, tmp_path):
+    marker = tmp_path / "pwned"
+    path = payload_file(tmp_path / INCEPTION_FILE, marker)
+    cfg = compose_config(
+        [f"ckpt={tiny_checkpoint}", "metrics=[fid]", "feature_net=inception", f"inception_weights={path}"],
+        tmp_path / "out",
+        "eval",
+    )
+    with pytest.raises(UnsafeCheckpointError, match="inception_weights="):
+        evaluate(cfg)
+    assert not marker.exists()
+
+
+def test_lpips_backbones_are_checked_before_torchvision_unpickles_them(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    path = payload_file(lpips_weights_path("alex"), marker)
+    with pytest.raises(UnsafeCheckpointError, match="lpips_net=alex.*SHA-256 is .*7be5be79"):
+        build_perceptual("lpips")
+    assert not marker.exists()
+    # a file whose hash starts as the name says (a forged prefix) must still open weights-only
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(UnsafeCheckpointError, match="exec"):
+        verify_weights_file(path, "lpips_net=alex", digest[:8])
+    assert not marker.exists()
+    assert verify_weights_file(path, "lpips_net=alex", digest) == path  # the whole digest: the file it names
 
 
 def test_an_older_checkpoint_with_python_objects_needs_trust_checkpoint(real_checkpoint, tmp_path):

@@ -45,24 +45,40 @@ def max_abs_diff(a: str, b: str) -> dict[str, float]:
     }
 
 
+# validation by steps (as experiment=quickstart): Lightning has not ended an epoch that max_steps stopped on its last
+# batch, and re-enters it on resume
+STEP_VAL = ("trainer.val_check_interval=4", "trainer.check_val_every_n_epoch=null")
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict[str, dict]:
-    """10 steps in one go, per data path."""
-    return {
-        path: fit(tmp_path_factory.mktemp(f"full_{path}"), "trainer.max_steps=10", f"data.on_device={path}")
-        for path in ("false", "true")
-    }
+def uninterrupted(tmp_path_factory):
+    """10 steps in one go, per data path and validation mode (made on first use)."""
+    runs: dict[tuple, dict] = {}
+
+    def run(on_device: str = "false", *extra: str) -> dict:
+        if (on_device, extra) not in runs:
+            out = tmp_path_factory.mktemp(f"full_{on_device}")
+            runs[on_device, extra] = fit(out, "trainer.max_steps=10", f"data.on_device={on_device}", *extra)
+        return runs[on_device, extra]
+
+    return run
 
 
 @pytest.mark.parametrize(
-    "stop, on_device", [(4, "false"), (6, "false"), (4, "true")], ids=["mid_epoch", "epoch_boundary", "device_batches"]
+    "stop, on_device, extra",
+    [(4, "false", ()), (6, "false", ()), (4, "true", ()), (6, "false", STEP_VAL), (6, "true", STEP_VAL)],
+    ids=["mid_epoch", "epoch_boundary", "device_batches", "epoch_end_step_val", "epoch_end_step_val_device_batches"],
 )
-def test_resumed_run_equals_the_uninterrupted_run_bit_for_bit(uninterrupted, tmp_path, stop, on_device):
-    first = fit(tmp_path / "first", f"trainer.max_steps={stop}", f"data.on_device={on_device}")
+def test_resumed_run_equals_the_uninterrupted_run_bit_for_bit(uninterrupted, tmp_path, stop, on_device, extra):
+    first = fit(tmp_path / "first", f"trainer.max_steps={stop}", f"data.on_device={on_device}", *extra)
     resumed = fit(
-        tmp_path / "resumed", "trainer.max_steps=10", f"data.on_device={on_device}", f"ckpt_path={first['checkpoint']}"
+        tmp_path / "resumed",
+        "trainer.max_steps=10",
+        f"data.on_device={on_device}",
+        *extra,
+        f"ckpt_path={first['checkpoint']}",
     )
-    assert max_abs_diff(uninterrupted[on_device]["checkpoint"], resumed["checkpoint"]) == {
+    assert max_abs_diff(uninterrupted(on_device, *extra)["checkpoint"], resumed["checkpoint"]) == {
         "current_model_state": 0.0,
         "state_dict": 0.0,
     }
@@ -79,10 +95,7 @@ def test_resume_from_a_periodic_checkpoint_of_a_longer_run_is_exact(uninterrupte
     resumed = fit(
         tmp_path / "resumed", "trainer.max_steps=10", f"ckpt_path={tmp_path / 'first/checkpoints/step0000003.ckpt'}"
     )
-    assert (
-        first["checkpoint"]
-        and max(max_abs_diff(uninterrupted["false"]["checkpoint"], resumed["checkpoint"]).values()) == 0
-    )
+    assert first["checkpoint"] and max(max_abs_diff(uninterrupted()["checkpoint"], resumed["checkpoint"]).values()) == 0
 
 
 def test_a_checkpoint_without_random_state_resumes_with_a_warning(tmp_path):
@@ -206,7 +219,7 @@ def test_resume_from_a_wandb_model_artifact_is_exact(uninterrupted, tmp_path, mo
     resumed = fit(tmp_path / "resumed", "trainer.max_steps=10", f"ckpt_path={ref}")
     assert api.asked == [("me/difflab/model-abc123:latest", "model")]
     assert (tmp_path / "cache" / "wandb_artifacts" / "me_difflab_model-abc123_latest" / "model.ckpt").is_file()
-    assert max(max_abs_diff(uninterrupted["false"]["checkpoint"], resumed["checkpoint"]).values()) == 0
+    assert max(max_abs_diff(uninterrupted()["checkpoint"], resumed["checkpoint"]).values()) == 0
 
 
 def test_an_unreachable_wandb_artifact_says_what_to_do(tmp_path, monkeypatch):

@@ -27,6 +27,7 @@ from difflab.data import (
     read_idx,
     write_idx,
 )
+from difflab.data.cifar10 import read_cifar_batches
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "data"
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -217,12 +218,15 @@ def test_mnist_5k_module() -> None:
 # --- CIFAR-10 ----------------------------------------------------------------------------------
 
 
-def write_fake_cifar(directory: Path, n_per_batch: int = 8) -> None:
+def write_fake_cifar(directory: Path, n_per_batch: int = 8, protocol: int = 2) -> None:
+    """Batches in the original files' format: protocol 2 naming numpy.core.multiarray (Python 2's numpy), or another
+    protocol as Python 3 would re-save them."""
     directory.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         batch = {"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8), "labels": list(range(n_per_batch))}
-        (directory / name).write_bytes(pickle.dumps(batch))
+        content = pickle.dumps(batch, protocol=protocol)
+        (directory / name).write_bytes(content.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
 
 
 def test_cifar10_from_python_batches(tmp_path: Path) -> None:
@@ -236,6 +240,37 @@ def test_cifar10_from_python_batches(tmp_path: Path) -> None:
     gray = CIFAR10DataModule(str(tmp_path), channels=1, val_size=8, batch_size=8)
     gray.setup()
     assert next(iter(gray.test_dataloader()))[0].shape == (8, 1, 32, 32)
+
+
+def test_cifar10_batches_saved_by_python_3_load(tmp_path: Path) -> None:
+    write_fake_cifar(tmp_path / "cifar-10-batches-py", protocol=pickle.HIGHEST_PROTOCOL)
+    images, labels = read_cifar_batches(tmp_path / "cifar-10-batches-py", ("test_batch",))
+    assert images.shape == (8, 3, 32, 32) and labels.tolist() == list(range(8))
+
+
+class Payload:
+    """Unpickled in full, it writes ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('code from the batch ran')",)
+
+
+def test_a_crafted_cifar10_batch_runs_no_code(tmp_path: Path) -> None:
+    """The python batches are pickles: a payload in one is refused by the restricted unpickler, and the error names
+    the file (``pickle.load`` would have run it)."""
+    directory = tmp_path / "cifar-10-batches-py"
+    write_fake_cifar(directory)
+    marker = tmp_path / "pwned"
+    batch = {"data": np.zeros((8, 3072), dtype=np.uint8), "labels": list(range(8)), "x": Payload(marker)}
+    (directory / "data_batch_3").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(ValueError, match=r"data_batch_3: not a CIFAR-10 python batch .*refused global \S*exec"):
+        CIFAR10DataModule(str(tmp_path), val_size=8, batch_size=8).setup()
+    assert not marker.exists()
+    pickle.loads((directory / "data_batch_3").read_bytes())  # the payload is live: pickle.load would run it
+    assert marker.exists()
 
 
 def test_cifar10_missing(tmp_path: Path) -> None:

@@ -154,8 +154,8 @@ def test_real_statistics_cache_is_reused_and_invalidated(weights_dir, tmp_path):
     assert not fill()[1]  # other feature-net weights
 
 
-def test_inception_offline_fails_with_one_clear_message(monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", "/nonexistent-torch-home")
+def test_inception_offline_fails_with_one_clear_message(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     try:
         metric = make_metric("fid", "inception")
     except FeatureNetUnavailable as err:

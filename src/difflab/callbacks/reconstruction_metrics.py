@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from difflab.metrics.feature_nets import LPIPS_BACKBONES, lpips_weights_path
+from difflab.metrics.feature_nets import LPIPS_BACKBONES, lpips_weights_path, verified_lpips_weights
 from difflab.utils.images import image_grid
 from difflab.utils.loggers import log_image
 
@@ -41,8 +41,8 @@ class ReconstructionMetricsCallback(pl.Callback):
             )
         if self.lpips_net is None or self.lpips is not None or self.skip_reason:
             return
-        path = lpips_weights_path(self.lpips_net)
-        if not path.is_file():
+        if verified_lpips_weights(self.lpips_net) is None:
+            path = lpips_weights_path(self.lpips_net)
             self.skip_reason = (
                 f"LPIPS skipped: its ImageNet backbone weights {path} are missing (no download here); put "
                 f"{LPIPS_BACKBONES[self.lpips_net]} there to enable val/lpips_{self.lpips_net}"

@@ -1,7 +1,8 @@
 """CIFAR-10: 50,000 train + 10,000 test 32x32 RGB images, 10 classes.
 
-Reads the "python version" batches (``cifar-10-batches-py/data_batch_{1..5}``, ``test_batch``)
-itself, so no checksum is needed; ``download=true`` fetches them with torchvision.
+Reads the "python version" batches (``cifar-10-batches-py/data_batch_{1..5}``, ``test_batch``) itself, so no
+checksum is needed; ``download=true`` fetches them with torchvision. The batches are pickles, and ``pickle.load`` can
+run any code a file names; they are read with :class:`BatchUnpickler`, which admits only what the format needs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,27 @@ TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCHES = ("test_batch",)
 
 
+class BatchUnpickler(pickle.Unpickler):
+    """An unpickler for CIFAR-10 python batches: a dict of bytes/str keys, lists of ints and bytes, and one uint8
+    numpy array. The only globals the format names are numpy's array reconstruction (the original Python 2 files:
+    ``numpy.core.multiarray._reconstruct``, ``numpy.ndarray``, ``numpy.dtype``; batches re-saved by Python 3 add
+    ``_codecs.encode`` for bytes, or ``numpy._core.numeric._frombuffer`` with protocol 5); any other global
+    (``os.system``, ``builtins.exec``, ...) is refused before it is looked up, so nothing named by the file runs."""
+
+    ALLOWED = {
+        *((f"numpy.{core}.multiarray", "_reconstruct") for core in ("core", "_core")),
+        *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}: a CIFAR-10 batch holds only numpy arrays")
+        return super().find_class(module, name)
+
+
 def read_cifar_batches(directory: Path, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """Read pickled CIFAR-10 batches: uint8 images (N, 3, 32, 32) and int64 labels (N,)."""
     images, labels = [], []
@@ -28,7 +50,7 @@ def read_cifar_batches(directory: Path, names: tuple[str, ...]) -> tuple[torch.T
         path = directory / name
         try:
             with open(path, "rb") as f:
-                batch = pickle.load(f, encoding="latin1")
+                batch = BatchUnpickler(f, encoding="latin1").load()
             images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.append(np.asarray(batch["labels"], dtype=np.int64))
         except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:

@@ -47,13 +47,15 @@ class ResumePoint:
         self.num_batches = num_batches
         self.pending: tuple[int, int] | None = None
 
-    def load(self, state: dict[str, Any]) -> int:
-        """Take a ``{"epoch", "batches"}`` state; returns the epoch it resumes (the next one after a full epoch)."""
-        epoch, batches = int(state["epoch"]), int(state["batches"])
-        if batches >= self.num_batches:  # saved at the end of the epoch: the next one starts from its beginning
-            epoch, batches = epoch + 1, 0
+    def load(self, state: dict[str, Any]) -> None:
+        """Take a ``{"epoch", "batches"}`` state.
+
+        A state saved after the last batch of an epoch is kept as it is (all of that epoch's batches to skip): when
+        ``max_steps`` stops a run on the last batch and validation is by steps (``check_val_every_n_epoch=null``),
+        Lightning has not ended the epoch yet and re-enters it on resume, where it must get no batch; when the epoch
+        had ended, the next one starts from its beginning and this point is never used."""
+        epoch, batches = int(state["epoch"]), min(int(state["batches"]), self.num_batches)
         self.pending = (epoch, batches) if batches else None
-        return epoch
 
     def skip(self, epoch: int) -> int:
         """Batches to skip at the start of ``epoch``."""

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from difflab.data.base import ImageDataModule, _check_int
 from difflab.samplers import sample_loop
 from difflab.utils.checkpoint_io import AtomicCheckpointIO, CheckpointError, load_checkpoint
+from difflab.utils.stored_config import check_stored_config
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class PairsDataModule(ImageDataModule):
         self.teacher_ckpt = str(teacher_ckpt)
         record = read_run_record(self.teacher_ckpt, "model.teacher_ckpt")
         self.teacher_data = record["config"]["data"]
+        check_stored_config(self.teacher_data, f"model.teacher_ckpt={self.teacher_ckpt!r}", "difflab.config.data")
         if "Latent" in str(record["config"]["model"].get("_target_", "")):  # its pairs would be latents, not images
             raise ValueError(
                 f"model.teacher_ckpt={self.teacher_ckpt}: a latent rectified flow; reflow here trains a pixel-space "
@@ -137,7 +139,7 @@ class PairsDataModule(ImageDataModule):
 
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        teacher, _ = load_module(self.teacher_ckpt, map_location=device)
+        teacher, _ = load_module(self.teacher_ckpt, map_location=device, key="model.teacher_ckpt")
         if getattr(teacher.diffusion, "process_kind", "gaussian") != "flow":
             raise ValueError(
                 f"model.teacher_ckpt={self.teacher_ckpt}: reflow needs a rectified flow's checkpoint "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from difflab.metrics.feature_nets import load_classifier, lpips_weights_path
+from difflab.metrics.feature_nets import load_classifier, lpips_weights_path, verified_lpips_weights
 
 PERCEPTUAL_NETS = ("none", "lpips", "fmnist_cls", "fmnist_cls_v2", "mnist_cls")
 
@@ -56,8 +56,8 @@ class LPIPSPerceptual(nn.Module):
 
     def __init__(self, net_type: str = "alex") -> None:
         super().__init__()
-        path = lpips_weights_path(net_type)
-        if not path.is_file():
+        if verified_lpips_weights(net_type) is None:
+            path = lpips_weights_path(net_type)
             raise FileNotFoundError(
                 f"model.loss.perceptual=lpips needs the ImageNet {net_type} backbone at {path} (no download here). "
                 "Put the file there, or use perceptual=fmnist_cls | mnist_cls | none"

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +18,15 @@ import torch
 from torch import nn
 
 from difflab.networks import ClassifierNet
-from difflab.utils.checkpoint_io import load_checkpoint
+from difflab.utils.checkpoint_io import UnsafeCheckpointError, load_checkpoint, verify_weights_file
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 FEATURE_NETS = ("inception", "fmnist_cls", "fmnist_cls_v2", "mnist_cls")  # v1 stays the default: see weights/README
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception-v3
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+# SHA-256 of that release file, as recorded by users who pin it (its first 8 digits are the ones torch.hub's naming
+# convention puts in the file name); checked before torch-fidelity unpickles the file in full.
+INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 # torchvision's ImageNet backbones that torchmetrics' LPIPS loads by download
 LPIPS_BACKBONES = {
     "alex": "alexnet-owt-7be5be79.pth",
@@ -32,10 +35,41 @@ LPIPS_BACKBONES = {
 }
 
 
+def hub_checkpoints_dir() -> Path:
+    """``$TORCH_HOME/hub/checkpoints`` (default ``~/.cache/torch/hub/checkpoints``): where torch.hub downloads go."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
 def lpips_weights_path(net_type: str) -> Path:
     """Where torchvision (hence torchmetrics' LPIPS) looks for the ``net_type`` backbone weights."""
-    torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
-    return torch_home / "hub" / "checkpoints" / LPIPS_BACKBONES[net_type]
+    return hub_checkpoints_dir() / LPIPS_BACKBONES[net_type]
+
+
+def verified_lpips_weights(net_type: str) -> Path | None:
+    """The ``net_type`` backbone file, checked before torchvision unpickles it in full (its SHA-256 prefix, the
+    torchvision file name's, and a weights-only open: :func:`difflab.utils.checkpoint_io.verify_weights_file`);
+    None when it is missing."""
+    path = lpips_weights_path(net_type)
+    if not path.is_file():
+        return None
+    prefix = LPIPS_BACKBONES[net_type].rsplit("-", 1)[1].split(".")[0]
+    return verify_weights_file(path, f"lpips_net={net_type}", prefix)
+
+
+def inception_weights_file(inception_weights: str | None) -> Path:
+    """The FID Inception-v3 weights to hand to torch-fidelity, checked against :data:`INCEPTION_SHA256`:
+    ``inception_weights`` when given, else the file in ``$TORCH_HOME/hub/checkpoints/`` (downloaded there first
+    when missing). torch-fidelity never opens an unchecked file: it always gets this path."""
+    if inception_weights:
+        path, key = Path(inception_weights), "inception_weights"
+        if not path.is_file():
+            raise FileNotFoundError(f"inception_weights={inception_weights!r}: no such file")
+    else:
+        path, key = hub_checkpoints_dir() / INCEPTION_FILE, "feature_net=inception"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(INCEPTION_URL, str(path), hash_prefix=INCEPTION_SHA256)
+    return verify_weights_file(path, key, INCEPTION_SHA256)
 
 
 class FeatureNetUnavailable(RuntimeError):
@@ -80,16 +114,13 @@ def load_classifier(name: str, weights_dir: Path | None = None) -> tuple[Classif
 
 
 def _inception_feature(kind: str, inception_weights: str | None) -> Any:
-    """torchmetrics' default Inception feature for ``kind``, or — with a local weights file — the same network
-    (``NoTrainInceptionV3``) built from that file, so FID, KID and IS all work offline."""
-    if not inception_weights:
-        return "logits_unbiased" if kind == "is" else 2048
+    """torchmetrics' Inception network (``NoTrainInceptionV3``, the one its FID/KID/IS build by default) for ``kind``,
+    always from a checked weights file (:func:`inception_weights_file`), so FID, KID and IS also work offline."""
     from torchmetrics.image.fid import NoTrainInceptionV3
 
     layer = "logits_unbiased" if kind == "is" else "2048"
-    return NoTrainInceptionV3(
-        name="inception-v3-compat", features_list=[layer], feature_extractor_weights_path=inception_weights
-    )
+    weights = str(inception_weights_file(inception_weights))
+    return NoTrainInceptionV3(name="inception-v3-compat", features_list=[layer], feature_extractor_weights_path=weights)
 
 
 def make_metric(kind: str, feature_net: str, inception_weights: str | None = None, **kwargs: Any) -> Any:
@@ -113,6 +144,8 @@ def make_metric(kind: str, feature_net: str, inception_weights: str | None = Non
         try:
             feature = _inception_feature(kind, inception_weights)
             return classes[kind](feature=feature, **kwargs)
+        except UnsafeCheckpointError:
+            raise
         except ModuleNotFoundError as err:
             raise FeatureNetUnavailable(
                 f"feature_net=inception needs torch-fidelity: pip install torch-fidelity ({err})"

@@ -22,6 +22,7 @@ from difflab.modules.step_logging import log_train_step
 from difflab.networks.autoencoder import Autoencoder
 from difflab.networks.regularizers import Regularizer
 from difflab.utils.checkpoint_io import load_checkpoint
+from difflab.utils.stored_config import check_stored_config
 
 
 class AutoencoderModule(pl.LightningModule):
@@ -185,9 +186,12 @@ def load_autoencoder(path: str | Path | LoadedCheckpoint | None) -> tuple[Autoen
     else:
         checkpoint = load_checkpoint(resolve_autoencoder_path(path), "model.autoencoder_ckpt")
     config: dict[str, Any] = {}
+    section = "difflab.config.model"
     if isinstance(checkpoint, dict):
         config = checkpoint.get("autoencoder_config") or (checkpoint.get("difflab") or {}).get("config", {})
+        section = "autoencoder_config.model" if checkpoint.get("autoencoder_config") else section
     model_cfg = config.get("model", {})
+    check_stored_config(model_cfg, f"model.autoencoder_ckpt={str(path)!r}", section)
     if model_cfg.get("_target_", "").rsplit(".", 1)[-1] != "AutoencoderModule":
         raise ValueError(
             f"model.autoencoder_ckpt={str(path)!r}: not a stage-1 checkpoint (its model is "

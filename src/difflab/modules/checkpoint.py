@@ -21,6 +21,7 @@ from difflab.callbacks.ema import young_ema_warning
 from difflab.modules.autoencoder import LoadedCheckpoint
 from difflab.modules.diffusion import DiffusionModule
 from difflab.utils.checkpoint_io import CheckpointError, load_checkpoint
+from difflab.utils.stored_config import check_stored_config
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,17 @@ def _load(path: str | Path, key: str = "ckpt") -> dict[str, Any]:
             "checkpoints are written by src/train.py)"
         )
     return checkpoint
+
+
+def stored_data_module(record: dict[str, Any], where: str, data_dir: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """The data module of a run record (``read_run_record``/``load_module``) read from ``where``
+    (``ckpt='run/last.ckpt'``), its config checked first (:func:`check_stored_config`), and the config it was built
+    from; ``data_dir`` replaces the recorded folder (the data may live elsewhere on this machine)."""
+    data_cfg = dict(record["config"]["data"])
+    check_stored_config(data_cfg, where, "difflab.config.data")
+    if data_dir:
+        data_cfg["data_dir"] = data_dir
+    return instantiate(data_cfg), data_cfg
 
 
 def read_run_record(path: str | Path, key: str = "ckpt") -> dict[str, Any]:
@@ -128,23 +140,26 @@ def load_module(
     precision: str | None = None,
     weights: str = "ema",
     sampler_fallback: DictConfig | dict | None = None,
+    key: str = "ckpt",
 ) -> tuple[DiffusionModule, dict[str, Any]]:
     """Rebuild the trained module from a checkpoint alone, optionally with another sampler config (see
     :func:`sampler_config`, also for ``sampler_fallback``) and, with
     ``compile`` (none | default | reduce-overhead | max-autotune), another ``model.compile`` than in training; with
     ``precision`` (a trainer precision: 32-true | bf16-mixed | 16-mixed) another ``model.sample_precision``;
-    ``weights``: ``ema`` or ``raw`` (see :func:`select_weights`).
+    ``weights``: ``ema`` or ``raw`` (see :func:`select_weights`); ``key``: the setting ``path`` came from, for the
+    messages (``ckpt``, ``classifier_ckpt``, ``upscaler_ckpt``, ``model.teacher_ckpt``).
 
     Returns (module in eval mode with the chosen weights, the run record with ``sampler``: the sampler config the
     module was built with, for reports of what drew the samples).
     """
-    checkpoint = _load(path)
+    checkpoint = _load(path, key)
     record = checkpoint["difflab"]
+    check_stored_config(record["config"]["model"], f"{key}={str(path)!r}", "difflab.config.model")
     model_cfg = OmegaConf.create(record["config"]["model"])
     if "sampler" in model_cfg:  # diffusion models (a classifier checkpoint has no sampler)
         model_cfg.sampler = sampler_config(model_cfg.sampler, sampler, sampler_fallback)
     elif sampler is not None:
-        raise CheckpointError(f"ckpt={str(path)!r}: a {model_cfg.get('_target_')} checkpoint takes no sampler")
+        raise CheckpointError(f"{key}={str(path)!r}: a {model_cfg.get('_target_')} checkpoint takes no sampler")
     if model_cfg.get("teacher_ckpt"):  # reflow's warm start: the weights come from this checkpoint
         model_cfg.teacher_ckpt = None
     if compile is not None and "compile" in model_cfg:
@@ -160,7 +175,7 @@ def load_module(
     missing, unexpected = module.load_state_dict(select_weights(checkpoint, weights, path), strict=False)
     if missing or unexpected:
         raise CheckpointError(
-            f"ckpt={str(path)!r}: weights do not match the model of its own config "
+            f"{key}={str(path)!r}: weights do not match the model of its own config "
             f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
     module.on_load_checkpoint(checkpoint)  # what modules keep beside the weights (latent scale, t-sampler state)

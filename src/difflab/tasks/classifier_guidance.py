@@ -20,7 +20,7 @@ DEFAULT_SCALE = 1.0  # ADM-G's s for its class-conditional ImageNet 256 model
 
 def load_noisy_classifier(path: str, device: torch.device | str = "cpu") -> NoisyClassifierModule:
     """The :class:`NoisyClassifierModule` of checkpoint ``path`` in eval mode, weights frozen."""
-    classifier, _ = load_module(path, map_location=device)
+    classifier, _ = load_module(path, map_location=device, key="classifier_ckpt")
     if not isinstance(classifier, NoisyClassifierModule):
         raise ValueError(
             f"classifier_ckpt={path!r}: a {type(classifier).__name__} checkpoint; classifier guidance needs a "

@@ -189,7 +189,9 @@ def load_upscaler(cfg: DictConfig, base: Any, device: torch.device) -> UpscalerM
             "mode=cascade needs upscaler_ckpt=<an upscaler checkpoint> (python src/train.py model=upscaler)"
         )
     with trusted_checkpoints(cfg.get("trust_checkpoint", False)):
-        upscaler, _ = load_module(cfg.upscaler_ckpt, sampler=cfg.get("sampler"), map_location=device)
+        upscaler, _ = load_module(
+            cfg.upscaler_ckpt, sampler=cfg.get("sampler"), map_location=device, key="upscaler_ckpt"
+        )
     if not isinstance(upscaler, UpscalerModule):
         raise ValueError(f"upscaler_ckpt={cfg.upscaler_ckpt}: not an upscaler (trained with model=upscaler)")
     expected = (upscaler.image_shape[0], upscaler.low_res_size, upscaler.low_res_size)

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from difflab.callbacks.nll import check_likelihood
 from difflab.metrics import GenerativeMetrics, straightness
+from difflab.modules.checkpoint import stored_data_module
 from difflab.tasks.sample import load_for_sampling, resolve_device
 from difflab.tasks.sample_info import guidance_info
 from difflab.utils.checkpoint_io import trusted_checkpoints
@@ -25,10 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def _dataset(cfg: DictConfig, record: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    data_cfg = dict(record["config"]["data"])
-    if cfg.get("data_dir"):
-        data_cfg["data_dir"] = cfg.data_dir
-    datamodule = instantiate(data_cfg)
+    datamodule, data_cfg = stored_data_module(record, f"ckpt={str(cfg.ckpt)!r}", cfg.get("data_dir"))
     datamodule.setup("fit" if cfg.split in ("train", "val") else "test")
     dataset = getattr(datamodule, cfg.split, None)
     if dataset is None:

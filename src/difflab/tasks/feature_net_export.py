@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 
 from difflab.metrics.feature_nets import WEIGHTS_DIR
 from difflab.modules import load_module
+from difflab.modules.checkpoint import stored_data_module
 from difflab.utils.config import register_resolvers
 
 
@@ -33,7 +33,7 @@ def export(ckpt: str, name: str, command: str, out_dir: Path = WEIGHTS_DIR) -> d
     register_resolvers()
     module, record = load_module(ckpt)
     config = record["config"]
-    datamodule = instantiate(config["data"])
+    datamodule, _ = stored_data_module(record, f"ckpt={ckpt!r}")
     datamodule.setup("test")
     net = module.net.eval()
     meta = {

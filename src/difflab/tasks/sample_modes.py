@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from difflab.modules.checkpoint import stored_data_module
 from difflab.samplers import DDIMSampler, sample_loop
 from difflab.utils.labels import save_labelled_grid
 from difflab.utils.paths import ensure_dir
@@ -41,10 +41,7 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, alpha: float) -> torch.Tensor:
 def reconstruct(cfg: DictConfig, module: Any, record: dict, device: torch.device) -> dict[str, Any]:
     """Encode ``num_samples`` test images to x_T with the η = 0 inverse, decode them back, report PSNR/SSIM."""
     sampler = _ddim(module, "reconstruct")
-    data_cfg = dict(record["config"]["data"])
-    if cfg.get("data_dir"):
-        data_cfg["data_dir"] = cfg.data_dir
-    datamodule = instantiate(data_cfg)
+    datamodule, _ = stored_data_module(record, f"ckpt={str(cfg.ckpt)!r}", cfg.get("data_dir"))
     datamodule.setup("test")
     x0, y = next(iter(torch.utils.data.DataLoader(datamodule.test, batch_size=int(cfg.num_samples))))
     x0 = x0.to(device)

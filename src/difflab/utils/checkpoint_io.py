@@ -11,8 +11,11 @@ needs nothing beyond torch's default allow-list (tested for every model, optimiz
 :data:`SAFE_GLOBALS` is empty: a type joins it only with a test showing a checkpoint of ours needs it.
 
 A file that needs full unpickling — a foreign or crafted one, or one whose writer stored Python objects — is refused
-with a message naming it. ``trust_checkpoint=true`` on the command line (:func:`trusted_checkpoints`) opens such files
-in full: only for files you made yourself or got from someone you trust.
+with a message naming it; a stored config is checked before anything is built from it
+(``hydra.utils.instantiate`` calls what it names: :mod:`difflab.utils.stored_config`). ``trust_checkpoint=true`` on the
+command line (:func:`trusted_checkpoints`) opens such files in full: only for files you made yourself or got from
+someone you trust. Third-party weights that a library unpickles in full itself (torch-fidelity's Inception,
+torchvision's LPIPS backbones) are checked first by :func:`verify_weights_file`.
 
 Writing: :class:`AtomicCheckpointIO` (the trainer's checkpoint plugin in ``src/train.py``).
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import logging
 import os
 import pickle
@@ -70,25 +74,54 @@ def load_checkpoint(path: str | Path, key: str = "ckpt", trust: bool | None = No
 
     ``key`` names the setting the path came from, for the messages (``ckpt``, ``ckpt_path``,
     ``model.autoencoder_ckpt``, ...). ``trust`` (default: :func:`checkpoints_trusted`) opens a file that needs
-    full unpickling instead of refusing it. Raises :class:`CheckpointError` (missing or unreadable file) or
-    :class:`UnsafeCheckpointError`.
+    full unpickling instead of refusing it. A config read from the file is checked where it is built
+    (:func:`difflab.utils.stored_config.check_stored_config`). Raises :class:`CheckpointError` (missing or
+    unreadable file) or :class:`UnsafeCheckpointError`.
     """
     path = Path(path)
     where = f"{key}={str(path)!r}"
     if not path.is_file():
         raise CheckpointError(f"{where}: no such file")
+    trusted = checkpoints_trusted() if trust is None else trust
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err) or not _is_pickle(path):
             raise CheckpointError(f"{where}: cannot be read as a PyTorch checkpoint ({err})") from err
-        if not (checkpoints_trusted() if trust is None else trust):
+        if not trusted:
             raise UnsafeCheckpointError(_unsafe_message(where, str(err))) from None
     except Exception as err:  # torch raises several types for a corrupt file
         raise CheckpointError(f"{where}: cannot be read as a PyTorch checkpoint ({err})") from err
+    else:
+        return content
     log.warning("%s: opened with full unpickling (trust_checkpoint=true)", where)
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def verify_weights_file(path: str | Path, key: str, sha256: str) -> Path:
+    """Check a third-party weights file before a library unpickles it in full (torch-fidelity's Inception,
+    torchvision's LPIPS backbones: ``torch.load(weights_only=False)``): its SHA-256 must start with ``sha256`` (the
+    whole published digest, or the prefix torch.hub names its files with); with a prefix only, the file must also
+    open as tensors and plain containers (:func:`load_checkpoint`), so that even a forged prefix runs no code.
+    ``trust_checkpoint=true`` skips both checks. Returns ``path``; raises :class:`UnsafeCheckpointError`."""
+    path = Path(path)
+    if checkpoints_trusted():
+        return path
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    if not digest.hexdigest().startswith(sha256):
+        raise UnsafeCheckpointError(
+            f"{key}={str(path)!r}: refused: its SHA-256 is {digest.hexdigest()}, not the published file's "
+            f"({sha256}{'' if len(sha256) == 64 else '...'}). It is another or an altered file, which the library "
+            "would unpickle in full (that can run code). Download the original again, or, if you trust this file, "
+            "add trust_checkpoint=true to the command line."
+        )
+    if len(sha256) < 64:
+        load_checkpoint(path, key)
+    return path
 
 
 def _is_pickle(path: Path) -> bool:
