@@ -49,13 +49,30 @@ def test_last_ckpt_is_written_before_the_step_file(tmp_path, monkeypatch):
     ]
 
 
+class FullDisk:
+    """A file on a disk with ``room`` bytes left: writes past it fail with ENOSPC, as the kernel's do. torch.save's
+    zip writer then ends in ``RuntimeError: [enforce fail at inline_container.cc]`` with the OSError only as its
+    context: what a user saw instead of "no space left on device"."""
+
+    def __init__(self, file, room: int) -> None:
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
 def test_a_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     save = torch.save
 
     def disk_full_from_step_4(obj, file, *args, **kwargs):
         if isinstance(obj, dict) and obj.get("global_step", 0) >= 4:
-            file.write(b"partial bytes")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            file = FullDisk(file, room=1000)
         return save(obj, file, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", disk_full_from_step_4)
@@ -63,11 +80,20 @@ def test_a_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(tmp_path, m
         train(compose_config([*TINY, *EVERY_2, "trainer.max_steps=6"], tmp_path))
     message = str(info.value)
     checkpoints = tmp_path / "checkpoints"
-    assert f"checkpoint {checkpoints / 'last.ckpt'} could not be written (No space left on device)" in message
+    assert f"checkpoint {checkpoints / 'last.ckpt'} could not be written (No space left on device" in message
     assert "the file already there, if any, is unchanged" in message
     monkeypatch.setattr(torch, "save", save)
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step0000002.ckpt"]  # no temporary file
+
+
+def test_torch_saves_error_on_a_full_disk_names_the_cause_and_the_file(tmp_path, monkeypatch):
+    save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, file: save(obj, FullDisk(file, room=1000)))
+    target = tmp_path / "pairs.pt"
+    with pytest.raises(OSError, match=f"No space left on device .*writing {target}") as info:
+        checkpoint_io.AtomicCheckpointIO().save_checkpoint({"x": torch.zeros(10_000)}, target)
+    assert info.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []
 
 
 def test_a_full_disk_while_the_file_is_put_in_place_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -98,3 +98,43 @@ def test_reconstruction_metrics_and_lpips_skip_logged_once(tmp_path, monkeypatch
     # data_range of 1 would give 20.0)
     assert float(metrics["val/psnr"]) == pytest.approx(26.02, abs=0.3) and 0 < float(metrics["val/ssim"]) < 1
     assert "val/lpips_alex" not in metrics
+
+
+def eval_config(ckpt: str, out_dir, *extra: str):
+    settings = ["metrics=[fid,nll]", "num_samples=8", "num_real=16", "batch_size=8", "nll_images=2"]
+    return compose_config([f"ckpt={ckpt}", *settings, "sampler=ddim", "sampler.steps=2", *extra], out_dir, "eval")
+
+
+@pytest.mark.parametrize("key", ["out", "cache_dir"])
+def test_eval_checks_its_output_folders_before_computing(key, tiny_checkpoint, weights_dir, tmp_path, monkeypatch):  # noqa: F811
+    """A folder that cannot be written (here: below a file) fails at once, naming the key, not after the sampling."""
+    import difflab.tasks.eval as eval_task
+
+    (tmp_path / "a_file").write_text("")
+    target = tmp_path / "a_file" / ("report.json" if key == "out" else "stats")
+    monkeypatch.setattr(eval_task, "load_for_sampling", lambda *a: pytest.fail("computed before checking"))
+    with pytest.raises(OSError, match=f"{key}: cannot write in {tmp_path / 'a_file'}"):
+        evaluate(eval_config(tiny_checkpoint, tmp_path / "eval", f"{key}={target}"))
+
+
+def test_a_full_disk_leaves_no_partial_report_nor_cache(tiny_checkpoint, weights_dir, tmp_path, monkeypatch, caplog):  # noqa: F811
+    """The statistics cache that cannot be written is a warning (the numbers stand); the report that cannot be
+    written is an error after the table is printed; neither leaves a partial file or a temporary one."""
+    import errno
+    import os
+
+    from difflab.utils import paths
+
+    replace = os.replace
+
+    def disk_full(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(paths.os, "replace", disk_full)
+    out, cache = tmp_path / "report.json", tmp_path / "cache"
+    with caplog.at_level(logging.WARNING), pytest.raises(OSError, match=f"No space left on device .*{out}"):
+        evaluate(eval_config(tiny_checkpoint, tmp_path / "eval", f"out={out}", f"cache_dir={cache}"))
+    monkeypatch.setattr(paths.os, "replace", replace)
+    assert "the real statistics were not cached ([Errno 28] No space left on device while writing" in caplog.text
+    assert list(tmp_path.glob("*.json")) == [] and list(cache.iterdir()) == []
+    assert not list(tmp_path.glob(".*.tmp"))

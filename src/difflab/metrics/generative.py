@@ -21,6 +21,7 @@ from torch import nn
 from difflab.metrics import feature_nets
 from difflab.metrics.feature_nets import make_metric, to_metric_input
 from difflab.utils.checkpoint_io import load_checkpoint
+from difflab.utils.paths import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +151,11 @@ class GenerativeMetrics(nn.Module):
         state = self.real_state()
         self.load_real_state(state)
         if path is not None and _rank_world()[0] == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(state, tmp)
-            tmp.replace(path)  # atomic: a reader never sees a partial file
+            try:
+                with atomic_write(path) as file:  # a reader never sees a partial file, a failure leaves none
+                    torch.save(state, file)
+            except OSError as err:  # the statistics are computed: a cache that cannot be written only costs time
+                log.warning("cache_dir: the real statistics were not cached (%s)", err)
         return False
 
 

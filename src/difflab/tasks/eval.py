@@ -18,7 +18,7 @@ from difflab.tasks.sample import load_for_sampling, resolve_device
 from difflab.tasks.sample_info import guidance_info
 from difflab.utils.checkpoint_io import trusted_checkpoints
 from difflab.utils.checkpoint_ref import fetch_checkpoint
-from difflab.utils.paths import ensure_parent
+from difflab.utils.paths import check_writable, write_text_atomic
 from difflab.utils.progress import SamplingProgress, progress_iter
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     unknown = set(names) - {"fid", "kid", "is", "nll", "straightness"}
     if unknown:
         raise ValueError(f"metrics={names}: unknown {sorted(unknown)}; expected fid, kid, is, nll, straightness")
+    ckpt = Path(fetch_checkpoint(str(cfg.ckpt)))  # a wandb:... artifact: its downloaded file
+    out = Path(cfg.get("out") or ckpt.with_name(f"{ckpt.stem}_eval.json"))
+    check_writable(out.parent, "out")  # before minutes of sampling, not after
+    if set(names) & {"fid", "kid"} and cfg.get("cache_dir"):
+        check_writable(cfg.cache_dir, "cache_dir")
     device = resolve_device(cfg.device)
     module, record = load_for_sampling(cfg, device)
     dataset, data_cfg = _dataset(cfg, record)
@@ -109,8 +114,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     # the table first: a failed write (a full disk, a read-only folder) must not lose minutes of results
     print(f"{'metric':<28} value\n" + "\n".join(f"{k:<28} {v:.4f}" for k, v in results.items()), flush=True)
-    ckpt = Path(fetch_checkpoint(str(cfg.ckpt)))  # a wandb:... artifact: its downloaded file
-    out = ensure_parent(cfg.get("out") or ckpt.with_name(f"{ckpt.stem}_eval.json"))
-    out.write_text(json.dumps(report, indent=2, default=str))
+    write_text_atomic(out, json.dumps(report, indent=2, default=str))  # whole or not at all
     print(f"wrote {out}")
     return report

@@ -13,7 +13,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from difflab.utils.labels import class_names_of, class_tags
-from difflab.utils.paths import ensure_parent
+from difflab.utils.paths import write_text_atomic
 
 
 def class_names(record: dict[str, Any]) -> list[str] | None:
@@ -87,6 +87,4 @@ def npz_arrays(info: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def write_json(info: dict[str, Any], path: str | Path) -> Path:
-    path = ensure_parent(path)
-    path.write_text(json.dumps(info, indent=2, default=str))
-    return path
+    return write_text_atomic(path, json.dumps(info, indent=2, default=str))

@@ -26,7 +26,6 @@ import contextlib
 import contextvars
 import hashlib
 import logging
-import os
 import pickle
 import pickletools
 import re
@@ -37,6 +36,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from difflab.utils.paths import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -156,37 +157,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Why not Lightning's own atomic save: it goes through fsspec's local transaction, which writes the temporary file
     into the system temp directory and *moves* it into place; when that is another filesystem (a tmpfs ``/tmp``, a
     network log dir) the move is a copy into the target path, so a kill or a full disk during the copy leaves a
-    truncated ``last.ckpt`` where the previous good one was. Here a failed write (e.g. ``OSError`` ENOSPC) removes
-    its temporary file and leaves the previous checkpoint exactly as it was.
+    truncated ``last.ckpt`` where the previous good one was. Here (:func:`difflab.utils.paths.atomic_write`) a failed
+    write (e.g. ``OSError`` ENOSPC) removes its temporary file and leaves the previous checkpoint exactly as it was;
+    it raises an ``OSError`` naming the cause and the file even where torch's zip writer reports only
+    ``[enforce fail at inline_container.cc]``.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with temporary.open("wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
-        _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename durable (POSIX; a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        with atomic_write(path, fsync=True) as file:
+            torch.save(checkpoint, file)

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
-
-def _atomic_target(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+from difflab.utils.paths import atomic_write
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -31,16 +26,9 @@ def image_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
     """Write ``images`` (N, C, H, W) in [-1, 1] as one PNG grid; returns the path."""
-    path = Path(path)
-    fd, tmp = _atomic_target(path)
-    os.close(fd)
-    try:
-        save_image(image_grid(images, nrow), tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    with atomic_write(path) as file:
+        save_image(image_grid(images, nrow), file, format="png")
+    return Path(path)
 
 
 def save_npz(
@@ -59,12 +47,6 @@ def save_npz(
         if key in arrays:
             raise ValueError(f"save_npz: extra array {key!r} would replace the images or labels")
         arrays[key] = np.asarray(value)
-    fd, tmp = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path) as file:
+        np.savez(file, **arrays)
     return path

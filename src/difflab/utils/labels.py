@@ -8,14 +8,14 @@ original/reconstruction pairs). Narrow columns get their labels written vertical
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from difflab.utils.images import _atomic_target, image_grid
+from difflab.utils.images import image_grid
+from difflab.utils.paths import atomic_write
 
 PADDING = 2  # torchvision's make_grid padding used by image_grid
 MAX_CHARS = 40
@@ -107,12 +107,6 @@ def save_labelled_grid(
     rows, cols = grid_axes(list(tags), min(nrow, images.shape[0])) if tags else (None, None)
     if rows or cols:
         picture = label_grid(picture, tuple(images.shape[-2:]), rows, cols)
-    fd, tmp = _atomic_target(path)
-    os.close(fd)
-    try:
-        picture.save(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path) as file:
+        picture.save(file, format="png")
     return path

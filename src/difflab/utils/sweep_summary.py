@@ -15,7 +15,6 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -28,16 +27,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from difflab.utils.paths import write_text_atomic
+
 RUN_SUMMARY = "run_summary.json"
 # run_summary.json fields that become columns, in this order (metrics follow, sorted)
 FIELDS = ("params", "gflops_per_forward", "train_images", "train_images_per_s", "wall_time_s")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write via a temporary file and a rename, so concurrent jobs never leave a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_run_summary(output_dir: str | Path, **record: Any) -> Path:
@@ -52,7 +46,7 @@ def write_run_summary(output_dir: str | Path, **record: Any) -> Path:
 
     path = Path(output_dir) / RUN_SUMMARY
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, json.dumps(clean(record), indent=2, sort_keys=True))
+    write_text_atomic(path, json.dumps(clean(record), indent=2, sort_keys=True))
     return path
 
 
@@ -152,8 +146,8 @@ def write_sweep_summary(sweep_dir: str | Path, name: str = "sweep_summary") -> l
     sweep_dir = Path(sweep_dir)
     rows = collect_jobs(sweep_dir)
     if rows:
-        _atomic_write(sweep_dir / f"{name}.csv", to_csv(rows))
-        _atomic_write(sweep_dir / f"{name}.md", to_markdown(rows, f"Sweep {sweep_dir}"))
+        write_text_atomic(sweep_dir / f"{name}.csv", to_csv(rows))
+        write_text_atomic(sweep_dir / f"{name}.md", to_markdown(rows, f"Sweep {sweep_dir}"))
     return rows
 
 
