@@ -231,6 +231,8 @@ def test_steps_out_of_order_or_after_the_end_fail(linear):
         ("dpmpp_3m", {"steps": 2}, r"sampler.steps=2: DPMSolverMultistepSampler\(order=3\) needs steps >= 3"),
         ("unipc", {"order": 3, "steps": 2}, "needs steps >= 3"),
         ("euler", {"steps": 1001}, "expected 1 <= steps <= T=1000"),
+        ("dpmpp_2m", {"steps": 5000, "sigma_schedule": "karras"}, "sampler.steps=5000: expected 1 <= steps <= T=1000"),
+        ("heun", {"steps": 1001, "sigma_schedule": "uniform_lambda"}, "expected 1 <= steps <= T=1000"),
         ("heun", {"sigma_schedule": "karras", "sigma_max": 0.005}, "sampler.sigma_max=0.005: below the model's"),
         ("dpmpp_2m", {"sigma_schedule": "karras", "sigma_min": 1e-4}, "sampler.sigma_min=0.0001: outside"),
         ("euler", {"sigma_max": 10.0}, "sigma_schedule=karras|uniform_lambda"),

@@ -58,12 +58,18 @@ class Spacing(StrEnumChoice):
     QUADRATIC = "quadratic"
 
 
+def check_steps(num_steps: int, num_timesteps: int) -> int:
+    """``num_steps`` when 1 <= steps <= T (the model's number of timesteps), for every sampler, the continuous-σ ones
+    included (more steps than the model has levels only costs time); else a ValueError naming ``sampler.steps``."""
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"sampler.steps={num_steps}: expected 1 <= steps <= T={num_timesteps} (the model's timesteps)")
+    return num_steps
+
+
 def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: Spacing | str = Spacing.EVEN) -> torch.Tensor:
     """K distinct indices in [0, T), ascending, chosen by ``spacing``."""
     spacing = parse_enum(Spacing, spacing, "sampler.spacing")
-    T, K = num_timesteps, num_steps
-    if not 1 <= K <= T:
-        raise ValueError(f"sampler.steps={K}: expected 1 <= steps <= T={T}")
+    T, K = num_timesteps, check_steps(num_steps, num_timesteps)
     if spacing is Spacing.EVEN:  # the stride accumulated as improved-diffusion does (the same ties at x.5)
         stride = (T - 1) / (K - 1) if K > 1 else 0.0
         steps, position = [], 0.0

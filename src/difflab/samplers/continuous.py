@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from difflab.samplers.base import Sampler, SamplerOutput, spaced_timesteps
+from difflab.samplers.base import Sampler, SamplerOutput, check_steps, spaced_timesteps
 from difflab.schedules import ContinuousSchedule, NoiseLevel
 from difflab.utils.enums import StrEnumChoice, parse_enum
 
@@ -129,7 +129,7 @@ class ContinuousSampler(Sampler):
         )
 
     def set_timesteps(self, num_steps: int | None = None) -> None:
-        num_steps = self.num_steps if num_steps is None else num_steps
+        num_steps = check_steps(self.num_steps if num_steps is None else num_steps, self.num_timesteps)
         if num_steps < self.min_steps:
             raise ValueError(
                 f"sampler.steps={num_steps}: {type(self).__name__}{self.describe()} needs steps >= {self.min_steps}"
