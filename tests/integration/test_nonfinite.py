@@ -3,6 +3,7 @@ bad steps (skip); a checkpoint with non-finite weights is never written over a f
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -50,6 +51,8 @@ def test_skip_drops_the_non_finite_steps_and_finishes_finite(tmp_path):
     last = torch.load(result["checkpoint"], weights_only=True)
     assert last["global_step"] == 8 and all_finite(last["state_dict"]) and all_finite(last["current_model_state"])
     assert all(all_finite(s) for s in last["optimizer_states"][0]["state"].values())  # Adam's moments too
+    summary = json.loads((tmp_path / "run_summary.json").read_text())
+    assert summary["status"] == "ok" and summary["nonfinite_steps_skipped"] == 6
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -82,3 +85,15 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_before_it_is_written(tm
     next(iter(state.values())).fill_(math.inf)
     with pytest.raises(NonFiniteError, match="weights \\(state_dict\\) are not all finite; the checkpoint was not"):
         guard.on_save_checkpoint(trainer, module, {"state_dict": state})
+
+
+def test_skip_records_the_count_and_a_non_finite_validation_is_not_ok(tmp_path):
+    """18 of 20 steps skipped and val/loss = NaN used to end with rc 0 and "status": "ok": the count is recorded in
+    run_summary.json, the run ends with an error and its summary says nonfinite."""
+    validated = [o for o in DIVERGING if not o.startswith("trainer.limit_val_batches")]
+    validated += ["trainer.limit_val_batches=1", "trainer.val_check_interval=4", "trainer.check_val_every_n_epoch=null"]
+    with pytest.raises(NonFiniteError, match=r"the last validation is not finite \(val/loss=nan\) after 8 steps, 6 of"):
+        train(compose_config([*validated, "callbacks.nonfinite.action=skip"], tmp_path))
+    summary = json.loads((tmp_path / "run_summary.json").read_text())
+    assert summary["status"] == "nonfinite" and summary["nonfinite_steps_skipped"] == 6
+    assert "the model is not usable" in summary["error"] and summary["metrics"]["val/loss"] is None  # NaN → null

@@ -137,6 +137,31 @@ def test_csv_history_is_kept_and_continued(tmp_path):
     assert logged_steps(metrics) == list(range(8))  # 0-3 from the first run, 4-7 from the resumed one
 
 
+def test_a_kill_right_after_a_step_checkpoint_loses_no_csv_row(tmp_path, monkeypatch):
+    """The checkpoint of a step is written before Lightning logs that step's metrics: killed right after the save,
+    the file lacks the row, and the resumed run (which starts at the next step) would never write it. The
+    checkpoint carries the row and the resumed CSV logger writes it."""
+    from difflab.utils.checkpoint_io import AtomicCheckpointIO
+
+    save = AtomicCheckpointIO.save_checkpoint
+
+    def killed_after_step_4(self, checkpoint, path, **kwargs):
+        save(self, checkpoint, path, **kwargs)
+        if Path(path).name == "step0000004.ckpt":
+            raise SystemExit("killed")
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", killed_after_step_4)
+    with pytest.raises(SystemExit):
+        fit(tmp_path / "first", "trainer.max_steps=8", *EVERY_4)
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", save)
+    metrics = tmp_path / "first" / "csv" / "version_0" / "metrics.csv"
+    assert logged_steps(metrics) == [0, 1, 2]  # the row of step 3, the checkpoint's last, never reached the file
+    checkpoint = tmp_path / "first" / "checkpoints" / "step0000004.ckpt"
+    assert torch.load(checkpoint, weights_only=True)["difflab"]["unlogged_row"]["step"] == 3
+    fit(tmp_path / "resumed", "trainer.max_steps=8", f"ckpt_path={checkpoint}")
+    assert logged_steps(metrics) == list(range(8))
+
+
 class CsvOnDisk(pl.Callback):
     """Records the steps in ``path`` (metrics.csv) as they are on disk when training step ``step`` starts."""
 

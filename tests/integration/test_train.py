@@ -194,3 +194,16 @@ def test_load_module_samples_in_the_precision_trained_or_asked(trained):
     assert load_module(result["checkpoint"])[0].sample_dtype is None
     asked, _ = load_module(result["checkpoint"], precision="bf16-mixed")  # sample.py/eval.py precision=...
     assert asked.sample_dtype is torch.bfloat16
+
+
+def test_an_experiment_runs_with_callbacks_none(tmp_path, caplog):
+    """quickstart sets callbacks.ema.decay: with callbacks=none that setting has no callback to go to; it is ignored
+    with a warning naming it (it used to stop the run at start-up: "config entry 'ema' has no _target_")."""
+    import logging
+
+    quick = ["experiment=quickstart", "callbacks=none", "data.limit_train_size=64", "trainer.max_steps=1"]
+    quick += ["trainer.limit_val_batches=0", "samples.num_samples=0", "trainer.enable_progress_bar=false"]
+    with caplog.at_level(logging.WARNING):
+        result = train(compose_config(quick, tmp_path))
+    assert np.isfinite(result["metrics"]["train/loss"]) and "checkpoint" not in result  # no ModelCheckpoint
+    assert "callbacks.ema sets decay, warmup but no callback of that name is selected (callbacks=...)" in caplog.text

@@ -46,6 +46,11 @@ class NonFiniteGuard(pl.Callback):
         self._check_gradients = True
         self._last_saved: int | None = None  # global step of the last checkpoint this guard let through
 
+    @property
+    def skipped_steps(self) -> int:
+        """Non-finite steps found so far (dropped under ``action=skip``); a host read."""
+        return 0 if self._count is None else int(self._count)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         device = pl_module.device
         self._count = torch.zeros((), dtype=torch.long, device=device)

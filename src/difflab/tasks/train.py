@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from difflab.callbacks import EMA, RunRecord, TrainingRandomState, TrainThroughput
+from difflab.callbacks import EMA, NonFiniteError, NonFiniteGuard, RunRecord, TrainingRandomState, TrainThroughput
 from difflab.callbacks.ema import young_ema_warning
 from difflab.callbacks.sample_grid import sample_class_rows
 from difflab.modules import read_run_record
@@ -35,7 +36,9 @@ def _resume_overrides(cfg: DictConfig, ckpt_path: str | None) -> dict[str, dict[
         return {}
     record = read_run_record(ckpt_path, "ckpt_path")
     return {
-        entry._target_: resume_logger_kwargs(entry._target_, record.get("loggers", []), record["global_step"])
+        entry._target_: resume_logger_kwargs(
+            entry._target_, record.get("loggers", []), record["global_step"], record.get("unlogged_row")
+        )
         for entry in (cfg.get("logger") or {}).values()
         if entry is not None
     }
@@ -57,6 +60,25 @@ def write_samples(
         "grid": save_labelled_grid(images, out_dir / "samples.png", nrow=nrow, tags=tags),
         "npz": save_npz(images, out_dir / "samples.npz", labels=labels),
     }
+
+
+def nonfinite_report(trainer: pl.Trainer, metrics: dict[str, float]) -> dict[str, Any]:
+    """What ``run_summary.json`` records of non-finite values: the steps ``callbacks.nonfinite.action=skip``
+    dropped, and, when the last validation is not finite (its model cannot be used), ``status: nonfinite`` with the
+    error to raise."""
+    guard = next((c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)), None)
+    skipped = guard.skipped_steps if guard is not None else 0
+    report: dict[str, Any] = {"nonfinite_steps_skipped": skipped}
+    bad = {k: v for k, v in metrics.items() if k.startswith("val/") and not math.isfinite(v)}
+    if bad:
+        values = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+        report["status"] = "nonfinite"
+        report["error"] = (
+            f"the last validation is not finite ({values}) after {trainer.global_step} steps, {skipped} of them "
+            "skipped as non-finite (callbacks.nonfinite.action=skip): the model is not usable. Lower the learning "
+            "rate (model.optimizer.lr) or clip gradients (trainer.gradient_clip_val)"
+        )
+    return report
 
 
 def network_size(model: Any) -> dict[str, Any]:
@@ -91,7 +113,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     throughput = TrainThroughput()
     callbacks = [*instantiate_group(cfg.get("callbacks")), RunRecord(run_config), TrainingRandomState(cfg.seed)]
     callbacks.append(throughput)
-    loggers = instantiate_group(cfg.get("logger"), logger_overrides)
+    loggers = instantiate_group(cfg.get("logger"), logger_overrides, "logger")
     if not loggers:  # LearningRateMonitor refuses to run without a logger; `logger=none` is a valid choice
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     extra: dict[str, Any] = {}
@@ -110,6 +132,23 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams(run_config)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not checkpoints_trusted())
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    def summary(**record: Any) -> None:  # <run dir>/run_summary.json
+        if trainer.is_global_zero:
+            write_run_summary(
+                cfg.paths.output_dir,
+                metrics=metrics,
+                **size,
+                train_images=throughput.images,
+                train_images_per_s=throughput.images_per_s,
+                wall_time_s=time.perf_counter() - start,
+                **record,
+            )
+
+    health = nonfinite_report(trainer, metrics)
+    if "error" in health:  # never "ok", never samples from it: recorded, then an error (rc != 0)
+        summary(**health)
+        raise NonFiniteError(health["error"])
     if cfg.get("test"):
         trainer.test(model, datamodule=datamodule, verbose=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
@@ -130,13 +169,5 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         result.update(write_samples(model, cfg, Path(cfg.paths.output_dir) / "samples", loggers, names))
         log.info("Samples: %s and %s", result["grid"], result["npz"])
     finish_loggers(loggers)
-    if trainer.is_global_zero:
-        write_run_summary(
-            cfg.paths.output_dir,
-            metrics=metrics,
-            **size,
-            train_images=throughput.images,
-            train_images_per_s=throughput.images_per_s,
-            wall_time_s=time.perf_counter() - start,
-        )
+    summary(**health)
     return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -13,6 +14,8 @@ from difflab.utils.loggers import wandb_offline
 from difflab.utils.paths import user_cache_dir
 from difflab.utils.run_dir import given_out_dir, run_dir, unique_dir
 from difflab.utils.sweep_summary import job_dirname, sweep_name
+
+log = logging.getLogger(__name__)
 
 
 def data_num_classes(*, _root_: DictConfig) -> int:
@@ -71,21 +74,36 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("user_cache_dir", lambda *parts: str(user_cache_dir(*parts)))
 
 
-def instantiate_group(cfg: DictConfig | None, overrides: dict[str, dict[str, Any]] | None = None) -> list[Any]:
-    """Instantiate every entry of a dict-of-configs group (callbacks, logger) that has a ``_target_``.
+def instantiate_group(
+    cfg: DictConfig | None, overrides: dict[str, dict[str, Any]] | None = None, group: str = "callbacks"
+) -> list[Any]:
+    """Instantiate every entry of a dict-of-configs group (``callbacks``, ``logger``) that has a ``_target_``.
 
-    ``overrides`` maps an entry's ``_target_`` to extra constructor kwargs. Entries set to null are skipped.
+    ``overrides`` maps an entry's ``_target_`` to extra constructor kwargs. Entries set to null are skipped, and so
+    are entries with settings but no ``_target_``, with a warning naming them: an experiment's settings for a
+    callback the command line left out (``experiment=quickstart callbacks=none`` keeps quickstart's
+    ``callbacks.ema.decay``). An entry that is not a mapping is an error.
     """
     objects: list[Any] = []
     if not cfg:
         return objects
     if not isinstance(cfg, DictConfig):
-        raise TypeError(f"expected a mapping of configs, got {type(cfg).__name__}")
+        raise TypeError(f"{group}: expected a mapping of configs, got {type(cfg).__name__}")
     for name, entry in cfg.items():
         if entry is None:
             continue
-        if not isinstance(entry, DictConfig) or "_target_" not in entry:
-            raise ValueError(f"config entry {name!r} has no _target_; expected a mapping with a _target_ key")
+        if not isinstance(entry, DictConfig):
+            raise ValueError(f"{group}.{name}={entry!r}: expected a mapping with a _target_ key (or null)")
+        if "_target_" not in entry:
+            log.warning(
+                "%s.%s sets %s but no %s of that name is selected (%s=...): ignored",
+                group,
+                name,
+                ", ".join(map(str, entry)),
+                group.rstrip("s"),
+                group,
+            )
+            continue
         extra = (overrides or {}).get(entry._target_, {})
         objects.append(instantiate(entry, **extra))
     return objects

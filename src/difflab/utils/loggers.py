@@ -22,12 +22,15 @@ class CSVLogger(LightningCSVLogger):
     resumed run kept only the rows logged after the resume. With ``resume_step`` (set by ``src/train.py`` from the
     checkpoint's global step) the rows logged before that step are kept and the run appends to them; rows at or
     after it came from the part of the interrupted run that the checkpoint does not hold, and the resumed run logs
-    those steps again.
+    those steps again. ``resume_row`` (the checkpoint's ``unlogged_row``, see :class:`difflab.callbacks.RunRecord`)
+    is the row of the checkpoint's own step, written when a kill right after the save kept it off the file.
     """
 
-    def __init__(self, *args: Any, resume_step: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, resume_step: int | None = None, resume_row: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self.resume_step = resume_step
+        self.resume_step, self.resume_row = resume_step, resume_row
 
     @property
     @rank_zero_experiment
@@ -36,6 +39,7 @@ class CSVLogger(LightningCSVLogger):
             return self._experiment
         path = os.path.join(self.log_dir, "metrics.csv")
         fields, rows = _read_history(path, self.resume_step) if self.resume_step is not None else ([], [])
+        fields, rows = _with_row(fields, rows, self.resume_row)
         writer = super().experiment  # deletes the old file
         if fields:
             with open(path, "w", newline="") as file:
@@ -89,6 +93,20 @@ def _read_history(path: str, before_step: int) -> tuple[list[str], list[dict[str
         return list(reader.fieldnames or []), rows
 
 
+def _with_row(
+    fields: list[str], rows: list[dict[str, str]], row: dict[str, Any] | None
+) -> tuple[list[str], list[dict[str, str]]]:
+    """``rows`` with ``row`` (``{"step", "metrics"}``) appended when no row of its step holds its values."""
+    if not row:
+        return fields, rows
+    step = str(row["step"])
+    if any(r.get("step") == step and any(r.get(k) for k in row["metrics"]) for r in rows):
+        return fields, rows
+    fields = fields or ["step"]
+    fields = fields + [k for k in row["metrics"] if k not in fields]
+    return fields, [*rows, {**{k: str(v) for k, v in row["metrics"].items()}, "step": step}]
+
+
 def wandb_offline() -> bool:
     """Offline unless the user chose: WANDB_MODE set (wandb reads it itself) or WANDB_API_KEY present."""
     return not (os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"))
@@ -113,11 +131,14 @@ def logger_identity(logger: Logger) -> dict[str, Any]:
     }
 
 
-def resume_logger_kwargs(target: str, records: list[dict[str, Any]], global_step: int = 0) -> dict[str, Any]:
+def resume_logger_kwargs(
+    target: str, records: list[dict[str, Any]], global_step: int = 0, unlogged_row: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Constructor overrides that reattach a logger (by its ``_target_``) to the run recorded in a checkpoint of
     ``global_step``: the same wandb run id (``resume="allow"``), the same CSV/TensorBoard version directory with the
-    history before ``global_step`` kept (difflab's :class:`CSVLogger`: ``resume_step``; TensorBoard: its
-    ``purge_step``, which hides the events the resumed run logs again)."""
+    history before ``global_step`` kept (difflab's :class:`CSVLogger`: ``resume_step``, and ``resume_row``: the
+    checkpoint's ``unlogged_row``; TensorBoard: its ``purge_step``, which hides the events the resumed run logs
+    again)."""
     class_name = target.rsplit(".", 1)[-1]
     for record in records:
         if record["class"] != class_name or record.get("version") is None:
@@ -130,6 +151,8 @@ def resume_logger_kwargs(target: str, records: list[dict[str, Any]], global_step
             kwargs["save_dir"] = record["save_dir"]
         if target == f"{CSVLogger.__module__}.CSVLogger":
             kwargs["resume_step"] = global_step
+            if unlogged_row:
+                kwargs["resume_row"] = unlogged_row
         elif class_name == "TensorBoardLogger":
             kwargs["purge_step"] = global_step
         return kwargs
