@@ -76,13 +76,16 @@ def test_sample_cli_refuses_a_crafted_checkpoint(crafted, tmp_path):
     assert "UnsafeCheckpointError" in proc.stderr and f"ckpt='{path}': refused" in proc.stderr
 
 
-def test_every_entry_point_refuses_a_crafted_checkpoint(crafted, tmp_path):
+def test_every_entry_point_refuses_a_crafted_checkpoint(crafted, real_checkpoint, tmp_path):
     path, marker = crafted
     out = tmp_path / "out"
     refused(marker, lambda: sample(compose_config([f"ckpt={path}", "num_samples=2"], out, "sample")))
     refused(marker, lambda: evaluate(compose_config([f"ckpt={path}", "metrics=[nll]"], out, "eval")))
     message = refused(marker, lambda: train(compose_config([*TINY, f"ckpt_path={path}"], out)))
     assert message.startswith(f"ckpt_path='{path}'")
+    for key, extra in (("classifier_ckpt", []), ("upscaler_ckpt", ["mode=cascade"])):
+        cfg = compose_config([f"ckpt={real_checkpoint}", f"+{key}={path}", "num_samples=2", *extra], out, "sample")
+        assert refused(marker, lambda cfg=cfg: sample(cfg)).startswith(f"{key}='{path}': refused")
     ldm = [*TINY, "model=ldm", f"model.autoencoder_ckpt={path}", "debug=fast"]
     message = refused(marker, lambda: train(compose_config(ldm, out)))
     assert message.startswith(f"model.autoencoder_ckpt='{path}'")

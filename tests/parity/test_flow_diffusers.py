@@ -4,7 +4,7 @@ compared in float32; and the interpolation against ``scale_noise``.
 
 Deliberate difference, pinned below: with only ``num_inference_steps`` diffusers steps over linspace(1, σ_min, N)
 and then to 0 (its σ_min is the first training σ, 1/T, shifted), so N = 2 spends its second step on τ = 0.001 → 0;
-difflab steps uniformly from 1 to 0 (τ_i = 1 − i/N, Liu et al.).
+difflab's Euler steps uniformly from 1 to 0 (τ_i = 1 − i/N, Liu et al.), its Heun as diffusers (σ_min shifted once).
 The chains are compared on difflab's steps, given to diffusers.
 """
 
@@ -54,7 +54,7 @@ def test_flow_heun_chain_matches_flow_match_heun(steps, shift):
     sampler = FlowHeunSampler(RectifiedFlow(T), Parameterization.V, steps=steps, shift=shift)
     scheduler = FlowMatchHeunDiscreteScheduler(num_train_timesteps=T, shift=shift)
     scheduler.set_timesteps(steps)
-    sigmas = flow_times(steps, shift).float()  # difflab's steps in diffusers' layout (interior levels twice)
+    sigmas = sampler.sigmas.float()  # difflab's steps in diffusers' layout (interior levels twice)
     scheduler.sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])
     scheduler.timesteps = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2)]) * T
     assert len(sampler.timesteps) == 2 * steps - 1 == sampler.num_evaluations(steps)
@@ -73,6 +73,14 @@ def test_default_steps_differ_from_diffusers_by_design(shift):
     ours = FlowEulerSampler(RectifiedFlow(T), Parameterization.V, steps=4, shift=shift).sigmas
     uniform = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64)
     torch.testing.assert_close(ours, s(uniform))
+    # Heun ends its grid as diffusers does, at the smallest training time (shifted once here, twice there), since
+    # its last step to 0 is Euler; unshifted, the two grids are the same
+    heun = FlowHeunSampler(RectifiedFlow(T), Parameterization.V, steps=4, shift=shift).sigmas
+    torch.testing.assert_close(heun[:-1], s(torch.linspace(1.0, 1.0 / T, 4, dtype=torch.float64)))
+    if shift == 1.0:
+        scheduler = FlowMatchHeunDiscreteScheduler(num_train_timesteps=T)
+        scheduler.set_timesteps(4)
+        torch.testing.assert_close(heun[:-1].float(), scheduler.sigmas[::2], rtol=1e-6, atol=1e-7)
 
 
 def test_interpolation_matches_scale_noise():

@@ -72,6 +72,19 @@ def test_ode_of_the_1_rectified_flow_transports_noise_to_the_data_gaussian(sampl
     assert x0.std().item() == pytest.approx(STD, abs=0.02)
 
 
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_heun_keeps_the_spread_of_gaussian_data_at_ten_steps(shift):
+    """With the exact velocity of N(MU, STD²) data, 10 Heun steps (19 NFE) must land on the transport map
+    MU + STD ε. A grid ending at τ = 1/N closed with an Euler step to 0 returns E[x_0 | x_τ] there and shrank the
+    spread (shift 3: std 0.42 for STD 0.5, worst error 0.34); ending at 1/T: 0.49 and 0.045."""
+    noise = torch.randn((20000, 1, 1, 1), generator=torch.Generator().manual_seed(0))
+    sampler = FlowHeunSampler(FLOW, Parameterization.V, steps=10, shift=shift)
+    x0 = sample_loop(oracle, sampler, noise.shape, noise=noise)
+    assert sampler.nfe == 19
+    assert x0.std().item() == pytest.approx(STD, rel=0.03)
+    assert (x0 - (MU + STD * noise)).abs().max().item() < 0.06
+
+
 def test_straightness_is_zero_on_a_straight_coupling_and_positive_otherwise():
     noise = pattern((8, 1, 4, 4), seed=4)
     sampler = FlowEulerSampler(FLOW, Parameterization.V, steps=20)

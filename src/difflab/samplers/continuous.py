@@ -129,7 +129,9 @@ class ContinuousSampler(Sampler):
         )
 
     def set_timesteps(self, num_steps: int | None = None) -> None:
-        num_steps = check_steps(self.num_steps if num_steps is None else num_steps, self.num_timesteps)
+        num_steps = self.num_steps if num_steps is None else num_steps
+        if self.process_kind == "gaussian":  # a flow's τ is continuous: its T is a time scale, any N is fine
+            check_steps(num_steps, self.num_timesteps)
         if num_steps < self.min_steps:
             raise ValueError(
                 f"sampler.steps={num_steps}: {type(self).__name__}{self.describe()} needs steps >= {self.min_steps}"

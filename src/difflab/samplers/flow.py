@@ -6,8 +6,12 @@ place), so their updates are reused as they are:
     Euler   x_{i+1} = x_i + (τ_{i+1} − τ_i) v̂_i = x̂_0 + τ_{i+1} v̂_i                   (Liu et al. 2022, Alg. 1)
     Heun    the same predictor, then x_i + Δτ (v̂_i + v̂(x', τ_{i+1}))/2; the last step to τ = 0 stays Euler
             (NFE = 2N − 1; diffusers' FlowMatchHeunDiscreteScheduler)
-Times: τ_i = 1 − i/N, shifted by SD3's τ' = α τ/(1 + (α − 1) τ) (``shift`` = α; :func:`flow_times`). The network
-sees t = T·τ. Thresholding (``clip_denoised``, ``dynamic_threshold``) clamps x̂_0 and recomputes v̂ = (x − x̂_0)/τ.
+Times: Euler τ_i = 1 − i/N (Liu et al.; one step is 1 → 0), Heun τ_i = linspace(1, 1/T, N), both shifted by SD3's
+τ' = α τ/(1 + (α − 1) τ) (``shift`` = α; :func:`flow_times`). Heun's grid ends at the smallest training time 1/T,
+not at 1/N, because its last step is Euler: an Euler step over [0, τ_{N−1}] returns x̂_0 = E[x_0 | x_τ], which shrinks
+the spread (on N(0, 0.3²) data with the exact velocity, N = 10, shift 3: std 0.206 and worst error 0.41 on a grid
+ending at 1/N; 0.303 and 0.007 on this one). diffusers ends at shift(1/T) and then shifts it again. The network sees
+t = T·τ. Thresholding (``clip_denoised``, ``dynamic_threshold``) clamps x̂_0 and recomputes v̂ = (x − x̂_0)/τ.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from difflab.samplers.continuous import ContinuousSampler, SigmaSchedule
 from difflab.samplers.euler import EulerSampler
 from difflab.samplers.heun import HeunSampler
 from difflab.samplers.thresholding import dynamic_threshold
-from difflab.schedules import NoiseLevel, flow_times
+from difflab.schedules import NoiseLevel, flow_times, shift_time
 
 
 class FlowSampler(ContinuousSampler):
@@ -69,3 +73,9 @@ class FlowEulerSampler(FlowSampler, EulerSampler):
 
 class FlowHeunSampler(FlowSampler, HeunSampler):
     """``sampler=flow_heun``: Heun (trapezoidal corrector) on the flow ODE; NFE = 2·steps − 1."""
+
+    def levels_for(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(τ_0 … τ_{N−1}, T·τ): shift(linspace(1, 1/T, N)), so that the closing Euler step to τ = 0 is short (see
+        the module docstring)."""
+        taus = shift_time(torch.linspace(1.0, 1.0 / self.num_timesteps, num_steps, dtype=torch.float64), self.shift)
+        return taus, taus * self.num_timesteps
