@@ -182,3 +182,26 @@ def test_a_corrupt_file_is_unreadable_not_unsafe(tmp_path):
     with pytest.raises(Exception, match="cannot be read as a PyTorch checkpoint") as info:
         load_checkpoint(tmp_path / "junk.ckpt")
     assert not isinstance(info.value, UnsafeCheckpointError)
+
+
+def test_lightning_resumes_from_the_checkpoint_weights_only(tiny_checkpoint, tmp_path, monkeypatch):
+    """``Trainer.fit(ckpt_path=...)`` unpickles the file itself: it must get weights_only=True unless the user opted
+    in (a crafted file passing read_run_record's check would otherwise run there)."""
+    import lightning.pytorch as pl
+
+    asked = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(self, *args, **kwargs):
+        asked.append((kwargs.get("ckpt_path"), kwargs.get("weights_only")))
+        raise Stop
+
+    monkeypatch.setattr(pl.Trainer, "fit", spy)
+    for trust in ("false", "true"):
+        with pytest.raises(Stop):
+            train(
+                compose_config([*TINY, f"ckpt_path={tiny_checkpoint}", f"trust_checkpoint={trust}"], tmp_path / trust)
+            )
+    assert asked == [(tiny_checkpoint, True), (tiny_checkpoint, False)]

@@ -198,7 +198,7 @@ def perturbed_ldm(trained_ldm, tmp_path_factory) -> Path:
     """The 2-step text LDM with its network and conditioner weights perturbed: its zero-initialised output layer
     barely depends on the context yet, so prompts would change nothing visible."""
     _, result = trained_ldm
-    checkpoint = torch.load(result["checkpoint"], weights_only=False)
+    checkpoint = torch.load(result["checkpoint"], weights_only=True)
     generator = torch.Generator().manual_seed(0)
     for key, value in checkpoint["state_dict"].items():
         if key.startswith(("net.", "conditioner.")) and value.is_floating_point():

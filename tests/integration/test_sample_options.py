@@ -12,7 +12,7 @@ from difflab.schedules import GaussianDiffusion
 from difflab.tasks.eval import evaluate
 from difflab.tasks.sample import sample
 from difflab.tasks.train import train
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, compose_config, raises_in_config
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_sampler_steps_must_be_a_positive_count(steps):
 
 def test_sample_py_refuses_steps_0(checkpoint, tmp_path):
     cfg = compose_config([f"ckpt={checkpoint}", "num_samples=2", "sampler.steps=0"], tmp_path, "sample")
-    with pytest.raises(Exception, match="sampler.steps=0"):
+    with raises_in_config(ValueError, match="sampler.steps=0"):
         sample(cfg)
 
 

@@ -91,5 +91,5 @@ def test_metric_callbacks_and_grids_sample_with_the_configured_solver(tiny_cfg, 
     cfg = tiny_cfg("sampler=dpmpp_2m", "sampler.steps=4", *TINY_GENERATIVE_METRICS)
     result = train(cfg)
     assert result["metrics"]["val/fid_fmnist_cls"] > 0
-    saved = torch.load(result["checkpoint"], weights_only=False)["difflab"]["config"]["model"]["sampler"]
+    saved = torch.load(result["checkpoint"], weights_only=True)["difflab"]["config"]["model"]["sampler"]
     assert saved["_target_"].endswith("DPMSolverMultistepSampler")

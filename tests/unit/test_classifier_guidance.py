@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from difflab.samplers import AncestralSampler, DDIMSampler, sample_loop
 from difflab.samplers.classifier_guidance import ClassifierGuidance, class_log_prob_grad, classifier_guidance
 from difflab.schedules import GaussianDiffusion, Parameterization, x0_eps_from_output
-from tests.conftest import CONF_DIR, tiny_diffusion_module
+from tests.conftest import CONF_DIR, perturb_weights, tiny_diffusion_module
 from tests.parity.analytic import GaussianClasses
 
 TAU = 0.4  # GaussianClasses' per-pixel std of each class around its mean
@@ -121,7 +121,7 @@ def test_errors():
 def test_combines_with_classifier_free_guidance():
     """With a CFG model, the classifier's term is applied to the CFG-combined ε̂: (1 + w) ε_c − w ε_∅ − s·s_t·∇."""
     module = tiny_diffusion_module(num_timesteps=50, num_classes=3)
-    torch.nn.init.normal_(module.net.out[-1].weight, std=0.1)
+    perturb_weights(module)  # off the zero-initialised output layer: the class must change ε̂ for CFG to be seen
     classifier = GaussianClasses(module.diffusion, torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2)))
     x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([10, 25, 49]), torch.tensor([0, 1, 2])
     w, scale = 2.0, 1.5
@@ -131,6 +131,7 @@ def test_combines_with_classifier_free_guidance():
         both = module.model_fn(y, w)(x, t)
         cond, uncond = module(x, t, y), module(x, t, torch.full_like(y, 3))
     std = module.diffusion.sqrt_one_minus_alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    assert (cond - uncond).abs().max() > 0.01  # else every combination of the two is the same output
     torch.testing.assert_close(cfg_only, (1 + w) * cond - w * uncond, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(both, cfg_only - scale * std * classifier.grad(x, t, y), rtol=1e-5, atol=1e-5)
 

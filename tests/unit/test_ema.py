@@ -129,14 +129,29 @@ def test_checkpoint_round_trip_restores_the_host_counter():
         torch.testing.assert_close(a, b)
 
 
-def test_ema_copy_on_another_device_than_the_module():
+def test_ema_copy_on_another_device_than_the_module(monkeypatch):
     """On a CPU-only machine the other device is ``meta`` (no values): the copy stays there, in the module's shapes,
     the module's own weights are not moved or changed, and the host counter advances; the values are checked on
     CUDA by the next test."""
     module, ema = fitted(EMA(decay=0.9, device="meta"))
     before = [p.detach().clone() for p in module.parameters()]
+    calls = []
+    for name in ("_foreach_lerp_", "_foreach_copy_"):  # spy: what each update writes into which tensors
+        real = getattr(torch, name)
+        monkeypatch.setattr(
+            torch, name, lambda a, c, *w, name=name, real=real: calls.append((name, a, c, w)) or real(a, c, *w)
+        )
     ema.update(module)  # the module's weights are moved to the EMA's device
     ema.update(module)
+    # the first update copies every tensor, the second lerps every float one at 1 − decay; each into the EMA copy's
+    # own tensors, from the module's weights moved to its device (a skipped transfer would leave these lists empty)
+    targets = list(ema._average_model.module.state_dict(keep_vars=True).values())
+    floats = [t for t in targets if t.is_floating_point()]
+    assert [name for name, *_ in calls] == ["_foreach_copy_", "_foreach_lerp_"]
+    for (name, written, read, weight), expected in zip(calls, (targets, floats), strict=True):
+        assert len(written) == len(expected) and all(a is b for a, b in zip(written, expected, strict=True))
+        assert all(c.device.type == "meta" and c.shape == a.shape for a, c in zip(written, read, strict=True))
+    assert calls[1][3] == (pytest.approx(0.1),)
     copies = averaged(ema)
     assert all(c.device.type == "meta" for c in copies) and ema._num_updates == 2
     assert [c.shape for c in copies] == [b.shape for b in before]

@@ -185,8 +185,9 @@ def test_the_module_takes_v_and_x0_and_refuses_eps(parameterization, match):
 def test_the_loss_is_the_velocity_regression_and_a_coupling_replaces_the_noise():
     module = flow_module()
     x0, y, eps = pattern((4, 1, 8, 8), seed=5), torch.zeros(4, dtype=torch.long), pattern((4, 1, 8, 8), seed=6)
-    module.net = Wrapped(lambda x, t, y: torch.zeros_like(x))  # v̂ = 0: the loss is E‖ε − x_0‖² over the pixels
-    expected = (eps - x0).pow(2).mean()
+    v_hat = 0.5 * (eps - x0)  # half the target, not 0: E‖(ε − x_0) − v̂‖² is 9x smaller than with the sign flipped
+    module.net = Wrapped(lambda x, t, y: v_hat)
+    expected = (eps - x0 - v_hat).pow(2).mean()
     torch.testing.assert_close(module.training_step((x0, y, eps), 0), expected)
 
 

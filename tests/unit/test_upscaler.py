@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from difflab.modules import UpscalerModule
-from difflab.modules.upscaler import downsample
+from difflab.modules.upscaler import downsample, upsample
 from difflab.schedules import GaussianDiffusion
 from tests.conftest import TINY_NETS, perturb_weights
 
@@ -57,7 +57,9 @@ def test_augmentation_level_is_q_sample_of_the_upsampled_image():
 
 
 def test_training_conditions_on_the_batch_downsampled():
-    module = upscaler()
+    """The condition is c_a = sqrt(ᾱ_a) up(down(x)) + sqrt(1 − ᾱ_a) z of *this* batch: its residual against the
+    batch's own low-res image is unit Gaussian noise (a zero or another batch's condition is far from it)."""
+    module = upscaler(aug_levels=10)
     seen = {}
 
     def spy(x_t, t, y):
@@ -65,14 +67,29 @@ def test_training_conditions_on_the_batch_downsampled():
         return torch.zeros_like(x_t)
 
     module.denoise = spy
-    x = torch.rand(2, 1, 8, 8) * 2 - 1
+    x = torch.rand(512, 1, 8, 8) * 2 - 1
     module.log = lambda *a, **k: None
-    module.training_step((x, torch.zeros(2, dtype=torch.long)), 0)
+    module.training_step((x, torch.zeros(512, dtype=torch.long)), 0)
     cond, level = seen["y"]
-    assert cond.shape == x.shape and level.shape == (2,)
-    assert module.reference is not None and module.reference.shape == x.shape
-    low = downsample(x, 4)
-    assert low.shape == (2, 1, 4, 4)
+    assert cond.shape == x.shape and level.shape == (512,) and 0 <= level.min() and level.max() < 10
+    assert module.reference is not None and module.reference.shape == (64, 1, 8, 8)
+    ab = module.diffusion.alphas_cumprod[level].reshape(-1, 1, 1, 1)
+    up = upsample(downsample(x, 4), 8)
+    residual = (cond - ab.sqrt() * up) / (1 - ab).sqrt()
+    assert residual.mean().abs() < 0.02 and residual.std().item() == pytest.approx(1.0, abs=0.03)
+
+
+@pytest.mark.parametrize("net", ["unet", "dit"])
+def test_upscaled_images_follow_the_low_res_input(net):
+    """Same noise, other low-res images: other outputs; the same low-res images: the same outputs."""
+    module = upscaler(net)
+    perturb_weights(module, scale=0.1)
+    a = torch.rand(4, 1, 4, 4) * 2 - 1
+    b = -a
+    draw = lambda low: module.upscale(low, torch.Generator().manual_seed(0), aug_level=0, num_steps=5)  # noqa: E731
+    from_a, from_b = draw(a), draw(b)
+    torch.testing.assert_close(draw(a), from_a)
+    assert (from_a - from_b).abs().mean() > 0.05
 
 
 def test_upscale_samples_at_the_output_size():
