@@ -148,7 +148,7 @@ def test_ema_copy_on_another_device_than_the_module(monkeypatch):
     targets = list(ema._average_model.module.state_dict(keep_vars=True).values())
     floats = [t for t in targets if t.is_floating_point()]
     assert [name for name, *_ in calls] == ["_foreach_copy_", "_foreach_lerp_"]
-    for (name, written, read, weight), expected in zip(calls, (targets, floats), strict=True):
+    for (_, written, read, _), expected in zip(calls, (targets, floats), strict=True):
         assert len(written) == len(expected) and all(a is b for a, b in zip(written, expected, strict=True))
         assert all(c.device.type == "meta" and c.shape == a.shape for a, c in zip(written, read, strict=True))
     assert calls[1][3] == (pytest.approx(0.1),)
