@@ -92,11 +92,19 @@ def test_eval_creates_the_folder_of_out(young_ema_ckpt, tmp_path):
     assert json.loads(out.read_text())["results"]["nll_images"] == 2
 
 
-def test_eval_prints_results_before_writing(young_ema_ckpt, tmp_path, capsys):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("")  # out's folder cannot be created: a file is in the way
-    cfg = compose_config([f"ckpt={young_ema_ckpt}", *EVAL, f"out={blocker / 'x.json'}"], tmp_path / "run", "eval")
-    with pytest.raises(OSError):
+def test_eval_prints_results_before_writing(young_ema_ckpt, tmp_path, capsys, monkeypatch):
+    """A folder that cannot be written fails before any work (test_eval.py); a write that fails at the end (a disk
+    filled meanwhile) must not lose the numbers: they are printed first."""
+    import errno
+
+    import difflab.tasks.eval as eval_task
+
+    def disk_full(path, text):
+        raise OSError(errno.ENOSPC, f"No space left on device while writing {path}")
+
+    monkeypatch.setattr(eval_task, "write_text_atomic", disk_full)
+    cfg = compose_config([f"ckpt={young_ema_ckpt}", *EVAL, f"out={tmp_path / 'x.json'}"], tmp_path / "run", "eval")
+    with pytest.raises(OSError, match="No space left"):
         evaluate(cfg)
     printed = capsys.readouterr().out
     assert "nll_total_bpd" in printed and "nll_images" in printed  # the numbers reached the screen anyway
