@@ -6,6 +6,8 @@ STAMP  := $(VENV)/.installed-stamp
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 ARGS   ?=
+# pytest-xdist workers of `make test` (one thread each: tests/conftest.py)
+JOBS   ?= 2
 
 .PHONY: install data train ldm test test-all bench lint clean
 
@@ -38,10 +40,10 @@ ldm: install data
 test: install data
 	$(BIN)/ruff check src tests experiments
 	$(BIN)/ruff format --check src tests experiments
-	$(BIN)/python -m pytest -m "not slow" -q $(ARGS)
+	$(BIN)/python -m pytest -m "not slow" -q -n $(JOBS) --dist worksteal $(ARGS)
 
 test-all: install data
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal $(ARGS)
 
 bench: install
 	$(BIN)/python experiments/bench/run.py --net unet_s --device cpu $(ARGS)

@@ -77,6 +77,12 @@ TINY_UPSCALER = [
 
 register_resolvers()
 
+# Under pytest-xdist (`make test` runs two workers on two cores) each worker computes on one thread, and so do the
+# scripts it starts: two workers of two threads each would oversubscribe the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 # the user cache folder (FID statistics) of every test and subprocess: a fresh one, never the developer's ~/.cache
 os.environ["DIFFLAB_CACHE"] = tempfile.mkdtemp(prefix="difflab-test-cache-")
 
@@ -216,11 +222,29 @@ ONE_OF_EACH_SAMPLER = [  # DDPM, DDIM and each ODE/SDE solver (Karras steps: fra
 ]
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> str:
-    """The ``last.ckpt`` of the tiny DDPM (``TINY``) trained 2 steps, once per session: for tests that only read a
-    checkpoint (never write into its run dir; copy it to change it)."""
+def _train_once(tmp_path_factory, name: str, overrides: list[str]) -> str:
     from difflab.tasks.train import train
 
-    out = tmp_path_factory.mktemp("tiny_run")
-    return train(compose_config([*TINY, "trainer.max_steps=2", "trainer.limit_train_batches=2"], out))["checkpoint"]
+    return train(compose_config(overrides, tmp_path_factory.mktemp(name)))["checkpoint"]
+
+
+# Checkpoints trained once per test session (per pytest-xdist worker), for tests that only read them: never write
+# into their run dirs (copy a file to change it). Each kind is one config; a module that needs another trains its own.
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    """The ``last.ckpt`` of the tiny DDPM (``TINY``) trained 3 steps."""
+    return _train_once(tmp_path_factory, "tiny_ddpm", [*TINY, "trainer.max_steps=3", "trainer.limit_train_batches=3"])
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg_checkpoint(tmp_path_factory) -> str:
+    """The ``last.ckpt`` of the tiny class-conditional model (``TINY`` + ``model=cfg``) trained 2 steps."""
+    run = ["model=cfg", "trainer.max_steps=2", "trainer.limit_train_batches=2"]
+    return _train_once(tmp_path_factory, "tiny_cfg", [*TINY, *run])
+
+
+@pytest.fixture(scope="session")
+def tiny_upscaler_checkpoint(tmp_path_factory) -> str:
+    """The ``last.ckpt`` of the tiny 16 → 32 upscaler (``TINY_UPSCALER``) trained 2 steps."""
+    run = ["trainer.max_steps=2", "trainer.limit_train_batches=2"]
+    return _train_once(tmp_path_factory, "tiny_upscaler", [*TINY_UPSCALER, *run])

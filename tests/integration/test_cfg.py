@@ -67,9 +67,8 @@ def test_unconditional_model_refuses_p_uncond(tiny_cfg):
 
 
 @pytest.fixture
-def cfg_checkpoint(tiny_cfg, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cfg_run")
-    return train(tiny_cfg("model=cfg", "trainer.max_steps=2", "trainer.limit_train_batches=2", output_dir=out))
+def cfg_checkpoint(tiny_cfg_checkpoint) -> dict:
+    return {"checkpoint": tiny_cfg_checkpoint}
 
 
 def test_sample_all_classes_grid_and_listed_classes(cfg_checkpoint, tmp_path):

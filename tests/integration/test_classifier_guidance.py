@@ -15,7 +15,7 @@ from difflab.tasks.classifier_guidance import check_compatible
 from difflab.tasks.eval import evaluate
 from difflab.tasks.train import train
 from tests.conftest import TINY, compose_config, raises_in_config
-from tests.integration.test_sample_modes import checkpoint, run  # noqa: F401  (fixture, helper)
+from tests.integration.test_sample_modes import run
 from tests.unit.test_metrics import weights_dir  # noqa: F401  (fixture)
 
 # The noisy classifier at test size: digits 16x16 and T = 20 as TINY's diffusion model, a width-8 net, 3 steps.
@@ -35,6 +35,11 @@ TINY_CLASSIFIER = [
     "trainer.enable_model_summary=false",
     "test=false",
 ]
+
+
+@pytest.fixture
+def checkpoint(tiny_checkpoint) -> str:
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +89,7 @@ def labels_and_images(result):
 
 
 @pytest.mark.parametrize("sampler", ["sampler=ddim", "sampler=dpmpp_2m_sde"])
-def test_sample_py_guides_with_the_classifier(checkpoint, classifier_run, tmp_path, sampler):  # noqa: F811
+def test_sample_py_guides_with_the_classifier(checkpoint, classifier_run, tmp_path, sampler):
     """An unconditional model + classifier: labels cycle over the classifier's classes; s = 0 is plain sampling,
     s > 0 changes the images, reproducibly."""
     common = [sampler, "sampler.steps=5", "num_samples=4", f"classifier_ckpt={classifier_run['checkpoint']}"]
@@ -114,7 +119,7 @@ def test_eval_py_with_classifier_guidance(checkpoint, classifier_run, weights_di
     assert report["results"]["fid_fmnist_cls"] != plain["results"]["fid_fmnist_cls"]
 
 
-def test_sample_py_errors(checkpoint, classifier_run, tmp_path):  # noqa: F811
+def test_sample_py_errors(checkpoint, classifier_run, tmp_path):
     with pytest.raises(ValueError, match="classifier_scale=2 without classifier_ckpt: an unconditional model"):
         run(checkpoint, tmp_path, "classifier_scale=2")
     with pytest.raises(ValueError, match="noise-conditional classifier"):

@@ -8,19 +8,15 @@ from PIL import Image
 
 from difflab.tasks.sample import sample
 from difflab.tasks.train import train
-from tests.conftest import TINY, TINY_UPSCALER, compose_config
+from tests.conftest import TINY_UPSCALER, compose_config
 
 SHORT = ["trainer.max_steps=2", "trainer.limit_train_batches=2"]
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """A tiny 16x16 DDPM, a class-conditional one (CFG) and a 16 → 32 upscaler, two steps each on digits."""
-    out = tmp_path_factory.mktemp("editing")
-    base = train(compose_config([*TINY, *SHORT], out / "base"))["checkpoint"]
-    cfg = train(compose_config([*TINY, *SHORT, "model=cfg"], out / "cfg"))["checkpoint"]
-    upscaler = train(compose_config([*TINY_UPSCALER, *SHORT], out / "upscaler"))["checkpoint"]
-    return {"base": base, "cfg": cfg, "upscaler": upscaler}
+@pytest.fixture
+def checkpoints(tiny_checkpoint, tiny_cfg_checkpoint, tiny_upscaler_checkpoint):
+    """A tiny 16x16 DDPM, a class-conditional one (CFG) and a 16 → 32 upscaler on digits (the session's)."""
+    return {"base": tiny_checkpoint, "cfg": tiny_cfg_checkpoint, "upscaler": tiny_upscaler_checkpoint}
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,9 @@ from difflab.utils.labels import grid_axes, save_labelled_grid
 from tests.conftest import TINY, compose_config
 
 
-@pytest.fixture(scope="module")
-def cfg_ckpt(tmp_path_factory):
-    from difflab.tasks.train import train
-
-    out = tmp_path_factory.mktemp("cfg_labels")
-    overrides = [*TINY, "model=cfg", "trainer.max_steps=2", "trainer.limit_train_batches=2"]
-    return train(compose_config(overrides, out))["checkpoint"]
+@pytest.fixture
+def cfg_ckpt(tiny_cfg_checkpoint) -> str:
+    return tiny_cfg_checkpoint
 
 
 def test_grid_axes_finds_uniform_rows_or_columns():

@@ -13,14 +13,9 @@ from difflab.tasks.sample_modes import slerp
 from tests.conftest import compose_config
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from difflab.tasks.train import train
-    from tests.conftest import TINY
-
-    out = tmp_path_factory.mktemp("ddim_run")
-    cfg = compose_config([*TINY, "trainer.max_steps=3", "trainer.limit_train_batches=3"], out)
-    return train(cfg)["checkpoint"]
+@pytest.fixture
+def checkpoint(tiny_checkpoint) -> str:
+    return tiny_checkpoint
 
 
 def run(ckpt, tmp_path, *overrides):

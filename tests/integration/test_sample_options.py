@@ -11,14 +11,12 @@ from difflab.samplers import AncestralSampler
 from difflab.schedules import GaussianDiffusion
 from difflab.tasks.eval import evaluate
 from difflab.tasks.sample import sample
-from difflab.tasks.train import train
-from tests.conftest import TINY, compose_config, raises_in_config
+from tests.conftest import compose_config, raises_in_config
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("run")
-    return train(compose_config([*TINY, "trainer.max_steps=2", "trainer.limit_train_batches=2"], out))["checkpoint"]
+@pytest.fixture
+def checkpoint(tiny_checkpoint) -> str:
+    return tiny_checkpoint
 
 
 @pytest.mark.parametrize("steps", [0, -3, 2.5])

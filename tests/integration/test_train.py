@@ -14,7 +14,7 @@ from difflab.data import DatasetNotFoundError
 from difflab.modules import CheckpointError, load_module, read_run_record
 from difflab.tasks.sample import sample
 from difflab.tasks.train import train
-from tests.conftest import compose_config
+from tests.conftest import TINY, compose_config
 
 
 def test_fast_dev_run_ddpm(tiny_cfg):
@@ -36,10 +36,10 @@ def short_run(tiny_cfg, out: Path, max_steps: int, *extra: str):
     return cfg, train(cfg)
 
 
-@pytest.fixture
-def trained(tiny_cfg, tmp_path_factory):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    return short_run(tiny_cfg, out, 3)
+    return short_run(lambda *o, output_dir: compose_config([*TINY, *o], output_dir), out, 3)
 
 
 def test_train_writes_checkpoint_samples_and_record(trained):

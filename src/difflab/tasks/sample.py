@@ -16,7 +16,7 @@ from difflab.tasks.sample_info import image_tags, npz_arrays, sample_info, write
 from difflab.tasks.sample_modes import interpolate, reconstruct
 from difflab.utils.checkpoint_io import trusted_checkpoints
 from difflab.utils.checkpoint_ref import fetch_checkpoint
-from difflab.utils.distributed import gather_shards, init_from_env, rank_world, shard
+from difflab.utils.distributed import gather_shards, process_group, rank_world, shard
 from difflab.utils.images import save_npz
 from difflab.utils.labels import class_rows, save_labelled_grid
 
@@ -102,7 +102,11 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     """
     if cfg.num_samples < 1:
         raise ValueError(f"num_samples={cfg.num_samples}: expected >= 1")
-    device = init_from_env(resolve_device(cfg.device))
+    with process_group(resolve_device(cfg.device)) as device:
+        return _sample(cfg, device)
+
+
+def _sample(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     rank, world = rank_world()
     mode = cfg.get("mode", "generate")
     if world > 1 and mode != "generate":

@@ -7,7 +7,9 @@ collectives are ours.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -23,6 +25,19 @@ def init_from_env(device: torch.device) -> torch.device:
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return device
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[torch.device]:
+    """:func:`init_from_env` for the block, and the group it joined destroyed at the end: a group left to the
+    interpreter's exit can abort the process (gloo's threads: "terminate called without an active exception", exit
+    code -6, seen on a torchrun launch that had written its samples)."""
+    joining = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    try:
+        yield init_from_env(device)
+    finally:
+        if joining and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def rank_world() -> tuple[int, int]:
