@@ -3,6 +3,8 @@ WeightAveraging's sharding warning), and ``--help`` lists the config groups with
 
 from __future__ import annotations
 
+import pytest
+
 from difflab.utils.help import config_groups_help
 from tests.conftest import TINY, cli_ok, run_cli
 
@@ -31,13 +33,13 @@ def test_a_training_run_with_every_logger_prints_none_of_the_noise(tmp_path):
         assert message not in output, message
 
 
-def test_help_lists_groups_and_what_they_set(tmp_path):
-    for script in ("train.py", "sample.py", "eval.py"):
-        text = cli_ok(run_cli(script, "--help", cwd=tmp_path)).stdout
-        assert "== Configuration groups (group=option) ==" in text, script
-        assert "sampler: ddim, ddpm, dpmpp_2m" in text  # Hydra's list of the options
-        assert "DiffusionModule: parameterization (eps/x0/v)" in text  # the README's description
-        assert f"Usage: python src/{script}" in text
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "eval.py"])
+def test_help_lists_groups_and_what_they_set(script, tmp_path):
+    text = cli_ok(run_cli(script, "--help", cwd=tmp_path)).stdout
+    assert "== Configuration groups (group=option) ==" in text, script
+    assert "sampler: ddim, ddpm, dpmpp_2m" in text  # Hydra's list of the options
+    assert "DiffusionModule: parameterization (eps/x0/v)" in text  # the README's description
+    assert f"Usage: python src/{script}" in text
     assert not (tmp_path / "logs").exists()  # --help runs nothing
 
 
