@@ -116,7 +116,19 @@ def _accuracy(argv: str, optimise=None) -> dict:
 def test_fast_path_keeps_accuracy(argv):
     """The issue's accuracy criterion as the benchmark measures it: same ε̂ within the precision's tolerance and the
     same loss curve, on a run whose loss really falls."""
-    acc = _accuracy(f"{argv} --accuracy-steps 20")
+    import torch
+
+    try:
+        acc = _accuracy(f"{argv} --accuracy-steps 20")
+    except RuntimeError as err:
+        # ATEN_CPU_CAPABILITY=default (or avx2) forced on an AVX-512 machine: oneDNN's bf16 attention packing still
+        # sees the AVX-512 hardware and refuses. The forced kernels and the hardware disagree, as on no real CPU.
+        if (
+            "pack_vnni2 is only supported when avx512" in str(err)
+            and torch.backends.cpu.get_cpu_capability() != "AVX512"
+        ):
+            pytest.skip(f"bf16 under forced {torch.backends.cpu.get_cpu_capability()} kernels: {err}")
+        raise
     assert acc["outputs_agree"] and acc["loss_curves_agree"], acc
     assert acc["output_rel_err"] <= acc["output_rtol"] == (2e-2 if "bf16" in argv else 1e-4)
     assert acc["loss_plain"][-1] < 0.9 * acc["loss_plain"][0]  # the curve is a learning curve, not noise

@@ -48,6 +48,7 @@ class AutoencoderModule(pl.LightningModule):
         disc_optimizer: Callable[..., torch.optim.Optimizer],
         image_shape: Sequence[int],
         gradient_clip_val: float | None = 1.0,
+        lr_scheduler: Callable[..., Any] | None = None,
     ) -> None:
         super().__init__()
         if len(image_shape) != 3:
@@ -60,6 +61,7 @@ class AutoencoderModule(pl.LightningModule):
         check_optimizer(optimizer, "model.optimizer")
         check_optimizer(disc_optimizer, "model.disc_optimizer")
         self._optimizer, self._disc_optimizer = optimizer, disc_optimizer
+        self._lr_scheduler = lr_scheduler  # per optimizer, stepped with it (manual optimization)
         self.gradient_clip_val = gradient_clip_val
         self.batches_seen = 0  # GAN schedule clock: Lightning's global_step counts both optimizers' steps
 
@@ -84,15 +86,16 @@ class AutoencoderModule(pl.LightningModule):
         x, _ = batch
         opt_ae, opt_disc = self.optimizers()
         gan = self.loss_fn.gan_active(self.batches_seen)
+        sched_ae, sched_disc = self.lr_schedulers() if self._lr_scheduler is not None else (None, None)
         x_hat, reg_loss, info = self.autoencoder(x)
         logits_fake = self.discriminator(x_hat) if gan else None
         loss, logs = self.loss_fn.generator_loss(
             x, x_hat, reg_loss, logits_fake, self.autoencoder.last_layer, self.batches_seen, self.kl
         )
-        self._step(opt_ae, loss)
+        self._step(opt_ae, loss, sched_ae)
         if gan:  # discriminator step on detached reconstructions
             d_loss = self.loss_fn.discriminator_loss(self.discriminator(x), self.discriminator(x_hat.detach()))
-            self._step(opt_disc, d_loss)
+            self._step(opt_disc, d_loss, sched_disc)
             logs["d_loss"] = d_loss.detach()
         for key in ("perplexity", "usage"):
             if key in info:
@@ -102,12 +105,14 @@ class AutoencoderModule(pl.LightningModule):
             log_train_step(self, f"train/{name}", value, x.shape[0], bar=name if name in ("loss", "rec") else None)
         return loss.detach()
 
-    def _step(self, optimizer: Any, loss: torch.Tensor) -> None:
+    def _step(self, optimizer: Any, loss: torch.Tensor, scheduler: Any = None) -> None:
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         if self.gradient_clip_val:
             clip_gradients(self, optimizer, self.gradient_clip_val, "norm")  # fused optimizers too
         optimizer.step()
+        if scheduler is not None:  # the discriminator's warms up over its own steps (from disc_start)
+            scheduler.step()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, _ = batch
@@ -123,7 +128,13 @@ class AutoencoderModule(pl.LightningModule):
         self.batches_seen = int(checkpoint.get("batches_seen", 0))
 
     def configure_optimizers(self) -> Any:
-        return self._optimizer(self.autoencoder.parameters()), self._disc_optimizer(self.discriminator.parameters())
+        optimizers = [
+            self._optimizer(self.autoencoder.parameters()),
+            self._disc_optimizer(self.discriminator.parameters()),
+        ]
+        if self._lr_scheduler is None:
+            return tuple(optimizers)
+        return optimizers, [self._lr_scheduler(optimizer) for optimizer in optimizers]
 
 
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "weights"
