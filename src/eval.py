@@ -3,7 +3,6 @@
 import hydra
 from omegaconf import DictConfig
 
-from difflab.tasks.eval import evaluate
 from difflab.utils.config import register_resolvers
 from difflab.utils.run_dir import removable_run_dir, remove_if_unused_on_error
 
@@ -12,6 +11,8 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    from difflab.tasks.eval import evaluate  # here, not at the top: `--help` needs no torch nor Lightning
+
     with remove_if_unused_on_error(removable_run_dir()):
         evaluate(cfg)
 

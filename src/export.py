@@ -3,7 +3,6 @@
 import hydra
 from omegaconf import DictConfig
 
-from difflab.tasks.export import export
 from difflab.utils.config import register_resolvers
 
 register_resolvers()
@@ -11,6 +10,8 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
+    from difflab.tasks.export import export  # here, not at the top: `--help` needs no torch nor Lightning
+
     export(cfg)
 
 

@@ -3,7 +3,6 @@
 import hydra
 from omegaconf import DictConfig
 
-from difflab.tasks.train import train
 from difflab.utils.config import register_resolvers
 from difflab.utils.run_dir import removable_run_dir, remove_if_unused_on_error
 
@@ -12,6 +11,8 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from difflab.tasks.train import train  # here, not at the top: `--help` needs no torch nor Lightning
+
     with remove_if_unused_on_error(removable_run_dir()):
         result = train(cfg)
     metric = cfg.get("optimized_metric")

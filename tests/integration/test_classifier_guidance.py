@@ -18,6 +18,9 @@ from tests.conftest import TINY, compose_config, raises_in_config
 from tests.integration.test_sample_modes import run
 from tests.unit.test_metrics import weights_dir  # noqa: F401  (fixture)
 
+# its module-scoped checkpoints are trained once: the whole module runs on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("test_classifier_guidance")
+
 # The noisy classifier at test size: digits 16x16 and T = 20 as TINY's diffusion model, a width-8 net, 3 steps.
 TINY_CLASSIFIER = [
     "experiment=noisy_classifier_fmnist",

@@ -18,6 +18,9 @@ from difflab.tasks.export_diffusers import unet2d_config, unet2d_state_dict
 from difflab.tasks.train import train
 from tests.conftest import CONF_DIR, TINY, cli_ok, compose_config, perturb_weights, run_cli
 
+# its module-scoped checkpoints are trained once: the whole module runs on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("test_export")
+
 diffusers = pytest.importorskip("diffusers")
 
 # TINY's UNet with 8 groups (GroupNorm(32) cannot split its 16-channel levels; diffusers needs one group count)

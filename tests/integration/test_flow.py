@@ -23,6 +23,9 @@ from difflab.utils.checkpoint_io import CheckpointError
 from tests.conftest import TINY, TINY_DIT, compose_config, raises_in_config
 from tests.unit.test_metrics import weights_dir  # noqa: F401  (fixture)
 
+# its module-scoped checkpoints are trained once: the whole module runs on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("test_flow")
+
 CONDITIONAL = ["model.num_classes=${data_num_classes:}", "model.p_uncond=0.2", "model.guidance_scale=1.5"]
 QUIET = ["callbacks.sample_grid=null", "samples.num_samples=0"]
 # experiment=reflow on the tiny teacher: 48 pairs (16 held out) of a 2-step Euler ODE, batches of 16

@@ -16,6 +16,9 @@ from difflab.tasks.sample import sample
 from difflab.tasks.train import train
 from tests.conftest import TINY, TINY_DIT, bare_trainer, compose_config, raises_in_config, run_cli
 
+# its module-scoped checkpoints are trained once: the whole module runs on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("test_ldm")
+
 AE_TINY = [
     "data=digits",
     "data.batch_size=16",

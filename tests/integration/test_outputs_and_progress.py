@@ -23,6 +23,9 @@ from difflab.utils.progress import SamplingProgress, count_forwards, progress_it
 from tests.conftest import TINY, cli_ok, compose_config, run_cli
 from tests.unit.test_metrics import weights_dir  # noqa: F401  (fixture)
 
+# its module-scoped checkpoints are trained once: the whole module runs on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("test_outputs_and_progress")
+
 
 @pytest.fixture(scope="module")
 def young_ema_ckpt(tmp_path_factory):

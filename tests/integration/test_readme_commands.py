@@ -26,8 +26,11 @@ from difflab.tasks.eval import evaluate
 from difflab.tasks.export import export
 from difflab.tasks.sample import sample
 from difflab.tasks.train import train
-from tests.conftest import ROOT, TINY, TINY_UPSCALER, compose_config
+from tests.conftest import ROOT, TINY, compose_config
 from tests.integration.test_classifier_guidance import TINY_CLASSIFIER
+
+# its module-scoped checkpoints are trained once: the whole module runs on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("test_readme_commands")
 
 README = ROOT / "README.md"
 SCRIPTS = {"train.py": ("train", train), "sample.py": ("sample", sample), "eval.py": ("eval", evaluate)}
@@ -147,14 +150,13 @@ def test_the_readme_has_the_commands_this_test_knows():
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, str]:
-    """Tiny checkpoints to stand in for `ckpt=...`: unconditional, class-conditional, rectified flow, text-conditioned
-    latent, an upscaler; a noisy classifier for `classifier_ckpt=...`; and the input files of the editing modes."""
-    made = {}
+def checkpoints(tmp_path_factory, tiny_checkpoint, tiny_cfg_checkpoint, tiny_upscaler_checkpoint) -> dict[str, str]:
+    """Tiny checkpoints to stand in for `ckpt=...`: unconditional, class-conditional, an upscaler (the session's),
+    rectified flow, text-conditioned latent; a noisy classifier for `classifier_ckpt=...`; and the input files of
+    the editing modes."""
+    made = {"ddpm": tiny_checkpoint, "cfg": tiny_cfg_checkpoint, "upscaler": tiny_upscaler_checkpoint}
     common = [*TINY, "trainer.max_steps=2", "trainer.limit_train_batches=2", "trainer.limit_val_batches=0"]
     for kind, extra in {
-        "ddpm": [],
-        "cfg": ["model=cfg"],
         "flow": ["model=rectified_flow"],
         "text": [
             "model=ldm",
@@ -163,7 +165,6 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
             "net.num_heads=2",
             "net.num_head_channels=-1",
         ],
-        "upscaler": TINY_UPSCALER[len(TINY) :],  # 16 → 32 for mode=cascade (the ddpm checkpoint is its base)
     }.items():
         out = tmp_path_factory.mktemp(kind)
         made[kind] = train(compose_config([*common, *extra], out))["checkpoint"]

@@ -14,6 +14,9 @@ from difflab.callbacks.seeding import CHECKPOINT_KEY
 from difflab.tasks.train import train
 from tests.conftest import TINY, compose_config
 
+# its module-scoped checkpoints are trained once: the whole module runs on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("test_resume")
+
 # 96 training images in batches of 16: 6 steps an epoch. Every consumer of randomness is on: label dropout
 # (p_uncond), network dropout, random flips, validation with sample grids between the epochs.
 EXACT = [

@@ -16,6 +16,9 @@ from difflab.tasks.sample import sample
 from difflab.tasks.train import train
 from tests.conftest import TINY, compose_config
 
+# its module-scoped checkpoints are trained once: the whole module runs on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("test_train")
+
 
 def test_fast_dev_run_ddpm(tiny_cfg):
     result = train(tiny_cfg("debug=fast", "samples.num_samples=0"))

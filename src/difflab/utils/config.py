@@ -10,12 +10,17 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from difflab.utils.help import config_groups_help
-from difflab.utils.loggers import wandb_offline
 from difflab.utils.paths import user_cache_dir
 from difflab.utils.run_dir import given_out_dir, run_dir, unique_dir
 from difflab.utils.sweep_summary import job_dirname, sweep_name
 
 log = logging.getLogger(__name__)
+
+
+def wandb_offline() -> bool:
+    """``${wandb_offline:}``: offline unless the user chose: WANDB_MODE set (wandb reads it itself) or
+    WANDB_API_KEY present."""
+    return not (os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"))
 
 
 def data_num_classes(*, _root_: DictConfig) -> int:

@@ -107,11 +107,6 @@ def _with_row(
     return fields, [*rows, {**{k: str(v) for k, v in row["metrics"].items()}, "step": step}]
 
 
-def wandb_offline() -> bool:
-    """Offline unless the user chose: WANDB_MODE set (wandb reads it itself) or WANDB_API_KEY present."""
-    return not (os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"))
-
-
 def log_image(loggers: list[Logger], key: str, grid: torch.Tensor, step: int) -> None:
     """Send a (C, H, W) grid in [0, 1] to every logger that shows images (wandb panels, TensorBoard)."""
     for logger in loggers:
