@@ -265,7 +265,14 @@ def peer_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    """Run the three measurements and print one JSON line each, then the summary; returns all the lines."""
+    """Run the three measurements and print one JSON line each, then the summary; returns all the lines.
+    ``--quality`` runs the quality benchmark instead (``quality.py``: FID per training compute against the peer)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--quality" in argv:
+        from experiments.bench.quality import main as quality
+
+        quality(argv)
+        return []
     args = parse_args(argv)
     if args.train_steps < 1 or args.sample_steps < 1 or args.warmup_steps < 0:
         raise SystemExit("--train-steps and --sample-steps must be >= 1, --warmup-steps >= 0")

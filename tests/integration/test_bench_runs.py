@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import load_bench
+from tests.conftest import load_bench, load_experiment
 
 
 def test_bench_script_runs_on_cpu(capsys):
@@ -163,3 +163,24 @@ def test_peer_runs_as_the_anchor_unless_asked():
     assert anchor.precision == args.precision and args.channels_last  # the run's own flags are untouched
     same = bench.parse_args("--compile reduce-overhead --peer-levers same".split())
     assert bench.peer_args(same) is same and same.compile == "reduce-overhead"
+
+
+@pytest.mark.slow
+def test_quality_benchmark_runs_both_models_and_the_export_path_agrees_with_diffusers(tmp_path):
+    """`make bench ARGS="--quality --peer diffusers"` at tiny sizes: our quickstart and the diffusers peer, trained 2
+    steps, each sampled by both families; DPM-Solver++(2M) without clipping and up to the model's σ_max on our model
+    is diffusers' DPMSolverMultistep (Karras) on its export, sample for sample."""
+    import json
+
+    quality = load_experiment("bench/quality")
+    samplers = ["ours dpmpp_2m 10, no clip, model's sigma_max", "diffusers dpmpp_2m karras", "ours ddim 50 trailing"]
+    out = tmp_path / "quality.json"
+    sizes = ["--steps", "2", "--num-samples", "8", "--num-real", "64", "--batch-size", "4", "--seeds", "0"]
+    quality.main([*sizes, "--samplers", *samplers, "--logs-dir", str(tmp_path / "logs"), "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["model"], r["sampler"]) for r in rows} == {
+        (m, s) for m in ("quickstart", "diffusers peer") for s in samplers
+    }
+    assert all(r["fid_fmnist_cls_v2"] > 0 and r["fid_fmnist_cls"] > 0 for r in rows)
+    ours = {r["sampler"]: r for r in rows if r["model"] == "quickstart"}
+    assert ours[samplers[0]]["fid_fmnist_cls_v2"] == pytest.approx(ours[samplers[1]]["fid_fmnist_cls_v2"], rel=1e-4)
