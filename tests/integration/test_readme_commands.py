@@ -343,12 +343,10 @@ def test_training_multirun_torchrun_and_make_commands_run(p, checkpoints, tmp_pa
         if p.how == "run":
             config, task = SCRIPTS[p.script]
             result = task(compose_config(args, tmp_path / "first", config))
-            if resume:  # the command resumes a run of the same config: that run first, then the command
-                task(
-                    compose_config(
-                        [*args, f"ckpt_path={result['checkpoint']}", "trainer.max_steps=4"], tmp_path, config
-                    )
-                )
+            if resume:  # the command resumes a run: that run first, then the command (its config comes from the file)
+                before = substitute(p.script, p.args[: p.args.index(resume[0])], checkpoints)
+                resumed = [*before, f"ckpt_path={result['checkpoint']}", "trainer.max_steps=4"]
+                task(compose_config(resumed, tmp_path, config))
             return
         command = [sys.executable, str(ROOT / "src" / p.script), *args]
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)

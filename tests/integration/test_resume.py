@@ -131,13 +131,16 @@ EVERY_4 = [
 
 
 def test_csv_history_is_kept_and_continued(tmp_path):
-    """Lightning's CSV writer deleted metrics.csv when the resumed run reattached to it: only the rows after the
-    resume were left. Rows logged after the checkpoint (the part of the run it does not hold) are logged again,
-    once."""
+    """The resumed run's metrics.csv starts with the source run's history before the checkpoint (Lightning's writer
+    would have deleted it); rows logged after the checkpoint (the part of the run it does not hold) are logged
+    again, once. The source run's file is read, never written."""
     checkpoint = killed_after_checkpoint(tmp_path / "first", "csv")
+    source = tmp_path / "first" / "csv" / "version_0" / "metrics.csv"
+    before = source.read_bytes()
     fit(tmp_path / "resumed", "trainer.max_steps=8", f"ckpt_path={checkpoint}")
-    metrics = tmp_path / "first" / "csv" / "version_0" / "metrics.csv"
+    metrics = tmp_path / "resumed" / "csv" / "version_0" / "metrics.csv"
     assert logged_steps(metrics) == list(range(8))  # 0-3 from the first run, 4-7 from the resumed one
+    assert source.read_bytes() == before and logged_steps(source) == list(range(6))
 
 
 def test_a_kill_right_after_a_step_checkpoint_loses_no_csv_row(tmp_path, monkeypatch):
@@ -162,7 +165,7 @@ def test_a_kill_right_after_a_step_checkpoint_loses_no_csv_row(tmp_path, monkeyp
     checkpoint = tmp_path / "first" / "checkpoints" / "step0000004.ckpt"
     assert torch.load(checkpoint, weights_only=True)["difflab"]["unlogged_row"]["step"] == 3
     fit(tmp_path / "resumed", "trainer.max_steps=8", f"ckpt_path={checkpoint}")
-    assert logged_steps(metrics) == list(range(8))
+    assert logged_steps(tmp_path / "resumed" / "csv" / "version_0" / "metrics.csv") == list(range(8))
 
 
 class CsvOnDisk(pl.Callback):
@@ -192,9 +195,10 @@ def test_tensorboard_history_is_kept_and_continued(tmp_path):
 
     checkpoint = killed_after_checkpoint(tmp_path / "first", "tensorboard")
     fit(tmp_path / "resumed", "trainer.max_steps=8", "logger=tensorboard", f"ckpt_path={checkpoint}")
-    events = EventAccumulator(str(tmp_path / "first" / "tensorboard" / "version_0"))
-    events.Reload()
-    assert [e.step for e in events.Scalars("train/loss")] == list(range(8))
+    for run, steps in (("resumed", range(8)), ("first", range(6))):  # the source's events stay as they were
+        events = EventAccumulator(str(tmp_path / run / "tensorboard" / "version_0"))
+        events.Reload()
+        assert [e.step for e in events.Scalars("train/loss")] == list(steps), run
 
 
 def test_wandb_resumes_its_run_id(tmp_path, monkeypatch):
@@ -281,3 +285,38 @@ def test_two_process_ddp_resume_is_bit_exact(tmp_path):
     assert max_abs_diff(str(full), str(resumed)) == {"current_model_state": 0.0, "state_dict": 0.0}
     states = torch.load(first, weights_only=True)[CHECKPOINT_KEY]
     assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])  # one stream per rank
+
+
+def test_resume_from_the_checkpoint_alone_is_exact_and_writes_nothing_into_the_source(uninterrupted, tmp_path, caplog):
+    """`python src/train.py ckpt_path=<run>/checkpoints/last.ckpt` without the run's own overrides (EXACT here):
+    the checkpoint's config and group choices are taken (the command line's defaults would be another model: 176
+    lines of key mismatches), a key given on the command line wins and is reported, and the resumed run writes only
+    into its own run dir."""
+    import logging
+
+    first = fit(tmp_path / "first", "trainer.max_steps=4")
+    listing = {p: p.stat().st_mtime_ns for p in (tmp_path / "first").rglob("*")}
+    with caplog.at_level(logging.INFO):
+        resumed = train(compose_config([f"ckpt_path={first['checkpoint']}", "trainer.max_steps=10"], tmp_path / "r"))
+    assert "resuming with the checkpoint's run config; from the command line: trainer.max_steps=10" in caplog.text
+    assert max(max_abs_diff(uninterrupted()["checkpoint"], resumed["checkpoint"]).values()) == 0
+    assert Path(resumed["checkpoint"]).parent == tmp_path / "r" / "checkpoints"
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "first").rglob("*")} == listing  # nothing written there
+    record = torch.load(resumed["checkpoint"], weights_only=True)["difflab"]
+    assert record["config"]["net"]["model_channels"] == 16 and record["choices"]["data"] == "digits"
+    assert record["config"]["callbacks"]["model_checkpoint"]["dirpath"] == str(tmp_path / "r" / "checkpoints")
+
+
+def test_resume_refuses_another_experiment_and_takes_another_logger(tmp_path):
+    """A group that sets keys everywhere (experiment=) is the run's method: another one is an error; a node group
+    (logger=) is replaced."""
+    first = fit(tmp_path / "first", "trainer.max_steps=2")
+    with pytest.raises(ValueError, match="experiment=quickstart is not the checkpoint's run's experiment=None"):
+        train(compose_config([f"ckpt_path={first['checkpoint']}", "experiment=quickstart"], tmp_path / "a"))
+    cfg = compose_config(
+        [f"ckpt_path={first['checkpoint']}", "logger=tensorboard", "trainer.max_steps=3"], tmp_path / "b"
+    )
+    resumed = train(cfg)
+    record = torch.load(resumed["checkpoint"], weights_only=True)["difflab"]
+    assert [entry["class"] for entry in record["loggers"]] == ["TensorBoardLogger"]
+    assert record["choices"]["logger"] == "tensorboard" and record["config"]["net"]["model_channels"] == 16

@@ -67,7 +67,7 @@ def test_train_writes_checkpoint_samples_and_record(trained):
     assert summary["wall_time_s"] > 0 and summary["train_images_per_s"] is None  # 3 steps < the clock's warm-up
 
 
-def test_resume_continues_step_ema_optimizer_and_logger_run(trained, tiny_cfg, tmp_path):
+def test_resume_continues_step_ema_optimizer_and_logger_history(trained, tiny_cfg, tmp_path):
     cfg, first = trained
     saved = torch.load(first["checkpoint"], weights_only=True)
     _, second = short_run(tiny_cfg, tmp_path / "resumed", 6, f"ckpt_path={first['checkpoint']}")
@@ -76,11 +76,11 @@ def test_resume_continues_step_ema_optimizer_and_logger_run(trained, tiny_cfg, t
     assert int(resumed["averaging_state"]["n_averaged"]) == 6  # EMA continued, not restarted
     step_saved = saved["optimizer_states"][0]["state"][0]["step"]
     assert float(resumed["optimizer_states"][0]["state"][0]["step"]) == float(step_saved) + 3
-    # the same CSV logger run (save_dir and version) continues
-    assert resumed["difflab"]["loggers"] == saved["difflab"]["loggers"]
-    metrics = Path(saved["difflab"]["loggers"][0]["save_dir"]) / "csv" / "version_0" / "metrics.csv"
+    # the CSV history continues in the resumed run's own folder (the source run is not written)
+    assert resumed["difflab"]["loggers"][0]["save_dir"] == str(tmp_path / "resumed")
+    metrics = tmp_path / "resumed" / "csv" / "version_0" / "metrics.csv"
     steps = [int(line.split(",")[1]) for line in metrics.read_text().splitlines()[1:] if line.split(",")[1]]
-    assert max(steps) >= 3
+    assert min(steps) < 3 <= max(steps)  # a row of the source run (before step 3), then the resumed run's
 
 
 def test_sample_from_checkpoint_is_reproducible(trained, tmp_path):

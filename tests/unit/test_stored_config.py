@@ -12,7 +12,11 @@ from difflab.utils.stored_config import STORED_TARGETS, allowed_targets, unsafe_
 from tests.conftest import CONF_DIR
 
 # older run configs record these (the shipped kl-f4 stage 1 among them), conf/ no longer names them
-LEGACY = {"lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.callbacks.ModelCheckpoint"}
+LEGACY = {
+    "lightning.pytorch.loggers.CSVLogger",
+    "lightning.pytorch.loggers.TensorBoardLogger",
+    "lightning.pytorch.callbacks.ModelCheckpoint",
+}
 
 
 def conf_targets() -> set[str]:

@@ -23,8 +23,8 @@ class RunRecord(pl.Callback):
     resume_logger_kwargs`).
     """
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.config = config
+    def __init__(self, config: dict[str, Any], choices: dict[str, Any] | None = None) -> None:
+        self.config, self.choices = config, choices
         self._in_batch_end = False  # between on_train_batch_end and the loggers' update of that step
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
@@ -56,6 +56,8 @@ class RunRecord(pl.Callback):
             "config": self.config,
             "loggers": [logger_identity(logger) for logger in trainer.loggers],
         }
+        if self.choices is not None:  # the config groups that made the config: a resume takes them (tasks.resume)
+            checkpoint["difflab"]["choices"] = dict(self.choices)
         row = self.unlogged_row(trainer)
         if row is not None:
             checkpoint["difflab"]["unlogged_row"] = row

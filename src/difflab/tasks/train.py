@@ -18,6 +18,7 @@ from difflab.callbacks import EMA, NonFiniteError, NonFiniteGuard, RunRecord, Tr
 from difflab.callbacks.ema import young_ema_warning
 from difflab.callbacks.sample_grid import sample_class_rows
 from difflab.modules import read_run_record
+from difflab.tasks.resume import hydra_choices, resume_config
 from difflab.utils.checkpoint_io import AtomicCheckpointIO, checkpoints_trusted, trusted_checkpoints
 from difflab.utils.checkpoint_ref import fetch_checkpoint
 from difflab.utils.config import instantiate_group
@@ -29,12 +30,10 @@ from difflab.utils.sweep_summary import write_run_summary
 log = logging.getLogger(__name__)
 
 
-def _resume_overrides(cfg: DictConfig, ckpt_path: str | None) -> dict[str, dict[str, Any]]:
-    """Logger kwargs that continue the logger runs recorded in ``ckpt_path`` (validates the file early, before
-    anything is built, and opens it safely: see :mod:`difflab.utils.checkpoint_io`)."""
-    if not ckpt_path:
+def _resume_overrides(cfg: DictConfig, record: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Logger kwargs that continue the logger runs recorded in a checkpoint's ``record`` (None: not resuming)."""
+    if record is None:
         return {}
-    record = read_run_record(ckpt_path, "ckpt_path")
     return {
         entry._target_: resume_logger_kwargs(
             entry._target_, record.get("loggers", []), record["global_step"], record.get("unlogged_row")
@@ -101,17 +100,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
-    pl.seed_everything(cfg.seed, workers=True)
-    ckpt_path = cfg.get("ckpt_path")
+    ckpt_path, record, choices = cfg.get("ckpt_path"), None, hydra_choices()
     if ckpt_path:  # a path, or wandb:<entity>/<project>/model-<run id>:<alias> (logger.wandb.log_model)
         ckpt_path = fetch_checkpoint(str(ckpt_path), "ckpt_path")
-    logger_overrides = _resume_overrides(cfg, ckpt_path)
+        record = read_run_record(ckpt_path, "ckpt_path")  # opened safely, before anything is built
+        cfg, choices = resume_config(cfg, record, f"ckpt_path={str(ckpt_path)!r}")  # the checkpoint's own config
+    pl.seed_everything(cfg.seed, workers=True)
+    logger_overrides = _resume_overrides(cfg, record)
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     model: pl.LightningModule = instantiate(cfg.model)
     run_config = OmegaConf.to_container(cfg, resolve=True)
     size = network_size(model)  # before fit: eager, on the CPU
     throughput = TrainThroughput()
-    callbacks = [*instantiate_group(cfg.get("callbacks")), RunRecord(run_config), TrainingRandomState(cfg.seed)]
+    callbacks = [
+        *instantiate_group(cfg.get("callbacks")),
+        RunRecord(run_config, choices),
+        TrainingRandomState(cfg.seed),
+    ]
     callbacks.append(throughput)
     loggers = instantiate_group(cfg.get("logger"), logger_overrides, "logger")
     if not loggers:  # LearningRateMonitor refuses to run without a logger; `logger=none` is a valid choice

@@ -6,31 +6,39 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import shutil
 from typing import Any
 
 import torch
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import TensorBoardLogger as LightningTensorBoardLogger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 
 class CSVLogger(LightningCSVLogger):
-    """Lightning's ``CSVLogger`` that keeps the history of a resumed run.
+    """Lightning's ``CSVLogger`` that carries the history of the run it resumes.
 
-    Lightning's writer deletes an existing ``metrics.csv`` when a run reattaches to its version directory, so a
-    resumed run kept only the rows logged after the resume. With ``resume_step`` (set by ``src/train.py`` from the
-    checkpoint's global step) the rows logged before that step are kept and the run appends to them; rows at or
-    after it came from the part of the interrupted run that the checkpoint does not hold, and the resumed run logs
-    those steps again. ``resume_row`` (the checkpoint's ``unlogged_row``, see :class:`difflab.callbacks.RunRecord`)
-    is the row of the checkpoint's own step, written when a kill right after the save kept it off the file.
+    ``history`` (set by ``src/train.py`` on resume: the source run's ``metrics.csv``) and ``resume_step`` (the
+    checkpoint's global step): this run's file starts with the source's rows logged before that step, and the run
+    appends to them; rows at or after it came from the part of the interrupted run that the checkpoint does not hold,
+    and the resumed run logs those steps again. The source file is read, never written (a resumed run writes into
+    its own run dir); resumed into the same folder, the file is its own history (Lightning's writer would delete
+    it). ``resume_row`` (the checkpoint's ``unlogged_row``, see :class:`difflab.callbacks.RunRecord`) is the row of
+    the checkpoint's own step, written when a kill right after the save kept it off the source file.
     """
 
     def __init__(
-        self, *args: Any, resume_step: int | None = None, resume_row: dict[str, Any] | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        resume_step: int | None = None,
+        resume_row: dict[str, Any] | None = None,
+        history: str | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.resume_step, self.resume_row = resume_step, resume_row
+        self.resume_step, self.resume_row, self.history = resume_step, resume_row, history
 
     @property
     @rank_zero_experiment
@@ -38,7 +46,8 @@ class CSVLogger(LightningCSVLogger):
         if self._experiment is not None:
             return self._experiment
         path = os.path.join(self.log_dir, "metrics.csv")
-        fields, rows = _read_history(path, self.resume_step) if self.resume_step is not None else ([], [])
+        source = self.history or path
+        fields, rows = _read_history(source, self.resume_step) if self.resume_step is not None else ([], [])
         fields, rows = _with_row(fields, rows, self.resume_row)
         writer = super().experiment  # deletes the old file
         if fields:
@@ -48,6 +57,29 @@ class CSVLogger(LightningCSVLogger):
                 history.writerows(rows)
             writer.metrics_keys = list(fields)  # appended rows follow this header (a new key rewrites it)
         return writer
+
+
+class TensorBoardLogger(LightningTensorBoardLogger):
+    """Lightning's ``TensorBoardLogger`` that carries the history of the run it resumes: with ``history`` (the
+    source run's version folder, set by ``src/train.py`` on resume) its event files are copied into this run's
+    folder first, and ``purge_step`` (the checkpoint's step) makes TensorBoard drop their events from that step on,
+    which the resumed run logs again. The source folder is read, never written."""
+
+    def __init__(self, *args: Any, history: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.history = history
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        if self._experiment is None and self.history and os.path.isdir(self.history):
+            target = os.path.abspath(self.log_dir)
+            if os.path.abspath(self.history) != target:
+                os.makedirs(target, exist_ok=True)
+                for name in sorted(os.listdir(self.history)):
+                    if name.startswith("events.out.tfevents."):
+                        shutil.copy2(os.path.join(self.history, name), os.path.join(target, name))
+        return super().experiment
 
 
 class WandbLogger(LightningWandbLogger):
@@ -112,7 +144,7 @@ def log_image(loggers: list[Logger], key: str, grid: torch.Tensor, step: int) ->
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             logger.log_image(key=key, images=[grid.permute(1, 2, 0).numpy()], step=step)
-        elif isinstance(logger, TensorBoardLogger):
+        elif isinstance(logger, LightningTensorBoardLogger):
             logger.experiment.add_image(key, grid, global_step=step)
 
 
@@ -129,28 +161,26 @@ def logger_identity(logger: Logger) -> dict[str, Any]:
 def resume_logger_kwargs(
     target: str, records: list[dict[str, Any]], global_step: int = 0, unlogged_row: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Constructor overrides that reattach a logger (by its ``_target_``) to the run recorded in a checkpoint of
-    ``global_step``: the same wandb run id (``resume="allow"``), the same CSV/TensorBoard version directory with the
-    history before ``global_step`` kept (difflab's :class:`CSVLogger`: ``resume_step``, and ``resume_row``: the
-    checkpoint's ``unlogged_row``; TensorBoard: its ``purge_step``, which hides the events the resumed run logs
-    again)."""
+    """Constructor overrides that continue, in this run's own folders, the logger run recorded (by class) in a
+    checkpoint of ``global_step``: wandb the same run id (``resume="allow"``); difflab's :class:`CSVLogger` and
+    :class:`TensorBoardLogger` the source's history before ``global_step`` (``history``: the source file or folder,
+    read only; ``resume_step``/``purge_step``; the CSV's ``resume_row``: the checkpoint's ``unlogged_row``)."""
     class_name = target.rsplit(".", 1)[-1]
     for record in records:
         if record["class"] != class_name or record.get("version") is None:
             continue
-        kwargs: dict[str, Any] = {"version": record["version"]}
         if class_name == "WandbLogger":
-            kwargs["resume"] = "allow"
-            return kwargs
-        if record.get("save_dir") and os.path.isdir(record["save_dir"]):
-            kwargs["save_dir"] = record["save_dir"]
+            return {"version": record["version"], "resume": "allow"}
+        version = record["version"]
+        folder = os.path.join(
+            record["save_dir"], record.get("name") or "", version if isinstance(version, str) else f"version_{version}"
+        )
         if target == f"{CSVLogger.__module__}.CSVLogger":
-            kwargs["resume_step"] = global_step
-            if unlogged_row:
-                kwargs["resume_row"] = unlogged_row
-        elif class_name == "TensorBoardLogger":
-            kwargs["purge_step"] = global_step
-        return kwargs
+            kwargs: dict[str, Any] = {"history": os.path.join(folder, "metrics.csv"), "resume_step": global_step}
+            return {**kwargs, "resume_row": unlogged_row} if unlogged_row else kwargs
+        if target == f"{TensorBoardLogger.__module__}.TensorBoardLogger":
+            return {"history": folder, "purge_step": global_step}
+        return {}
     return {}
 
 

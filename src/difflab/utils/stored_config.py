@@ -87,6 +87,7 @@ STORED_TARGETS = frozenset(
         "difflab.callbacks.NLLCallback",
         "difflab.utils.loggers.CSVLogger",
         "difflab.utils.loggers.WandbLogger",
+        "difflab.utils.loggers.TensorBoardLogger",
         "lightning.pytorch.Trainer",
         "lightning.pytorch.loggers.CSVLogger",
         "lightning.pytorch.loggers.TensorBoardLogger",

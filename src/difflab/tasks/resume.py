@@ -1,0 +1,117 @@
+"""``python src/train.py ckpt_path=<run>/checkpoints/last.ckpt``: resume from the checkpoint alone.
+
+The checkpoint holds its run's resolved config and the config-group choices that made it
+(:class:`difflab.callbacks.RunRecord`). A resumed run takes that config, not the command line's defaults, so the
+short command resumes a run started with ``experiment=quickstart net=...``: the original command is not needed, and
+a default changed since (a new difflab version) does not change a run half-way. What the command line sets explicitly
+still wins, and is reported:
+
+- ``key=value`` (``trainer.max_steps=2000``): set on the stored config;
+- a group choice (``logger=wandb``, ``trainer=gpu``): the same choice as the run's is nothing to do; another replaces
+  that group's node; a choice of a group that sets keys everywhere (``experiment``, ``scale``, ``debug``,
+  ``hparams_search``) other than the run's is an error (it would change the method mid-run: start a new run).
+
+The resumed run writes into its own run dir: ``paths`` are this run's, and every stored value under the source
+run's output dir (checkpoint and logger folders) is moved under this run's, so nothing is written into the source
+run. A checkpoint from before the choices were recorded resumes with the command line's config, as it did then.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+from difflab.utils.stored_config import check_stored_config
+
+log = logging.getLogger(__name__)
+
+OWN_KEYS = ("paths", "ckpt_path", "trust_checkpoint")  # always this run's
+
+
+def hydra_choices() -> dict[str, Any] | None:
+    """The config-group choices of the current Hydra run (what :class:`RunRecord` stores), None outside Hydra."""
+    if not HydraConfig.initialized():
+        return None
+    return {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra")}
+
+
+def _global_group(group: str, choice: str) -> bool:
+    """Whether ``conf/<group>/<choice>.yaml`` is a ``# @package _global_`` config (it sets keys anywhere)."""
+    sources = HydraConfig.get().runtime.config_sources
+    for source in sources:
+        if source.get("provider") == "main" and source.get("schema") == "file":
+            path = Path(source["path"]) / group / f"{choice}.yaml"
+            return path.is_file() and "@package _global_" in path.read_text().split("\n\n")[0]
+    return group in ("experiment", "scale", "debug", "hparams_search")
+
+
+def _move_paths(node: Any, source: str, target: str) -> Any:
+    """``node`` with every string under the directory ``source`` moved under ``target``."""
+    if isinstance(node, dict):
+        return {k: _move_paths(v, source, target) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_move_paths(v, source, target) for v in node]
+    if isinstance(node, str) and (node == source or node.startswith(source.rstrip("/") + "/")):
+        return target + node[len(source) :]
+    return node
+
+
+def resume_config(cfg: DictConfig, record: dict[str, Any], where: str) -> tuple[DictConfig, dict[str, Any] | None]:
+    """(the config to resume with, its group choices) from the checkpoint's ``record`` (``read_run_record``) and
+    the command line's ``cfg``; see the module docstring. ``where``: ``ckpt_path='...'`` for the messages."""
+    stored_choices = record.get("choices")
+    if stored_choices is None or not HydraConfig.initialized():
+        log.warning(
+            "%s: the checkpoint does not record its config groups: resuming with the command line's config", where
+        )
+        return cfg, hydra_choices()
+    check_stored_config(record["config"], where, "difflab.config")  # everything is built from it
+    choices, changes = dict(stored_choices), []
+    source = str((record["config"].get("paths") or {}).get("output_dir", ""))
+    stored = _move_paths(record["config"], source, str(cfg.paths.output_dir)) if source else record["config"]
+    resumed = OmegaConf.create(stored)
+    now = hydra_choices() or {}
+    for override in OverridesParser.create().parse_overrides([str(o) for o in HydraConfig.get().overrides.task]):
+        key = override.key_or_group
+        if key in OWN_KEYS or key.split(".")[0] in OWN_KEYS:
+            continue
+        if key in now:  # a config group
+            if stored_choices.get(key) == now[key]:
+                continue
+            if _global_group(key, str(now[key])):
+                raise ValueError(
+                    f"{where}: {key}={now[key]} is not the checkpoint's run's {key}={stored_choices.get(key)}; a "
+                    f"resumed run keeps its {key} (it sets the method and its sizes). Leave it out to resume, or "
+                    f"start a new run without ckpt_path"
+                )
+            resumed[key] = OmegaConf.to_container(cfg[key], resolve=True) if cfg.get(key) is not None else None
+            choices[key] = now[key]
+        elif override.is_delete():
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(resumed, parent) if parent else resumed
+            if node is not None and leaf in node:
+                node.pop(leaf)
+        else:
+            value = OmegaConf.select(cfg, key)
+            if OmegaConf.select(resumed, key) == value:
+                continue
+            OmegaConf.update(
+                resumed,
+                key,
+                OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value,
+                force_add=True,
+            )
+        changes.append(str(override.input_line))
+    for key in OWN_KEYS:
+        resumed[key] = cfg[key]
+    log.info(
+        "%s: resuming with the checkpoint's run config%s",
+        where,
+        f"; from the command line: {' '.join(changes)}" if changes else "",
+    )
+    return resumed, choices
