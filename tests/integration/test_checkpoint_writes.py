@@ -162,3 +162,12 @@ def test_kill_9_during_checkpoint_writes_never_leaves_a_bad_file(tmp_path):
         assert steps["last.ckpt"] >= newest_step_file, f"trial {trial}: last.ckpt older than a step file: {steps}"
         mid_write += bool(list(checkpoints.glob(".*.tmp")))
     assert mid_write > 0, "no kill landed during a write: the test did not test anything"
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Through a temporary file (mkstemp: 0600) but with the mode open() would give (0666 minus the umask)."""
+    from difflab.utils.paths import write_text_atomic
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (write_text_atomic(tmp_path / "a.json", "{}").stat().st_mode & 0o777) == 0o666 & ~umask

@@ -36,6 +36,10 @@ def user_cache_dir(*parts: str) -> Path:
     return Path(root).expanduser().joinpath(*parts)
 
 
+_UMASK = os.umask(0)  # read once (os.umask sets it to read it)
+os.umask(_UMASK)
+
+
 def check_writable(directory: str | Path, key: str) -> Path:
     """The folder ``directory`` (created when missing), after checking a file can be created in it; otherwise an
     ``OSError`` naming ``key`` (``out``, ``cache_dir``) — raised before a task computes anything it would then lose."""
@@ -62,6 +66,7 @@ def atomic_write(path: str | Path, fsync: bool = False) -> Iterator[BinaryIO]:
     path = ensure_parent(path)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp's 0600 would make outputs private: the mode open() gives
         with os.fdopen(fd, "wb") as file:
             yield file
             file.flush()
