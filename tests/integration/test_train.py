@@ -210,3 +210,22 @@ def test_an_experiment_runs_with_callbacks_none(tmp_path, caplog):
         result = train(compose_config(quick, tmp_path))
     assert np.isfinite(result["metrics"]["train/loss"]) and "checkpoint" not in result  # no ModelCheckpoint
     assert "callbacks.ema sets decay, warmup but no callback of that name is selected (callbacks=...)" in caplog.text
+
+
+def test_a_run_shorter_than_its_validation_interval_ends_validated(tmp_path):
+    """experiment=quickstart validates every 300 steps: a 3-step run used to end without val/loss (an Optuna trial
+    then failed after training with "Return value must be float-castable. Got 'None'")."""
+    quick = ["experiment=quickstart", "data.limit_train_size=64", "trainer.max_steps=3", "samples.num_samples=0"]
+    result = train(compose_config([*quick, "trainer.enable_progress_bar=false"], tmp_path))
+    assert np.isfinite(result["metrics"]["val/loss"])
+    assert json.loads((tmp_path / "run_summary.json").read_text())["metrics"]["val/loss"] is not None
+
+
+def test_a_search_objective_that_is_never_logged_fails_at_the_first_validation(tmp_path):
+    from difflab.callbacks import ObjectiveNotLogged
+
+    overrides = [*TINY, "hparams_search=optuna_lr_ema", "optimized_metric=val/fid", "trainer.max_steps=4"]
+    overrides += ["trainer.val_check_interval=2", "trainer.check_val_every_n_epoch=null", "samples.num_samples=0"]
+    with pytest.raises(ObjectiveNotLogged, match=r"optimized_metric=val/fid: the run does not log it \(it logs \["):
+        train(compose_config(overrides, tmp_path))
+    assert not (tmp_path / "checkpoints" / "step0000004.ckpt").exists()  # stopped at step 2, not after the trial

@@ -11,14 +11,17 @@ from difflab.callbacks.run_record import RunRecord
 from difflab.callbacks.sample_grid import SampleGridCallback
 from difflab.callbacks.seeding import TrainingRandomState
 from difflab.callbacks.throughput import TrainThroughput
+from difflab.callbacks.validation import FinalValidation, ObjectiveNotLogged
 
 __all__ = [
     "EMA",
+    "FinalValidation",
     "GenerativeMetricsCallback",
     "ModelCheckpoint",
     "NLLCallback",
     "NonFiniteError",
     "NonFiniteGuard",
+    "ObjectiveNotLogged",
     "ReconstructionMetricsCallback",
     "RunRecord",
     "SampleGridCallback",

@@ -14,9 +14,18 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from difflab.callbacks import EMA, NonFiniteError, NonFiniteGuard, RunRecord, TrainingRandomState, TrainThroughput
+from difflab.callbacks import (
+    EMA,
+    FinalValidation,
+    NonFiniteError,
+    NonFiniteGuard,
+    RunRecord,
+    TrainingRandomState,
+    TrainThroughput,
+)
 from difflab.callbacks.ema import young_ema_warning
 from difflab.callbacks.sample_grid import sample_class_rows
+from difflab.callbacks.validation import check_objective
 from difflab.modules import read_run_record
 from difflab.tasks.resume import hydra_choices, resume_config
 from difflab.utils.checkpoint_io import AtomicCheckpointIO, checkpoints_trusted, trusted_checkpoints
@@ -59,6 +68,11 @@ def write_samples(
         "grid": save_labelled_grid(images, out_dir / "samples.png", nrow=nrow, tags=tags),
         "npz": save_npz(images, out_dir / "samples.npz", labels=labels),
     }
+
+
+def search_objective(cfg: DictConfig, choices: dict[str, Any] | None) -> str | None:
+    """``optimized_metric`` when a hyperparameter search (``hparams_search=...``) reads it, else None."""
+    return cfg.get("optimized_metric") if (choices or {}).get("hparams_search") else None
 
 
 def nonfinite_report(trainer: pl.Trainer, metrics: dict[str, float]) -> dict[str, Any]:
@@ -111,13 +125,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     model: pl.LightningModule = instantiate(cfg.model)
     run_config = OmegaConf.to_container(cfg, resolve=True)
     size = network_size(model)  # before fit: eager, on the CPU
-    throughput = TrainThroughput()
-    callbacks = [
-        *instantiate_group(cfg.get("callbacks")),
-        RunRecord(run_config, choices),
-        TrainingRandomState(cfg.seed),
-    ]
-    callbacks.append(throughput)
+    throughput, final = TrainThroughput(), FinalValidation(search_objective(cfg, choices))
+    callbacks = [*instantiate_group(cfg.get("callbacks")), RunRecord(run_config, choices)]
+    callbacks += [TrainingRandomState(cfg.seed), throughput, final]
     loggers = instantiate_group(cfg.get("logger"), logger_overrides, "logger")
     if not loggers:  # LearningRateMonitor refuses to run without a logger; `logger=none` is a valid choice
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -136,7 +146,10 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         logger.log_hyperparams(run_config)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not checkpoints_trusted())
+    if final.needs_final_validation(trainer) and not trainer.interrupted:  # the final model, validated
+        trainer.validate(model, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    check_objective(final.objective, metrics)
 
     def summary(**record: Any) -> None:  # <run dir>/run_summary.json
         if trainer.is_global_zero:
