@@ -119,7 +119,7 @@ def test_guidance_sweep_as_a_sample_multirun(tiny_cfg, tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    jobs = ("0_guidance_scale=0", "1_guidance_scale=4")  # named by the override that varies
+    jobs = ("0_guidance_scale-0", "1_guidance_scale-4")  # named by the override that varies
     w0, w4 = (np.load(sweep / job / "samples.npz")["arr_0"] for job in jobs)
     assert w0.shape == w4.shape == (4, *w0.shape[1:])
     assert np.abs(w0.astype(int) - w4.astype(int)).max() > 8  # the same noise and classes: w changed the images

@@ -69,7 +69,7 @@ def test_multirun_two_jobs_with_wandb_offline(tmp_path):
     )
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name[0].isdigit())
     # job folders named by the overrides that vary (the TINY ones are the same in every job)
-    assert [p.name for p in jobs] == ["0_schedule=linear", "1_schedule=cosine"], proc.stdout
+    assert [p.name for p in jobs] == ["0_schedule-linear", "1_schedule-cosine"], proc.stdout
     for job in jobs:
         assert (job / "checkpoints" / "last.ckpt").is_file()
         runs = list((job / "wandb").glob("offline-run-*"))

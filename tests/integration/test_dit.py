@@ -59,7 +59,7 @@ def test_multirun_over_unet_and_dit_writes_the_sweep_summary(tmp_path):
         )
     )
     rows = list(csv.DictReader(open(sweep / "sweep_summary.csv")))
-    jobs = ["0_net=unet_s", "1_net=dit_tiny"]  # named by the override that varies
+    jobs = ["0_net-unet_s", "1_net-dit_tiny"]  # named by the override that varies
     assert [(r["job"], r["net"], r["status"]) for r in rows] == [(jobs[0], "unet_s", "ok"), (jobs[1], "dit_tiny", "ok")]
     for row in rows:
         assert int(row["params"]) > 0 and float(row["gflops_per_forward"]) > 0 and float(row["wall_time_s"]) > 0
@@ -89,4 +89,4 @@ def test_a_failed_job_gets_a_row_with_its_error(tmp_path):
     rows = list(csv.DictReader(open(sweep / "sweep_summary.csv")))
     assert [(r["net.patch_size"], r["status"]) for r in rows] == [("2", "ok"), ("3", "failed")]
     assert "net.patch_size=3: must divide the image size (16)" in rows[1]["error"]
-    assert "- job 1_net.patch_size=3: " in (sweep / "sweep_summary.md").read_text()
+    assert "- job 1_net.patch_size-3: " in (sweep / "sweep_summary.md").read_text()

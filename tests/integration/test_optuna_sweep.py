@@ -49,7 +49,7 @@ def test_optuna_sweep_of_two_trials(tmp_path):
     for num, row in enumerate(rows):
         job = sweep / row["job"]
         # named by the trial's values, not by TINY's overrides (the same in every job)
-        assert job.name.startswith(f"{num}_") and "model.optimizer.lr=" in job.name and "data=" not in job.name
+        assert job.name.startswith(f"{num}_") and "model.optimizer.lr-" in job.name and "data-" not in job.name
         assert (job / "checkpoints" / "last.ckpt").is_file()
         (run_file,) = job.glob("wandb/offline-run-*/run-*.wandb")
         assert f"train_{sweep.name}".encode() in run_file.read_bytes()  # the wandb group: the sweep

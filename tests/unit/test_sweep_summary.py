@@ -12,6 +12,7 @@ import warnings
 
 import lightning.pytorch as pl
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
@@ -122,11 +123,14 @@ def test_job_dirname_names_a_job_by_the_overrides_that_vary(monkeypatch):
     root = _hydra_root([*task, "hparams_search=optuna_lr_ema", "data.data_dir=/a/b"], exclude=["hparams_search"])
     # the command line's fixed overrides (also as Hydra rewrites them: false → False) and excluded keys are left out;
     # Optuna's long floats shortened; a path's "/" made safe
-    assert job_dirname(3, _root_=root) == "3_data.data_dir=_a_b,model.optimizer.lr=0.0002328,schedule=cosine"
+    name = job_dirname(3, _root_=root)
+    assert name == "3_data.data_dir-_a_b+model.optimizer.lr-0.0002328+schedule-cosine"
+    # no = nor , (Hydra's grammar splits at them): a path into the folder is a plain ckpt= value
+    assert OverridesParser.create().parse_override(f"ckpt=logs/{name}/last.ckpt").value() == f"logs/{name}/last.ckpt"
     assert job_dirname(0, _root_=_hydra_root(["data=digits"])) == "0"  # nothing varies: the number alone
     long = _hydra_root([f"key{i}=value{i}" for i in range(40)])
     name = job_dirname(7, _root_=long)
-    assert name.startswith("7_key0=value0,") and len(name) == len("7_") + JOB_DIRNAME_MAX and "/" not in name
+    assert name.startswith("7_key0-value0+") and len(name) == len("7_") + JOB_DIRNAME_MAX and "/" not in name
 
 
 def test_jobs_named_by_overrides_keep_the_job_order(tmp_path):

@@ -176,12 +176,14 @@ def _command_line_overrides() -> set[str]:
 
 def job_dirname(num: int, *, _root_: DictConfig) -> str:
     """``${job_dirname:${hydra.job.num}}``: a multirun job's folder, named by the overrides that make it differ from
-    the other jobs (``3_callbacks.ema.decay=0.999,model.optimizer.lr=0.0003``): its ``hydra.overrides.task`` less
+    the other jobs (``3_callbacks.ema.decay-0.999+model.optimizer.lr-0.0003``): its ``hydra.overrides.task`` less
     those given verbatim on the command line (the same in every job; a sweep's ``a=1,2`` or an Optuna trial's values
-    are not) and less ``hydra.job.config.override_dirname.exclude_keys``. The job number keeps names unique and
-    non-empty; long decimals are shown to 4 digits (the exact values are in the job's ``.hydra/overrides.yaml``);
-    characters other than letters, digits and ``._,=+-`` (``/`` in a path value) become ``_``, cut at
-    :data:`JOB_DIRNAME_MAX`, so the name is always one safe path component."""
+    are not) and less ``hydra.job.config.override_dirname.exclude_keys``, each ``key=value`` written ``key-value``
+    and joined by ``+``: no ``=`` nor ``,``, so a path into the folder can be passed back as ``ckpt=PATH`` unquoted
+    (Hydra's grammar splits at those). The job number keeps names unique and non-empty; long decimals are shown to 4
+    digits (the exact values are in the job's ``.hydra/overrides.yaml``); characters other than letters, digits and
+    ``._+-@`` (``/`` in a path value) become ``_``, cut at :data:`JOB_DIRNAME_MAX`, so the name is always one safe
+    path component."""
     hydra_cfg = _root_.hydra
     exclude = set(OmegaConf.select(hydra_cfg, "job.config.override_dirname.exclude_keys", default=[]) or [])
     given = _command_line_overrides()
@@ -190,8 +192,9 @@ def job_dirname(num: int, *, _root_: DictConfig) -> str:
         for o in hydra_cfg.overrides.task
         if str(o) not in given and _split(str(o))[0].lstrip("+~") not in exclude
     )
-    name = re.sub(r"\d+\.\d{5,}(e-?\d+)?", lambda m: f"{float(m.group()):.4g}", ",".join(varying))  # Optuna's floats
-    safe = re.sub(r"[^A-Za-z0-9._,=+\-]", "_", name)[:JOB_DIRNAME_MAX]
+    pairs = ("-".join(_split(o)) if "=" in o else o for o in varying)
+    name = re.sub(r"\d+\.\d{5,}(e-?\d+)?", lambda m: f"{float(m.group()):.4g}", "+".join(pairs))  # Optuna's floats
+    safe = re.sub(r"[^A-Za-z0-9._+\-@]", "_", name)[:JOB_DIRNAME_MAX]
     return f"{num}_{safe}" if safe else str(num)
 
 
