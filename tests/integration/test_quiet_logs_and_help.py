@@ -12,6 +12,7 @@ NOISE = (
     "litlogger",
     "The anonymous setting has no effect",
     "WeightAveraging doesn't support sharding",
+    "isinstance(treespec, LeafSpec)` is deprecated",  # torch to Lightning's _pytree, every run
 )
 
 

@@ -64,3 +64,14 @@ def test_a_key_the_checkpoints_sampler_lacks_names_it():
         sampler_config(trained, {"eta": 0.0})
     ddim = {"_target_": "difflab.samplers.DDIMSampler", "_partial_": True, "eta": 0.0}
     assert sampler_config(trained, ddim) == ddim  # a named sampler replaces the trained one
+
+
+def test_a_setting_the_chosen_sampler_does_not_have_names_it_and_lists_the_others(checkpoint, tmp_path):
+    """`sampler=dpmpp_2m sampler.eta=0.5` was a raw TypeError from the constructor."""
+    cfg = compose_config(
+        [f"ckpt={checkpoint}", "num_samples=2", "sampler=dpmpp_2m", "sampler.eta=0.5"], tmp_path, "sample"
+    )
+    with raises_in_config(
+        ValueError, match=r"sampler.eta: DPMSolverMultistepSampler has no such setting; its settings: .*order"
+    ):
+        sample(cfg)

@@ -229,3 +229,10 @@ def test_a_search_objective_that_is_never_logged_fails_at_the_first_validation(t
     with pytest.raises(ObjectiveNotLogged, match=r"optimized_metric=val/fid: the run does not log it \(it logs \["):
         train(compose_config(overrides, tmp_path))
     assert not (tmp_path / "checkpoints" / "step0000004.ckpt").exists()  # stopped at step 2, not after the trial
+
+
+def test_the_run_summary_has_one_value_per_metric(tmp_path):
+    """The progress bar's `loss` (the epoch's mean) beside the logged `train/loss` gave two different "losses"."""
+    result = train(compose_config([*TINY, "trainer.max_steps=2", "trainer.limit_train_batches=2"], tmp_path))
+    assert "loss" not in result["metrics"] and "train/loss" in result["metrics"]
+    assert "loss" not in json.loads((tmp_path / "run_summary.json").read_text())["metrics"]

@@ -8,7 +8,6 @@ A checkpoint written by ``src/train.py`` holds, next to Lightning's keys, ``chec
 
 from __future__ import annotations
 
-import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from difflab.callbacks.ema import young_ema_warning
 from difflab.modules.autoencoder import LoadedCheckpoint
 from difflab.modules.diffusion import DiffusionModule
+from difflab.samplers import Sampler
 from difflab.utils.checkpoint_io import CheckpointError, load_checkpoint
 from difflab.utils.stored_config import check_stored_config
 
@@ -116,20 +116,13 @@ def _process_kind(target: str) -> str:
 
 
 def _sampler_arguments(target: str) -> set[str] | None:
-    """Keyword arguments of a sampler class and its bases (None: it takes any)."""
+    """Keyword arguments a config may give the sampler class ``target`` (None: not a sampler class)."""
     sampler_class = get_method(target) if target else None
-    if not isinstance(sampler_class, type):
-        return None
-    names: set[str] = set()
-    for cls in sampler_class.__mro__:
-        init = cls.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters.values()
-        names.update(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            return names
-    return names or None
+    return (
+        sampler_class.setting_names()
+        if isinstance(sampler_class, type) and issubclass(sampler_class, Sampler)
+        else None
+    )
 
 
 def load_module(

@@ -126,7 +126,16 @@ class DiffusionModule(pl.LightningModule):
         compile_in_place(self.net, self.compile_mode)
 
     def build_sampler(self, sampler: Callable[..., Sampler]) -> Sampler:
-        """Complete a sampler factory with what only the model knows."""
+        """Complete a sampler factory with what only the model knows; a setting the sampler does not have is an
+        error naming it and listing the ones it has (not a TypeError from its constructor)."""
+        cls, given = getattr(sampler, "func", None), getattr(sampler, "keywords", {}) or {}
+        if isinstance(cls, type) and issubclass(cls, Sampler):
+            unknown = sorted(set(given) - cls.setting_names() - set(Sampler.MODEL_ARGUMENTS))
+            if unknown:
+                raise ValueError(
+                    f"sampler.{unknown[0]}: {cls.__name__} has no such setting; its settings: "
+                    f"{', '.join(sorted(cls.setting_names()))}"
+                )
         return sampler(
             diffusion=self.diffusion,
             parameterization=self.parameterization,

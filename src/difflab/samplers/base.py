@@ -11,6 +11,7 @@ Samplers read the schedule (a :class:`GaussianDiffusion`) and never own a copy o
 from __future__ import annotations
 
 import abc
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -118,6 +119,22 @@ class Sampler(abc.ABC):
     """
 
     process_kind = "gaussian"
+    MODEL_ARGUMENTS = ("diffusion", "parameterization", "model_variance_type")  # filled by the model
+
+    @classmethod
+    def setting_names(cls) -> set[str]:
+        """The keyword arguments a config may set (``sampler.KEY``): every ``__init__`` up the MRO to the first one
+        without ``**kwargs``, less what the model fills in."""
+        names: set[str] = set()
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None:
+                continue
+            params = inspect.signature(init).parameters.values()
+            names.update(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+            if not any(p.kind is p.VAR_KEYWORD for p in params):
+                break
+        return names - {"self", *cls.MODEL_ARGUMENTS}
 
     def __init__(
         self,

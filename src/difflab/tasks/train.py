@@ -70,6 +70,14 @@ def write_samples(
     }
 
 
+def final_metrics(trainer: pl.Trainer) -> dict[str, float]:
+    """The run's final metrics as the loggers got them (floats): the progress bar's own aliases (``loss``: the
+    epoch's mean under another name than the logged ``train/loss``) left out, so a summary has one value per
+    metric."""
+    bar_only = set(trainer.progress_bar_metrics) - set(trainer.logged_metrics)
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k not in bar_only}
+
+
 def search_objective(cfg: DictConfig, choices: dict[str, Any] | None) -> str | None:
     """``optimized_metric`` when a hyperparameter search (``hparams_search=...``) reads it, else None."""
     return cfg.get("optimized_metric") if (choices or {}).get("hparams_search") else None
@@ -146,9 +154,10 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         logger.log_hyperparams(run_config)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not checkpoints_trusted())
+    metrics = final_metrics(trainer)
     if final.needs_final_validation(trainer) and not trainer.interrupted:  # the final model, validated
-        trainer.validate(model, datamodule=datamodule, verbose=False)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        trainer.validate(model, datamodule=datamodule, verbose=False)  # (it replaces the trainer's metrics)
+        metrics.update(final_metrics(trainer))
     check_objective(final.objective, metrics)
 
     def summary(**record: Any) -> None:  # <run dir>/run_summary.json
@@ -169,7 +178,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         raise NonFiniteError(health["error"])
     if cfg.get("test"):
         trainer.test(model, datamodule=datamodule, verbose=False)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+        metrics.update(final_metrics(trainer))
     result: dict[str, Any] = {"metrics": metrics, "output_dir": cfg.paths.output_dir}
     checkpoint_cb = trainer.checkpoint_callback
     ckpt_written = checkpoint_cb and (checkpoint_cb.last_model_path or checkpoint_cb.best_model_path)

@@ -7,6 +7,7 @@ import csv
 import logging
 import os
 import shutil
+import warnings
 from typing import Any
 
 import torch
@@ -108,11 +109,19 @@ _LITLOGGER_TIP = _DropMessages("💡 Tip: For seamless cloud logging")
 
 def silence_litlogger_tip() -> None:
     """Drop Lightning's advertisement for its LitLogger service (logged at INFO by every ``Trainer`` without a
-    LitLogger), and nothing else: a filter on the two loggers Lightning's ``rank_zero_info`` writes to."""
+    LitLogger), and nothing else: a filter on the two loggers Lightning's ``rank_zero_info`` writes to. Also torch's
+    FutureWarning that Lightning's own ``utilities/_pytree.py`` (its data fetcher, every run) still builds a
+    ``LeafSpec``: a message for Lightning's developers, matched by its text and Lightning's module only."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if _LITLOGGER_TIP not in logger.filters:
             logger.addFilter(_LITLOGGER_TIP)
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
 
 
 def _read_history(path: str, before_step: int) -> tuple[list[str], list[dict[str, str]]]:
