@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from difflab.tasks.eval import evaluate
 from difflab.tasks.sample import sample
 from difflab.utils.checkpoint_io import load_checkpoint
 from difflab.utils.paths import user_cache_dir
-from difflab.utils.progress import SamplingProgress, count_forwards, progress_iter
+from difflab.utils.progress import LineProgress, SamplingProgress, count_forwards, progress_iter, progress_line
 from tests.conftest import TINY, cli_ok, compose_config, run_cli
 from tests.unit.test_metrics import weights_dir  # noqa: F401  (fixture)
 
@@ -185,13 +186,19 @@ def test_bars_show_on_a_terminal_and_count_the_work(monkeypatch):
     assert quiet.bar.disable
 
 
-def test_bars_are_off_without_a_terminal(monkeypatch):
+def test_bars_are_lines_without_a_terminal(monkeypatch, caplog):
+    """No tqdm bar (carriage returns) off a terminal: log lines, at most every LINE_SECONDS and once at the end."""
+    import logging
+
     monkeypatch.setattr("sys.stderr", io.StringIO())
-    assert SamplingProgress(2, 5, 5).bar.disable
+    assert isinstance(SamplingProgress(2, 5, 5).bar, LineProgress)
     net = torch.nn.Linear(2, 2)
-    with count_forwards(net, 1, "x") as bar:
-        net(torch.zeros(1, 2))
-    assert bar.disable
+    with caplog.at_level(logging.INFO, logger="difflab.progress"):
+        with count_forwards(net, 2, "x") as bar:
+            net(torch.zeros(1, 2))
+    assert isinstance(bar, LineProgress) and bar.n == 1
+    assert [r.getMessage().split(",")[0] for r in caplog.records] == ["x: 1/2 NFE (50 %)"]
+    assert sys.stderr.getvalue() == ""
 
 
 def test_eval_shows_sampling_features_and_nll_bars_on_a_terminal(young_ema_ckpt, tmp_path, weights_dir, monkeypatch):  # noqa: F811
@@ -231,7 +238,32 @@ def test_sample_with_out_dir_creates_no_run_dir_and_no_bars_in_logs(young_ema_ck
     )
     assert (out / "samples.png").is_file() and (out / ".hydra" / "config.yaml").is_file()
     assert not (tmp_path / "logs").exists()  # nothing under ./logs/sample/runs/...
-    assert "sampling:" not in proc.stderr and "%|" not in proc.stderr  # not a TTY: no bar in the log
+    # not a TTY: no bar (carriage returns) in the log, progress as plain lines instead
+    assert "%|" not in proc.stderr and "\r" not in proc.stdout + proc.stderr
+    assert "sampling: 2/2 step (100 %)" in proc.stdout
+
+
+def test_training_off_a_terminal_logs_progress_lines_instead_of_a_bar(tmp_path, caplog):
+    """`make train > log` or SLURM: no Lightning bar, a line every callbacks.progress_lines.every_n_seconds."""
+    import logging
+
+    from difflab.tasks.train import train
+    from tests.conftest import TINY
+
+    run = [*TINY, "trainer.max_steps=3", "trainer.limit_train_batches=3", "trainer.enable_progress_bar=true"]
+    run += ["callbacks.progress_lines.every_n_seconds=0.000001", "samples.num_samples=0"]
+    with caplog.at_level(logging.INFO, logger="difflab.progress"):
+        train(compose_config(run, tmp_path))
+    lines = [r.getMessage() for r in caplog.records if r.name == "difflab.progress"]
+    assert lines[0].startswith("training: 1/3 step (33 %), ") and "ETA" in lines[0] and "epoch 0" in lines[0]
+    assert lines[-1].startswith("training: 3/3 step (100 %)") and "train/loss" in lines[-1]
+
+
+def test_a_progress_line_says_done_total_rate_and_eta():
+    assert progress_line("sampling", 120, 250, "step", 60.0, "NFE 20/20") == (
+        "sampling: 120/250 step (48 %), 2 step/s, ETA 1 min 5 s, NFE 20/20"
+    )
+    assert progress_line("real features", 3, None, "batch", 1.5) == "real features: 3 batch, 2 batch/s"
 
 
 def test_eval_writes_only_its_report_with_the_config(young_ema_ckpt, tmp_path):

@@ -6,6 +6,7 @@ from difflab.callbacks.ema import EMA
 from difflab.callbacks.generative_metrics import GenerativeMetricsCallback
 from difflab.callbacks.nll import NLLCallback
 from difflab.callbacks.nonfinite import NonFiniteError, NonFiniteGuard
+from difflab.callbacks.progress import ProgressLines
 from difflab.callbacks.reconstruction_metrics import ReconstructionMetricsCallback
 from difflab.callbacks.run_record import RunRecord
 from difflab.callbacks.sample_grid import SampleGridCallback
@@ -22,6 +23,7 @@ __all__ = [
     "NonFiniteError",
     "NonFiniteGuard",
     "ObjectiveNotLogged",
+    "ProgressLines",
     "ReconstructionMetricsCallback",
     "RunRecord",
     "SampleGridCallback",

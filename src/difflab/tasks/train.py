@@ -34,6 +34,7 @@ from difflab.utils.config import instantiate_group
 from difflab.utils.images import image_grid, save_npz
 from difflab.utils.labels import class_names_of, save_labelled_grid
 from difflab.utils.loggers import finish_loggers, log_image, resume_logger_kwargs, silence_litlogger_tip
+from difflab.utils.progress import stderr_is_terminal
 from difflab.utils.sweep_summary import write_run_summary
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     if not loggers:  # LearningRateMonitor refuses to run without a logger; `logger=none` is a valid choice
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     extra: dict[str, Any] = {}
+    if not stderr_is_terminal():  # its carriage-return updates would fill a log: ProgressLines logs lines instead
+        extra["enable_progress_bar"] = False
     if not model.automatic_optimization:  # Lightning refuses trainer.gradient_clip_val then; such modules clip
         extra["gradient_clip_val"] = None  # themselves (model.gradient_clip_val)
     if getattr(model, "ddp_find_unused_parameters", False) and cfg.trainer.get("strategy") == "ddp":

@@ -85,6 +85,7 @@ STORED_TARGETS = frozenset(
         "difflab.callbacks.GenerativeMetricsCallback",
         "difflab.callbacks.ReconstructionMetricsCallback",
         "difflab.callbacks.NLLCallback",
+        "difflab.callbacks.ProgressLines",
         "difflab.utils.loggers.CSVLogger",
         "difflab.utils.loggers.WandbLogger",
         "difflab.utils.loggers.TensorBoardLogger",

@@ -1,0 +1,47 @@
+"""Training progress as plain log lines when the output is not a terminal."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+
+from difflab.utils.progress import LINE_SECONDS, log, progress_line, stderr_is_terminal
+
+
+class ProgressLines(pl.Callback):
+    """Off a terminal (``make train > log``, SLURM, CI) Lightning's bar writes carriage-return updates into the log
+    (``src/train.py`` turns it off there): this logs one line every ``every_n_seconds`` instead: steps done of the
+    run's total (``trainer.estimated_stepping_batches``), epoch, the last logged ``train/loss``, rate and ETA. A
+    no-op on a terminal. The loss is read back from the device only when a line is written."""
+
+    def __init__(self, every_n_seconds: float = LINE_SECONDS) -> None:
+        if every_n_seconds <= 0:
+            raise ValueError(f"callbacks.progress_lines.every_n_seconds={every_n_seconds}: expected > 0")
+        self.every = float(every_n_seconds)
+        self.active, self.start, self.last, self.first_step = False, 0.0, 0.0, 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.active = trainer.is_global_zero and not stderr_is_terminal()
+        self.start = self.last = time.perf_counter()
+        self.first_step = trainer.global_step  # a resumed run's rate counts its own steps
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.active and time.perf_counter() - self.last >= self.every:
+            self.report(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.active:
+            self.report(trainer)
+
+    def report(self, trainer: pl.Trainer) -> None:
+        self.last = time.perf_counter()
+        total = trainer.estimated_stepping_batches
+        total = int(total) - self.first_step if total != float("inf") else None
+        extra = f"epoch {trainer.current_epoch}"
+        loss = trainer.logged_metrics.get("train/loss")
+        if loss is not None:
+            extra += f", train/loss {float(loss):.4g}"
+        done = trainer.global_step - self.first_step
+        log.info(progress_line("training", done, total, "step", self.last - self.start, extra))
