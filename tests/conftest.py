@@ -19,6 +19,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, open_dict
+from omegaconf.errors import InterpolationResolutionError
 
 from difflab import samplers
 from difflab.modules import DiffusionModule
@@ -123,10 +124,11 @@ def raises_in_config(error: type[Exception], match: str):
     """``pytest.raises(error, match=...)`` for an error raised while ``hydra.utils.instantiate`` builds an object:
     Hydra wraps it in an InstantiationException that keeps the message, so the type is checked on the original
     error (the ``__cause__`` chain)."""
-    with pytest.raises((error, InstantiationException), match=match) as info:
+    wrappers = (InstantiationException, InterpolationResolutionError)  # a resolver that builds (data_num_classes)
+    with pytest.raises((error, *wrappers), match=match) as info:
         yield info
     cause = info.value
-    while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+    while isinstance(cause, wrappers) and cause.__cause__ is not None:
         cause = cause.__cause__
     assert isinstance(cause, error), f"expected {error.__name__}, got {type(cause).__name__}: {cause}"
 

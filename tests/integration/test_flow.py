@@ -185,3 +185,21 @@ def test_reflow_resumes_bit_exact_and_starts_from_the_teacher(teacher, tmp_path)
     assert moved < 1e-2  # 2 Adam steps of lr 2e-4 from the teacher's weights (a fresh init differs by O(0.1))
     module, _ = load_module(resumed["checkpoint"])  # sampling needs no teacher file
     assert module.sample(2, torch.Generator().manual_seed(0)).shape == (2, 1, 16, 16)
+
+
+def test_reflow_takes_the_teachers_net_and_image_shape(teacher, tmp_path, caplog):
+    """`experiment=reflow model.teacher_ckpt=...` alone: the student is the teacher's network (its 16-channel tiny
+    UNet, not the default unet_m) on 16x16 digits (not 32x32), so the warm start and the pairs fit; a key given on
+    the command line still wins."""
+    import logging
+
+    common = [f"model.teacher_ckpt={teacher}", "trainer=cpu", "trainer.max_steps=1", *QUIET, *CONDITIONAL]
+    common += ["data.num_pairs=48", "data.val_size=16", "data.batch_size=16", "data.teacher_steps=2"]
+    common += [f"data.cache_path={tmp_path}/p.pt"]
+    with caplog.at_level(logging.INFO):
+        result = train(compose_config(["experiment=reflow", *common], tmp_path / "a"))
+    assert "the student takes the teacher's net (UNet), data.image_size=16, data.channels=1" in caplog.text
+    record = torch.load(result["checkpoint"], weights_only=True)["difflab"]["config"]
+    assert record["net"]["model_channels"] == 16 and record["data"]["image_size"] == 16
+    with raises_in_config(ValueError, match="data.image_size=32: the teacher"):
+        train(compose_config(["experiment=reflow", *common, "data.image_size=32"], tmp_path / "b"))

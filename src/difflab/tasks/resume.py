@@ -1,4 +1,6 @@
-"""``python src/train.py ckpt_path=<run>/checkpoints/last.ckpt``: resume from the checkpoint alone.
+"""Configs taken from checkpoints: ``python src/train.py ckpt_path=<run>/checkpoints/last.ckpt`` resumes from the
+checkpoint alone (:func:`resume_config`), and reflow's student takes its teacher's net and data shape
+(:func:`teacher_config`).
 
 The checkpoint holds its run's resolved config and the config-group choices that made it
 (:class:`difflab.callbacks.RunRecord`). A resumed run takes that config, not the command line's defaults, so the
@@ -40,6 +42,13 @@ def hydra_choices() -> dict[str, Any] | None:
     return {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra")}
 
 
+def task_overrides() -> list[Any]:
+    """The command line's overrides, parsed; read unresolved (``model.num_classes=${data_num_classes:}`` is the text
+    of an override here, not something to build)."""
+    raw = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
+    return OverridesParser.create().parse_overrides([str(o) for o in raw])
+
+
 def _global_group(group: str, choice: str) -> bool:
     """Whether ``conf/<group>/<choice>.yaml`` is a ``# @package _global_`` config (it sets keys anywhere)."""
     sources = HydraConfig.get().runtime.config_sources
@@ -76,7 +85,7 @@ def resume_config(cfg: DictConfig, record: dict[str, Any], where: str) -> tuple[
     stored = _move_paths(record["config"], source, str(cfg.paths.output_dir)) if source else record["config"]
     resumed = OmegaConf.create(stored)
     now = hydra_choices() or {}
-    for override in OverridesParser.create().parse_overrides([str(o) for o in HydraConfig.get().overrides.task]):
+    for override in task_overrides():
         key = override.key_or_group
         if key in OWN_KEYS or key.split(".")[0] in OWN_KEYS:
             continue
@@ -115,3 +124,32 @@ def resume_config(cfg: DictConfig, record: dict[str, Any], where: str) -> tuple[
         f"; from the command line: {' '.join(changes)}" if changes else "",
     )
     return resumed, choices
+
+
+def _explicit(prefix: str) -> bool:
+    """Whether the command line sets ``prefix`` (a group choice or a key) or a key under it."""
+    if not HydraConfig.initialized():
+        return False
+    keys = (o.key_or_group for o in task_overrides())
+    return any(key == prefix or key.startswith(prefix + ".") for key in keys)
+
+
+def teacher_config(cfg: DictConfig, record: dict[str, Any], where: str) -> DictConfig:
+    """``experiment=reflow model.teacher_ckpt=...``: the student is the teacher's network (its warm start loads the
+    teacher's weights) on images of the teacher's shape, so ``cfg`` takes the teacher run's ``net`` (with what its
+    experiment set, e.g. quickstart's attention at 4x4) and ``data.image_size``/``data.channels`` from ``record``
+    (``read_run_record`` of the teacher), unless the command line sets them; what was taken is logged."""
+    taught = record["config"]
+    taken = []
+    if not _explicit("net") and "net" in taught:
+        check_stored_config(taught["net"], where, "difflab.config.net")
+        cfg.net = taught["net"]
+        taken.append(f"net ({str(taught['net'].get('_target_', '')).rsplit('.', 1)[-1]})")
+    for key in ("image_size", "channels"):
+        value = (taught.get("data") or {}).get(key)
+        if value is not None and not _explicit(f"data.{key}") and key in cfg.data:
+            cfg.data[key] = value
+            taken.append(f"data.{key}={value}")
+    if taken:
+        log.info("%s: the student takes the teacher's %s", where, ", ".join(taken))
+    return cfg

@@ -27,7 +27,7 @@ from difflab.callbacks.ema import young_ema_warning
 from difflab.callbacks.sample_grid import sample_class_rows
 from difflab.callbacks.validation import check_objective
 from difflab.modules import read_run_record
-from difflab.tasks.resume import hydra_choices, resume_config
+from difflab.tasks.resume import hydra_choices, resume_config, teacher_config
 from difflab.utils.checkpoint_io import AtomicCheckpointIO, checkpoints_trusted, trusted_checkpoints
 from difflab.utils.checkpoint_ref import fetch_checkpoint
 from difflab.utils.config import instantiate_group
@@ -128,6 +128,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         ckpt_path = fetch_checkpoint(str(ckpt_path), "ckpt_path")
         record = read_run_record(ckpt_path, "ckpt_path")  # opened safely, before anything is built
         cfg, choices = resume_config(cfg, record, f"ckpt_path={str(ckpt_path)!r}")  # the checkpoint's own config
+    elif teacher := OmegaConf.select(cfg, "model.teacher_ckpt"):  # reflow: the student is the teacher's net
+        cfg = teacher_config(cfg, read_run_record(teacher, "model.teacher_ckpt"), f"model.teacher_ckpt={teacher!r}")
     pl.seed_everything(cfg.seed, workers=True)
     logger_overrides = _resume_overrides(cfg, record)
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
