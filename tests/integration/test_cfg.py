@@ -124,3 +124,13 @@ def test_guidance_sweep_as_a_sample_multirun(tiny_cfg, tmp_path):
     assert w0.shape == w4.shape == (4, *w0.shape[1:])
     assert np.abs(w0.astype(int) - w4.astype(int)).max() > 8  # the same noise and classes: w changed the images
     assert all((sweep / job / "samples.png").is_file() for job in jobs)
+    # a sample sweep's summary has sampling columns (it said "no summary" with empty training columns)
+    import csv
+
+    rows = list(csv.DictReader(open(sweep / "sweep_summary.csv")))
+    assert [(r["status"], r["sampler"], r["nfe"], r["guidance_scale"]) for r in rows] == [
+        ("ok", "DDIMSampler", "3", "0"),
+        ("ok", "DDIMSampler", "3", "4"),
+    ]
+    assert [r["output"] for r in rows] == [str(sweep / job / "samples.npz") for job in jobs]
+    assert float(rows[0]["samples_per_s"]) > 0 and "train_images" not in rows[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from difflab.utils.checkpoint_ref import fetch_checkpoint
 from difflab.utils.distributed import gather_shards, process_group, rank_world, shard
 from difflab.utils.images import save_npz
 from difflab.utils.labels import class_rows, save_labelled_grid
+from difflab.utils.sweep_summary import write_run_summary
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +104,17 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     """
     if cfg.num_samples < 1:
         raise ValueError(f"num_samples={cfg.num_samples}: expected >= 1")
+    start = time.perf_counter()
     with process_group(resolve_device(cfg.device)) as device:
-        return _sample(cfg, device)
+        result = _sample(cfg, device)
+    if "rank" not in result:  # rank 0: <run dir>/run_summary.json, a sample sweep's row (utils.sweep_summary)
+        seconds = time.perf_counter() - start
+        summary = {**result.get("summary", {}), "wall_time_s": seconds}
+        if "num_samples" in summary:
+            summary["samples_per_s"] = summary["num_samples"] / seconds
+        output = result.get("npz") or result.get("grid")
+        write_run_summary(cfg.out_dir, metrics={}, output=None if output is None else str(output), **summary)
+    return result
 
 
 def _sample(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
@@ -150,12 +161,20 @@ def _sample(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
         return {"rank": rank}
     out_dir = Path(cfg.out_dir)
     info = sample_info(cfg, module, record, labels, prompts)  # class names / prompts, sampler, guidance
+    sampler = module.sampler
     tags = image_tags(labels, prompts, info["class_names"])
     result = {
         "grid": save_labelled_grid(images, out_dir / "samples.png", nrow=cfg.get("nrow") or row, tags=tags),
         "npz": save_npz(images, out_dir / "samples.npz", labels=labels, extra=npz_arrays(info)),
         "json": write_json(info, out_dir / "samples.json"),
         "global_step": record["global_step"],
+        "summary": {
+            "sampler": info["sampler_name"],
+            "steps": getattr(sampler, "num_steps", None),
+            "nfe": sampler.num_evaluations(None),
+            "guidance_scale": info["guidance_scale"],
+            "num_samples": info["num_samples"],
+        },
     }
     log.info(
         "Wrote %s, %s and %s (checkpoint step %d)", result["grid"], result["npz"], result["json"], record["global_step"]

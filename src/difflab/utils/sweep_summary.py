@@ -30,8 +30,22 @@ from omegaconf.errors import OmegaConfBaseException
 from difflab.utils.paths import write_text_atomic
 
 RUN_SUMMARY = "run_summary.json"
-# run_summary.json fields that become columns, in this order (metrics follow, sorted)
-FIELDS = ("params", "gflops_per_forward", "train_images", "train_images_per_s", "wall_time_s")
+# run_summary.json fields that become columns, in this order (metrics follow, sorted): a training run's, then a
+# sampling run's (sample.py); a column no row fills is left out of the tables
+FIELDS = (
+    "params",
+    "gflops_per_forward",
+    "train_images",
+    "train_images_per_s",
+    "sampler",
+    "steps",
+    "nfe",
+    "guidance_scale",
+    "num_samples",
+    "samples_per_s",
+    "wall_time_s",
+    "output",
+)
 
 
 def write_run_summary(output_dir: str | Path, **record: Any) -> Path:
@@ -94,27 +108,29 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _columns(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+def _columns(rows: list[dict[str, Any]]) -> tuple[list[str], list[str], list[str]]:
+    """(override keys, the FIELDS some row has, metrics)."""
     keys: dict[str, None] = {}
     metrics: set[str] = set()
     for row in rows:
         keys.update((_split(o)[0], None) for o in row["overrides"])
         metrics.update(row["metrics"])
-    return list(keys), sorted(metrics)
+    fields = [f for f in FIELDS if any(row["fields"].get(f) is not None for row in rows)]
+    return list(keys), fields, sorted(metrics)
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
     """Every override key, field and metric as a column (the full override list too)."""
-    keys, metrics = _columns(rows)
+    keys, fields, metrics = _columns(rows)
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["job", "status", "overrides", *keys, *FIELDS, *metrics, "error"])
+    writer.writerow(["job", "status", "overrides", *keys, *fields, *metrics, "error"])
     for row in rows:
         given = dict(_split(o) for o in row["overrides"])
         writer.writerow(
             [row["job"], row["status"], " ".join(row["overrides"])]
             + [given.get(k, "") for k in keys]
-            + [_fmt(row["fields"][f]) for f in FIELDS]
+            + [_fmt(row["fields"].get(f)) for f in fields]
             + [_fmt(row["metrics"].get(m)) for m in metrics]
             + [row["error"] or ""]
         )
@@ -123,18 +139,18 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 def to_markdown(rows: list[dict[str, Any]], title: str) -> str:
     """A table with the overrides that differ between jobs as columns; those shared by all listed once above."""
-    keys, metrics = _columns(rows)
+    keys, fields, metrics = _columns(rows)
     given = [dict(_split(o) for o in row["overrides"]) for row in rows]
     varying = [k for k in keys if len({g.get(k) for g in given}) > 1]
     shared = [f"{k}={given[0][k]}" for k in keys if k not in varying and k in given[0]]
     lines = [f"# {title}", ""]
     if shared:
         lines += ["Overrides of every job: `" + " ".join(shared) + "`", ""]
-    header = ["job", "status", *varying, *FIELDS, *metrics]
+    header = ["job", "status", *varying, *fields, *metrics]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row, g in zip(rows, given, strict=True):
         cells = [row["job"], row["status"], *(g.get(k, "") for k in varying)]
-        cells += [_fmt(row["fields"][f]) for f in FIELDS] + [_fmt(row["metrics"].get(m)) for m in metrics]
+        cells += [_fmt(row["fields"].get(f)) for f in fields] + [_fmt(row["metrics"].get(m)) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     failed = [row for row in rows if row["error"]]
     lines += ["", *(f"- job {row['job']}: {row['error']}" for row in failed)] if failed else []
