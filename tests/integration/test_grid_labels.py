@@ -30,7 +30,7 @@ def test_grid_axes_finds_uniform_rows_or_columns():
 def test_labels_add_a_margin_with_text_and_keep_the_images(tmp_path):
     images = torch.rand(4, 1, 8, 8) * 2 - 1
     plain = image_grid(images, 2)  # (3, 20, 20) in [0, 1]
-    path = save_labelled_grid(images, tmp_path / "g.png", nrow=2, tags=["sneaker", "sneaker", "bag", "bag"])
+    path = save_labelled_grid(images, tmp_path / "g.png", nrow=2, tags=["sneaker"] * 2 + ["bag"] * 2, min_width=0)
     picture = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
     height, width = plain.shape[1:]
     assert picture.shape[0] == height and picture.shape[1] > width  # a left margin for the row labels
@@ -38,8 +38,23 @@ def test_labels_add_a_margin_with_text_and_keep_the_images(tmp_path):
     assert (margin < 128).any() and (margin > 250).any()  # dark text on white
     expected = (plain[0].numpy() * 255).round()
     np.testing.assert_allclose(picture[:, -width:], expected, atol=1)  # the grid itself is unchanged
-    unlabelled = save_labelled_grid(images, tmp_path / "u.png", nrow=2, tags=None)
+    unlabelled = save_labelled_grid(images, tmp_path / "u.png", nrow=2, tags=None, min_width=0)
     assert Image.open(unlabelled).size == (width, height)
+
+
+def test_small_grids_are_enlarged_sharply_and_mixed_tags_caption_each_tile(tmp_path):
+    """64 samples at 16x16 made a 146 px picture: enlarged by a whole factor to >= 512 px, nearest-neighbour (each
+    pixel a square of the same value); tags that follow neither rows nor columns caption every tile."""
+    images = torch.rand(4, 1, 8, 8) * 2 - 1
+    plain = (image_grid(images, 2)[0].numpy() * 255).round()  # 22x22 (8 px tiles, 2 px padding)
+    picture = np.asarray(Image.open(save_labelled_grid(images, tmp_path / "big.png", nrow=2)).convert("L"))
+    assert picture.shape == (528, 528)  # 22 px x 24 >= 512
+    np.testing.assert_allclose(picture, np.kron(plain, np.ones((24, 24))), atol=1)
+    mixed = ["sneaker", "bag", "bag", "sneaker"]  # classes=[7,8,8,7]-like: neither rows nor columns agree
+    captioned = np.asarray(Image.open(save_labelled_grid(images, tmp_path / "c.png", nrow=2, tags=mixed)).convert("L"))
+    assert captioned.shape == (528 + 2 * 14, 528)  # a caption band above each row
+    for band in (captioned[:14], captioned[254:268]):  # above each row of 240 px (a 10 px step x 24), text on white
+        assert (band < 128).any() and (band > 250).mean() > 0.8
 
 
 def test_classes_all_grid_rows_npz_and_json_say_what_they_show(cfg_ckpt, tmp_path):
@@ -62,7 +77,8 @@ def test_reconstruct_grid_has_labelled_columns(cfg_ckpt, tmp_path):
     result = sample(compose_config(args, tmp_path, "sample"))
     grid = Image.open(result["grid"])
     plain = image_grid(torch.zeros(8, 1, 16, 16), 4)  # digits at the tiny config's 16x16
-    assert grid.width == plain.shape[2] and grid.height > plain.shape[1]  # a header above the columns
+    scale = -(-512 // plain.shape[2])  # enlarged to >= 512 px
+    assert grid.width == plain.shape[2] * scale and grid.height > plain.shape[1] * scale  # a header above columns
 
 
 def test_prompts_are_tags_and_npz_arrays():
@@ -92,11 +108,12 @@ def test_training_grids_of_a_class_conditional_model_have_a_labelled_row_per_cla
     saved = np.load(tmp_path / "samples" / "samples.npz")
     assert saved["labels"].tolist() == [c for c in range(10) for _ in range(2)]
     plain_h, plain_w = image_grid(torch.zeros(20, saved["arr_0"].shape[-1], *saved["arr_0"].shape[1:3]), 2).shape[1:]
+    scale = -(-512 // plain_w)  # enlarged to >= 512 px
     for path in (final, epoch):
         picture = np.asarray(Image.open(path).convert("L"))
-        assert picture.shape[0] == plain_h  # 10 rows of 2 (one per class) ...
-        assert picture.shape[1] > plain_w + 20  # ... with a left margin holding the class names
-        assert (picture[:, : picture.shape[1] - plain_w] < 128).any()
+        assert picture.shape[0] == plain_h * scale  # 10 rows of 2 (one per class) ...
+        assert picture.shape[1] > plain_w * scale + 20  # ... with a left margin holding the class names
+        assert (picture[:, : picture.shape[1] - plain_w * scale] < 128).any()
 
 
 def test_grid_classes_rows_per_class_or_one_row():

@@ -32,7 +32,8 @@ from difflab.samplers.img2img import check_strength, img2img_loop
 from difflab.samplers.inpaint import check_revisitable, inpaint_loop
 from difflab.tasks.sample import class_labels, prompt_list
 from difflab.utils.checkpoint_io import trusted_checkpoints
-from difflab.utils.images import save_grid, save_npz
+from difflab.utils.images import save_npz
+from difflab.utils.labels import save_labelled_grid
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def edit(cfg: DictConfig, module: Any, device: torch.device) -> dict[str, Any]:
     cond, labels, prompts, scale = conditioning(cfg, module, x_ref.shape[0], device)
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
     model_fn = module.model_fn(cond, scale)
-    rows = [images]
+    rows, headers = [images], ["input"]
     with torch.inference_mode(), module.sampling_precision():
         z_ref = module.from_images(x_ref)
         if cfg.mode == "inpaint":
@@ -165,14 +166,16 @@ def edit(cfg: DictConfig, module: Any, device: torch.device) -> dict[str, Any]:
             kwargs = {"jump_length": int(cfg.resample_jumps), "jump_n_sample": int(cfg.resample_times)}
             z = inpaint_loop(model_fn, module.sampler, z_ref, known, generator, **kwargs)
             rows += [hole.expand_as(images) * 2 - 1, images * (1 - hole)]
+            headers += ["mask", "known"]
         else:
             z = img2img_loop(model_fn, module.sampler, z_ref, cfg.strength, cfg.get("start", "noise"), generator)
         results = module.to_images(z).clamp(-1, 1)
     per_input = results.reshape(images.shape[0], variants, *images.shape[1:])
     grid = torch.cat([torch.stack(rows, dim=1), per_input], dim=1)  # (N, len(rows) + variants, C, H, W)
+    tags = [*headers, *(["result"] * variants)] * images.shape[0]  # a header per column
     out_dir = Path(cfg.out_dir)
     result = {
-        "grid": save_grid(grid.flatten(0, 1), out_dir / f"{cfg.mode}.png", nrow=grid.shape[1]),
+        "grid": save_labelled_grid(grid.flatten(0, 1), out_dir / f"{cfg.mode}.png", nrow=grid.shape[1], tags=tags),
         "npz": save_npz(results, out_dir / f"{cfg.mode}.npz", labels=labels, extra=prompt_arrays(prompts)),
         "nfe": module.sampler.nfe,
     }
@@ -221,7 +224,9 @@ def cascade(cfg: DictConfig, base: Any, device: torch.device) -> dict[str, Any]:
     pairs = torch.stack([F.interpolate(low, size=(size, size), mode="nearest"), high], dim=1).flatten(0, 1)
     out_dir = Path(cfg.out_dir)
     result = {
-        "grid": save_grid(pairs, out_dir / "cascade.png", nrow=2 * max(1, int(num**0.5))),
+        "grid": save_labelled_grid(
+            pairs, out_dir / "cascade.png", nrow=2 * max(1, int(num**0.5)), tags=["base (upsampled)", "upscaled"] * num
+        ),
         "npz": save_npz(high, out_dir / "samples.npz", labels=labels, extra=prompt_arrays(prompts)),
         "base_npz": save_npz(low, out_dir / "base_samples.npz", labels=labels, extra=prompt_arrays(prompts)),
     }

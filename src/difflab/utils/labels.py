@@ -65,15 +65,17 @@ def _short(text: str) -> str:
     return text if len(text) <= MAX_CHARS else text[: MAX_CHARS - 1] + "…"
 
 
-def label_grid(grid: Image.Image, cell: tuple[int, int], rows: list[str] | None, cols: list[str] | None) -> Image.Image:
-    """``grid`` (an image grid with cells of ``cell`` = (height, width) pixels plus padding) with a white margin on
-    the left holding ``rows`` and one on top holding ``cols``."""
+def label_grid(
+    grid: Image.Image, cell: tuple[int, int], rows: list[str] | None, cols: list[str] | None, padding: int = PADDING
+) -> Image.Image:
+    """``grid`` (an image grid with cells of ``cell`` = (height, width) pixels plus ``padding``) with a white margin
+    on the left holding ``rows`` and one on top holding ``cols``."""
     font = ImageFont.load_default()
     rows = [_short(r) for r in rows or []]
     cols = [_short(c) for c in cols or []]
     text_w = lambda s: int(font.getlength(s))  # noqa: E731
     text_h = 12
-    step_y, step_x = cell[0] + PADDING, cell[1] + PADDING
+    step_y, step_x = cell[0] + padding, cell[1] + padding
     vertical = any(text_w(c) > step_x - 2 for c in cols)
     left = max((text_w(r) for r in rows), default=-6) + 6 if rows else 0
     top = (max(text_w(c) for c in cols) + 6 if vertical else text_h + 4) if cols else 0
@@ -81,9 +83,9 @@ def label_grid(grid: Image.Image, cell: tuple[int, int], rows: list[str] | None,
     out.paste(grid.convert("RGB"), (left, top))
     draw = ImageDraw.Draw(out)
     for i, text in enumerate(rows):
-        draw.text((2, top + PADDING + i * step_y + (cell[0] - text_h) // 2), text, fill="black", font=font)
+        draw.text((2, top + padding + i * step_y + (cell[0] - text_h) // 2), text, fill="black", font=font)
     for j, text in enumerate(cols):
-        x = left + PADDING + j * step_x
+        x = left + padding + j * step_x
         if not vertical:
             draw.text((x + max(0, (cell[1] - text_w(text)) // 2), 2), text, fill="black", font=font)
             continue
@@ -94,19 +96,57 @@ def label_grid(grid: Image.Image, cell: tuple[int, int], rows: list[str] | None,
     return out
 
 
+def caption_tiles(
+    grid: Image.Image, cell: tuple[int, int], nrow: int, tags: Sequence[str], padding: int = PADDING
+) -> Image.Image:
+    """``grid`` with a white band above each of its rows holding each tile's tag, cut to the tile's width: for tags
+    that follow neither the rows nor the columns (``sample.py classes=[0,3,7]`` cycles them over the grid)."""
+    font = ImageFont.load_default()
+    band = 14
+    step_y, step_x = cell[0] + padding, cell[1] + padding
+    rows = -(-len(tags) // nrow)
+    out = Image.new("RGB", (grid.width, grid.height + rows * band), "white")
+    draw = ImageDraw.Draw(out)
+    for r in range(rows):
+        bottom = grid.height if r == rows - 1 else (r + 1) * step_y  # the grid's last padding stays with the last row
+        strip = grid.crop((0, r * step_y, grid.width, bottom))
+        out.paste(strip.convert("RGB"), (0, r * (step_y + band) + band))
+        for j, text in enumerate(tags[r * nrow : (r + 1) * nrow]):
+            while text and font.getlength(text) > cell[1]:
+                text = text[:-1]
+            x = padding + j * step_x + max(0, (cell[1] - int(font.getlength(text))) // 2)
+            draw.text((x, r * (step_y + band) + 1), text, fill="black", font=font)
+    return out
+
+
+GRID_MIN_WIDTH = 512  # pixels: grids of small images are enlarged (nearest) to at least this width
+
+
 def save_labelled_grid(
-    images: torch.Tensor, path: str | Path, nrow: int | None = None, tags: Sequence[str] | None = None
+    images: torch.Tensor,
+    path: str | Path,
+    nrow: int | None = None,
+    tags: Sequence[str] | None = None,
+    min_width: int = GRID_MIN_WIDTH,
 ) -> Path:
     """Write ``images`` (N, C, H, W) in [-1, 1] as one PNG grid of ``nrow`` per row, labelled from ``tags`` (one
-    per image; see :func:`grid_axes`) when they line up with its rows or columns; returns the path."""
+    per image; see :func:`grid_axes`) when they line up with its rows or columns; returns the path. A grid narrower
+    than ``min_width`` is enlarged by a whole factor with nearest-neighbour (64 samples at 16x16 make 146 px: too
+    small to see), so every pixel stays a sharp square; the labels are drawn at their own size."""
     path = Path(path)
     grid = image_grid(images, nrow)
     nrow = nrow or max(1, math.isqrt(images.shape[0] - 1) + 1)  # image_grid's default
+    scale = max(1, -(-min_width // grid.shape[-1]))
     array = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     picture = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
     rows, cols = grid_axes(list(tags), min(nrow, images.shape[0])) if tags else (None, None)
+    cell = (images.shape[-2] * scale, images.shape[-1] * scale)
     if rows or cols:
-        picture = label_grid(picture, tuple(images.shape[-2:]), rows, cols)
+        picture = label_grid(picture, cell, rows, cols, PADDING * scale)
+    elif tags:  # neither rows nor columns share a tag: one caption per tile
+        picture = caption_tiles(picture, cell, min(nrow, images.shape[0]), list(tags), PADDING * scale)
     with atomic_write(path) as file:
         picture.save(file, format="png")
     return path
