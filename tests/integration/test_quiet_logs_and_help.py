@@ -38,8 +38,13 @@ def test_a_training_run_with_every_logger_prints_none_of_the_noise(tmp_path):
 def test_help_lists_groups_and_what_they_set(script, tmp_path):
     text = cli_ok(run_cli(script, "--help", cwd=tmp_path)).stdout
     assert "== Configuration groups (group=option) ==" in text, script
-    assert "sampler: ddim, ddpm, dpmpp_2m" in text  # Hydra's list of the options
-    assert "DiffusionModule: parameterization (eps/x0/v)" in text  # the README's description
+    assert "sampler: ddim, ddpm, dpmpp_2m" in text  # the options of the groups the script chooses from
+    assert "the ODE/SDE solvers (sigma_schedule" in text  # the README's description of a group
+    # only its own groups: sample.py and eval.py train nothing (Hydra listed every group, data= and net= too)
+    listed_net = "\nnet: unet_s, unet_m" in text  # the README row of the net group
+    assert ("DiffusionModule: parameterization (eps/x0/v)" in text) == listed_net == (script == "train.py")
+    if script == "sample.py":
+        assert "inpaint, img2img, cascade" in " ".join(text.split())  # its modes
     assert f"Usage: python src/{script}" in text
     assert not (tmp_path / "logs").exists()  # --help runs nothing
 
@@ -51,8 +56,8 @@ def test_config_groups_help_renders_the_readme_table(tmp_path):
         "| `net` | `unet_s` | width `model_channels`; `${data}` \\| more |\n\n"
         "Top-level keys: `seed`.\n\n## Next\nnot this\n"
     )
-    text = config_groups_help(readme)
+    text = config_groups_help(readme=readme)
     assert text.splitlines()[0] == "net: unet_s"
     assert "width model_channels; $${data} | more" in text  # $ doubled for Hydra's string.Template
     assert "Top-level keys: seed." in text and "not this" not in text and "intro" not in text
-    assert "README.md" in config_groups_help(tmp_path / "missing.md")
+    assert "README.md" in config_groups_help(readme=tmp_path / "missing.md")

@@ -9,7 +9,7 @@ from typing import Any
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from difflab.utils.help import config_groups_help
+from difflab.utils.help import config_groups, config_groups_help
 from difflab.utils.paths import user_cache_dir
 from difflab.utils.run_dir import given_out_dir, run_dir, unique_dir
 from difflab.utils.sweep_summary import job_dirname, sweep_name
@@ -54,7 +54,8 @@ def register_resolvers() -> None:
     """Register difflab's OmegaConf resolvers (idempotent): ``${wandb_offline:}``, ``${data_num_classes:}``,
     ``${data_class_names:}``, ``${unique_dir:PATH}`` and ``${run_dir:PATH}`` (cached: one directory per config),
     ``${launch_dir:}``, ``${user_cache_dir:SUBDIR}`` (:func:`difflab.utils.paths.user_cache_dir`),
-    ``${config_groups_help:}`` (``--help``), ``${job_dirname:NUM}`` and ``${sweep_name:DEFAULT}`` (multirun job
+    ``${config_groups_help:NAME}`` and ``${config_groups:NAME}`` (``--help``), ``${job_dirname:NUM}`` and
+    ``${sweep_name:DEFAULT}`` (multirun job
     folders and the wandb group)."""
     if not OmegaConf.has_resolver("wandb_offline"):
         OmegaConf.register_new_resolver("wandb_offline", wandb_offline)
@@ -73,6 +74,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("run_dir", run_dir, use_cache=True)
     if not OmegaConf.has_resolver("config_groups_help"):
         OmegaConf.register_new_resolver("config_groups_help", config_groups_help)
+    if not OmegaConf.has_resolver("config_groups"):
+        OmegaConf.register_new_resolver("config_groups", config_groups)
     if not OmegaConf.has_resolver("given_out_dir"):
         OmegaConf.register_new_resolver("given_out_dir", given_out_dir)
     if not OmegaConf.has_resolver("user_cache_dir"):
