@@ -185,13 +185,11 @@ def test_ldm_checkpoint_loads_without_the_stage1_file(trained_ldm, tmp_path, mon
 
 
 def test_resume_keeps_the_scale_factor(trained_ldm, tmp_path):
-    cfg, result = trained_ldm
+    """Resumed as the README says (the checkpoint alone, the new step budget on the command line)."""
+    _, result = trained_ldm
     first = torch.load(result["checkpoint"], weights_only=True)["latent_scale_factor"]
-    cfg.trainer.max_steps = 3
-    cfg.ckpt_path = result["checkpoint"]
-    cfg.paths.output_dir = str(tmp_path)
-    cfg.callbacks.model_checkpoint.dirpath = str(tmp_path / "checkpoints")
-    resumed = train(cfg)
+    resumed = train(compose_config([f"ckpt_path={result['checkpoint']}", "trainer.max_steps=3"], tmp_path))
+    assert Path(resumed["checkpoint"]).is_relative_to(tmp_path)  # never into the source run
     checkpoint = torch.load(resumed["checkpoint"], weights_only=True)
     assert checkpoint["global_step"] == 3 and checkpoint["latent_scale_factor"] == first
 
