@@ -58,10 +58,13 @@ PRESETS = {"none": [], "gpu_short": GPU_SHORT, "smoke": SMOKE}
 
 
 def ensure_checkpoint(run_dir: Path, overrides: list[str]) -> Path:
-    """Train with src/train.py into ``run_dir`` unless its last.ckpt exists; return the checkpoint path."""
+    """Train with src/train.py into ``run_dir`` unless it finished (its run_summary.json exists); a run stopped
+    half-way (its last.ckpt from an earlier step, no summary) is resumed from that checkpoint. Returns the checkpoint
+    path."""
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    if not ckpt.is_file():
-        cmd = [sys.executable, str(ROOT / "src" / "train.py"), *overrides, f"hydra.run.dir={run_dir}"]
+    if not (run_dir / "run_summary.json").is_file() or not ckpt.is_file():
+        resume = [f"ckpt_path={ckpt}"] if ckpt.is_file() else []  # bit-exact: the same run as one uninterrupted
+        cmd = [sys.executable, str(ROOT / "src" / "train.py"), *overrides, *resume, f"hydra.run.dir={run_dir}"]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
     return ckpt

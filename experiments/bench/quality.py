@@ -11,7 +11,8 @@ samplers (``OURS``: sample.py's default and the probes of its settings) and with
 through the diffusers export, ``src/export.py format=diffusers``; the peer directly), ``--num-samples`` images per
 cell, batch b from the generator seeded b. FID and IS against ``--num-real`` Fashion-MNIST test images at 16x16 (the
 same round trip as the samples) on each ``--feature-nets`` (difflab's classifiers: NOT Inception numbers). One JSON
-line per cell on stdout; the whole table in ``experiments/bench/quality_<tag>.json``.
+line per cell on stdout; the whole table in ``experiments/bench/quality_<tag>.json``, where a cell already there (same
+model, seed and sampler) is not run again (``--fresh``: a new table).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
 from experiments.bench.quality_peer import PeerNet, diffusers_schedulers, draw_diffusers, load_peer, train_peer  # noqa: E402
+from difflab.utils.paths import write_text_atomic  # noqa: E402
 from experiments.common import ROOT, ensure_checkpoint, real_metrics  # noqa: E402
 
 # Training variants of our model: the quickstart and the ablations of issue 27, one factor each.
@@ -69,6 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tag", default="cpu")
     p.add_argument("--logs-dir", type=Path, default=None, help="where the models go (logs/bench_quality/<tag>)")
     p.add_argument("--out", type=Path, default=None, help="the JSON table (experiments/bench/quality_<tag>.json)")
+    p.add_argument("--fresh", action="store_true", help="start a new table (default: add to --out's rows)")
     p.add_argument("--quality", action="store_true", help="accepted for `make bench ARGS=--quality`")
     p.add_argument("--net", choices=["unet_s"], default="unet_s", help="the quickstart's net (make bench passes it)")
     p.add_argument("--device", choices=["cpu"], default="cpu", help="the quickstart's budget is a CPU's")
@@ -161,9 +164,13 @@ def main(argv: list[str] | None = None) -> None:
         )
         for net in args.feature_nets
     }
-    rows, out = [], args.out or ROOT / "experiments" / "bench" / f"quality_{args.tag}.json"
+    out = args.out or ROOT / "experiments" / "bench" / f"quality_{args.tag}.json"
+    rows = json.loads(out.read_text())["rows"] if out.is_file() and not args.fresh else []
+    done = {(r["model"], r["seed"], r["sampler"]) for r in rows}  # a stopped run goes on where it was
     for name, seed, module, unet, info in models(args, logs, test.test):
         for sampler, draw in cells(module, unet, args):
+            if (name, seed, sampler) in done:
+                continue
             start = time.perf_counter()
             images = draw()
             row = {"model": name, "seed": seed, "sampler": sampler}
@@ -174,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             row.update(info)
             print(json.dumps(row), flush=True)
             rows.append(row)
-            out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=str))
+            write_text_atomic(out, json.dumps({"args": vars(args), "rows": rows}, indent=2, default=str))
 
 
 def cells(module: Any, unet: torch.nn.Module, args) -> list[tuple[str, Any]]:

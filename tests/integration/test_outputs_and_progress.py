@@ -290,3 +290,27 @@ def test_user_cache_dir_follows_xdg_and_difflab_cache(monkeypatch, tmp_path):
     assert cfg.cache_dir == str(tmp_path / "mine" / "fid_stats")
     cfg = compose_config([*TINY, "callbacks=[default,generative_metrics]"], tmp_path / "run")
     assert cfg.callbacks.generative_metrics.cache_dir == str(tmp_path / "mine" / "fid_stats")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], "DPMSolverSDESampler"),  # sample.py's default: the fast sampler of issue 27's study
+        (["samples.sampler.steps=7"], "DPMSolverSDESampler"),
+        (["samples.sampler=null"], "AncestralSampler"),  # the model's own (`sampler`)
+        (["model=rectified_flow"], "FlowEulerSampler"),  # a flow draws with its own
+    ],
+)
+def test_samples_after_fit_use_the_fast_sampler(overrides, expected, tiny_cfg):
+    """Issue 28, point 6: the end-of-training grid is drawn with sample.py's default sampler (20 NFE), not the
+    training sampler (250 ancestral steps in the quickstart)."""
+    from hydra.utils import instantiate
+
+    from difflab.tasks.train import final_sampler
+
+    cfg = tiny_cfg(*overrides)
+    module = instantiate(cfg.model)
+    sampler = final_sampler(module, cfg) or module.sampler
+    assert type(sampler).__name__ == expected
+    if overrides == ["samples.sampler.steps=7"]:
+        assert sampler.num_evaluations(None) == 7

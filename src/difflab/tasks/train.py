@@ -26,7 +26,7 @@ from difflab.callbacks import (
 from difflab.callbacks.ema import young_ema_warning
 from difflab.callbacks.sample_grid import sample_class_rows
 from difflab.callbacks.validation import check_objective
-from difflab.modules import read_run_record
+from difflab.modules import read_run_record, sampler_config
 from difflab.tasks.resume import hydra_choices, resume_config, teacher_config
 from difflab.utils.checkpoint_io import AtomicCheckpointIO, checkpoints_trusted, trusted_checkpoints
 from difflab.utils.checkpoint_ref import fetch_checkpoint
@@ -60,15 +60,30 @@ def write_samples(
     labelled with ``names``); write a PNG grid and a .npz, log the grid."""
     generator = torch.Generator(device=module.device).manual_seed(int(cfg.samples.seed))
     progress = bool(cfg.trainer.get("enable_progress_bar", True))  # with Lightning's bar (a TTY only, as it)
+    sampler = final_sampler(module, cfg)
     images, labels, tags, rows = sample_class_rows(
-        module, int(cfg.samples.num_samples), generator, names, progress=progress
+        module, int(cfg.samples.num_samples), generator, names, progress=progress, sampler=sampler
     )
     nrow = cfg.samples.get("nrow") or rows  # class-conditional: one labelled row per class
+    used = sampler or module.sampler
     log_image(loggers, "samples/final", image_grid(images, nrow), module.global_step)
     return {
         "grid": save_labelled_grid(images, out_dir / "samples.png", nrow=nrow, tags=tags),
         "npz": save_npz(images, out_dir / "samples.npz", labels=labels),
+        "drawn_with": f"{type(used).__name__}, {used.num_evaluations(None)} NFE",
     }
+
+
+def final_sampler(module: Any, cfg: DictConfig) -> Any:
+    """The sampler of the samples written after fit: ``cfg.samples.sampler`` (sample.py's default) completed by the
+    model; None (the model's own, ``cfg.sampler``) when it is null or integrates another process (a flow's)."""
+    given = cfg.samples.get("sampler")
+    if given is None or cfg.get("sampler") is None or not hasattr(module, "build_sampler"):
+        return None
+    chosen = sampler_config(cfg.sampler, given, fallback={})  # another process: the model's own
+    if chosen.get("_target_") != given.get("_target_"):
+        return None
+    return module.build_sampler(instantiate(chosen))
 
 
 def final_metrics(trainer: pl.Trainer) -> dict[str, float]:
@@ -121,8 +136,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return _train(cfg)
 
 
-def _train(cfg: DictConfig) -> dict[str, Any]:
-    start = time.perf_counter()
+def _run_config(cfg: DictConfig) -> tuple[DictConfig, str | None, dict[str, Any] | None, dict[str, Any] | None]:
+    """(config, checkpoint to resume, its run record, config-group choices): a resumed run takes the checkpoint's
+    own config; reflow's student takes its teacher's net and data shape."""
     ckpt_path, record, choices = cfg.get("ckpt_path"), None, hydra_choices()
     if ckpt_path:  # a path, or wandb:<entity>/<project>/model-<run id>:<alias> (logger.wandb.log_model)
         ckpt_path = fetch_checkpoint(str(ckpt_path), "ckpt_path")
@@ -130,16 +146,11 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         cfg, choices = resume_config(cfg, record, f"ckpt_path={str(ckpt_path)!r}")  # the checkpoint's own config
     elif teacher := OmegaConf.select(cfg, "model.teacher_ckpt"):  # reflow: the student is the teacher's net
         cfg = teacher_config(cfg, read_run_record(teacher, "model.teacher_ckpt"), f"model.teacher_ckpt={teacher!r}")
-    pl.seed_everything(cfg.seed, workers=True)
-    logger_overrides = _resume_overrides(cfg, record)
-    datamodule: pl.LightningDataModule = instantiate(cfg.data)
-    model: pl.LightningModule = instantiate(cfg.model)
-    run_config = OmegaConf.to_container(cfg, resolve=True)
-    size = network_size(model)  # before fit: eager, on the CPU
-    throughput, final = TrainThroughput(), FinalValidation(search_objective(cfg, choices))
-    callbacks = [*instantiate_group(cfg.get("callbacks")), RunRecord(run_config, choices)]
-    callbacks += [TrainingRandomState(cfg.seed), throughput, final]
-    loggers = instantiate_group(cfg.get("logger"), logger_overrides, "logger")
+    return cfg, ckpt_path, record, choices
+
+
+def build_trainer(cfg: DictConfig, model: pl.LightningModule, callbacks: list[Any], loggers: list[Any]) -> pl.Trainer:
+    """``cfg.trainer`` with the run's callbacks and loggers, and what the model or the console needs."""
     if not loggers:  # LearningRateMonitor refuses to run without a logger; `logger=none` is a valid choice
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     extra: dict[str, Any] = {}
@@ -153,9 +164,23 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         extra["strategy"] = "ddp_find_unused_parameters_true"
     silence_litlogger_tip()
     plugins = [AtomicCheckpointIO()]  # a kill or a full disk never leaves a partial checkpoint
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, **extra
-    )
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, **extra)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
+    start = time.perf_counter()
+    cfg, ckpt_path, record, choices = _run_config(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    logger_overrides = _resume_overrides(cfg, record)
+    datamodule: pl.LightningDataModule = instantiate(cfg.data)
+    model: pl.LightningModule = instantiate(cfg.model)
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    size = network_size(model)  # before fit: eager, on the CPU
+    throughput, final = TrainThroughput(), FinalValidation(search_objective(cfg, choices))
+    callbacks = [*instantiate_group(cfg.get("callbacks")), RunRecord(run_config, choices)]
+    callbacks += [TrainingRandomState(cfg.seed), throughput, final]
+    loggers = instantiate_group(cfg.get("logger"), logger_overrides, "logger")
+    trainer = build_trainer(cfg, model, callbacks, loggers)
     for logger in loggers:
         logger.log_hyperparams(run_config)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not checkpoints_trusted())
@@ -165,7 +190,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         metrics.update(final_metrics(trainer))
     check_objective(final.objective, metrics)
 
-    def summary(**record: Any) -> None:  # <run dir>/run_summary.json
+    def summary(**fields: Any) -> None:  # <run dir>/run_summary.json
         if trainer.is_global_zero:
             write_run_summary(
                 cfg.paths.output_dir,
@@ -174,7 +199,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
                 train_images=throughput.images,
                 train_images_per_s=throughput.images_per_s,
                 wall_time_s=time.perf_counter() - start,
-                **record,
+                **fields,
             )
 
     health = nonfinite_report(trainer, metrics)
@@ -184,6 +209,16 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("test"):
         trainer.test(model, datamodule=datamodule, verbose=False)
         metrics.update(final_metrics(trainer))
+    result = _final_outputs(cfg, trainer, model, datamodule, loggers, metrics)
+    finish_loggers(loggers)
+    summary(**health)
+    return result
+
+
+def _final_outputs(
+    cfg: DictConfig, trainer: pl.Trainer, model: Any, datamodule: Any, loggers: list[Any], metrics: dict[str, float]
+) -> dict[str, Any]:
+    """The run's result: metrics, output dir, the checkpoint written, and the final samples (drawn here)."""
     result: dict[str, Any] = {"metrics": metrics, "output_dir": cfg.paths.output_dir}
     checkpoint_cb = trainer.checkpoint_callback
     ckpt_written = checkpoint_cb and (checkpoint_cb.last_model_path or checkpoint_cb.best_model_path)
@@ -199,7 +234,5 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
                 log.warning("Final samples: %s", warning.replace("`weights=raw`", "`sample.py weights=raw`"))
         names = class_names_of(datamodule)  # the instance's: an image folder's come from its files
         result.update(write_samples(model, cfg, Path(cfg.paths.output_dir) / "samples", loggers, names))
-        log.info("Samples: %s and %s", result["grid"], result["npz"])
-    finish_loggers(loggers)
-    summary(**health)
+        log.info("Samples: %s and %s (%s)", result["grid"], result["npz"], result["drawn_with"])
     return result
