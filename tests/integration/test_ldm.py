@@ -59,6 +59,20 @@ def autoencoder_ckpt(tmp_path_factory) -> str:
     return result["checkpoint"]
 
 
+def test_autoencoder_runs_save_reconstruction_grids_with_the_csv_logger(autoencoder_ckpt):
+    """Issue 28, point 7: an autoencoder run shows its reconstructions in its run dir whatever the logger, enlarged
+    (>= 512 px wide) with input / reconstruction column headers."""
+    from PIL import Image
+
+    grids = sorted((Path(autoencoder_ckpt).parents[1] / "reconstructions").glob("step*.png"))
+    assert grids, "no reconstruction grid in the run dir"
+    with Image.open(grids[-1]) as grid:
+        width, height = grid.size
+        top = np.asarray(grid.convert("L"))[:12]
+    assert width >= 512 and height > width // 4
+    assert (top < 128).any() and (top > 128).any()  # a header line of text above the tiles
+
+
 @pytest.mark.parametrize("regularizer", ["kl_f4", "vq_f4"])
 def test_fast_dev_run_autoencoder(regularizer, tmp_path):
     overrides = [*AE_TINY, f"autoencoder={regularizer}", "autoencoder.ch_mult=[1,2]", "model.loss.disc_start=0"]

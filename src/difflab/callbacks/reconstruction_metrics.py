@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,6 +12,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from difflab.metrics.feature_nets import LPIPS_BACKBONES, lpips_weights_path, verified_lpips_weights
 from difflab.utils.images import image_grid
+from difflab.utils.labels import save_labelled_grid
 from difflab.utils.loggers import log_image
 
 log = logging.getLogger(__name__)
@@ -78,8 +80,17 @@ class ReconstructionMetricsCallback(pl.Callback):
             rgb = lambda t: t.expand(-1, 3, -1, -1) if t.shape[1] == 1 else t  # noqa: E731
             self.lpips.update(rgb(x_hat), rgb(x))
         if batch_idx == 0 and self.log_grid and trainer.is_global_zero:
-            pairs = torch.stack([x[:16], x_hat[:16]], dim=1).flatten(0, 1)
-            log_image(trainer.loggers, "reconstructions", image_grid(pairs, nrow=8), trainer.global_step)
+            self._write_grid(trainer, x[:16], x_hat[:16])
+
+    @staticmethod
+    def _write_grid(trainer: pl.Trainer, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+        """Input / reconstruction pairs, 4 per row under column headers: saved in the run dir
+        (``reconstructions/step<N>.png``, whatever the logger) and sent to the loggers that show images."""
+        pairs = torch.stack([x, x_hat], dim=1).flatten(0, 1)
+        name = f"step{trainer.global_step:07d}.png"
+        tags = ["input", "reconstruction"] * x.shape[0]
+        save_labelled_grid(pairs, Path(trainer.default_root_dir) / "reconstructions" / name, nrow=8, tags=tags)
+        log_image(trainer.loggers, "reconstructions", image_grid(pairs, nrow=8), trainer.global_step)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not self.ssim.update_count:
