@@ -138,3 +138,69 @@ def test_a_full_disk_leaves_no_partial_report_nor_cache(tiny_checkpoint, weights
     assert "the real statistics were not cached ([Errno 28] No space left on device while writing" in caplog.text
     assert list(tmp_path.glob("*.json")) == [] and list(cache.iterdir()) == []
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def reconstruction_config(ckpt: str, out_dir, *extra: str):
+    settings = ["metrics=[ssim,psnr]", "reconstruct_images=4", "batch_size=4", f"out={out_dir / 'eval.json'}"]
+    return compose_config([f"ckpt={ckpt}", *settings, *extra], out_dir, "eval")
+
+
+@pytest.fixture(scope="module")
+def tiny_autoencoder(tmp_path_factory) -> str:
+    from tests.integration.test_ldm import AE_TINY
+
+    out = tmp_path_factory.mktemp("tiny_ae")
+    return train(compose_config([*AE_TINY, "trainer.max_steps=2", "trainer.limit_train_batches=2"], out))["checkpoint"]
+
+
+def test_eval_reconstruction_metrics_of_an_autoencoder(tiny_autoencoder, tmp_path):
+    """Issue 28, point 8: eval.py computes SSIM / PSNR of an autoencoder's reconstructions (its own test split),
+    the values of the module's reconstruct() measured directly."""
+    from torchmetrics.image import PeakSignalNoiseRatio
+
+    from difflab.modules import load_module
+    from difflab.modules.checkpoint import stored_data_module
+
+    report = evaluate(reconstruction_config(tiny_autoencoder, tmp_path))
+    results = report["results"]
+    assert results["reconstruct_images"] == 4 and results["reconstruction"] == "autoencoder"
+    module, record = load_module(tiny_autoencoder)
+    datamodule, _ = stored_data_module(record, "test")
+    datamodule.setup("test")
+    x = torch.stack([datamodule.test[i][0] for i in range(4)])
+    with torch.no_grad():
+        expected = PeakSignalNoiseRatio(data_range=2.0)(module.reconstruct(x), x)
+    assert results["psnr"] == pytest.approx(float(expected), rel=1e-5) and 0 < results["ssim"] <= 1
+    assert json.loads((tmp_path / "eval.json").read_text())["results"]["psnr"] == results["psnr"]
+    with pytest.raises(ValueError, match=r"AutoencoderModule, which does not sample; its metrics are ssim, psnr"):
+        evaluate(reconstruction_config(tiny_autoencoder, tmp_path, "metrics=[fid]"))
+
+
+def test_eval_reconstruction_of_a_diffusion_model_matches_sample_reconstruct(tiny_checkpoint, tmp_path):
+    """A diffusion model's reconstruction metrics are its DDIM inversion's, the numbers sample.py mode=reconstruct
+    reports for the same test images and sampler."""
+    from difflab.tasks.sample import sample
+
+    ddim = ["sampler=ddim", "sampler.eta=0", "sampler.steps=3"]
+    report = evaluate(reconstruction_config(tiny_checkpoint, tmp_path, *ddim))
+    results = report["results"]
+    assert results["reconstruction"] == "ddim inversion, 3 steps"
+    sampled = sample(
+        compose_config(
+            [f"ckpt={tiny_checkpoint}", "mode=reconstruct", "num_samples=4", *ddim], tmp_path / "s", "sample"
+        )
+    )
+    assert results["psnr"] == pytest.approx(sampled["psnr"], rel=1e-5)
+    assert results["ssim"] == pytest.approx(sampled["ssim"], rel=1e-5)
+    with pytest.raises(ValueError, match="sampler.eta=0"):
+        evaluate(reconstruction_config(tiny_checkpoint, tmp_path, "sampler=ddim", "sampler.eta=1", "sampler.steps=3"))
+
+
+def test_eval_lpips_without_its_backbone_is_a_clear_error(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    with pytest.raises(
+        ValueError, match=r"metrics=\[...,lpips\]: its ImageNet backbone weights .*alexnet-owt-7be5be79"
+    ):
+        evaluate(reconstruction_config(tiny_checkpoint, tmp_path, "metrics=[ssim,lpips]"))
+    with pytest.raises(ValueError, match=r"unknown \['lpip'\]; expected fid, kid, is, nll, straightness, ssim"):
+        evaluate(reconstruction_config(tiny_checkpoint, tmp_path, "metrics=[lpip]"))

@@ -8,9 +8,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from difflab.metrics.feature_nets import LPIPS_BACKBONES, lpips_weights_path, verified_lpips_weights
+from difflab.metrics.feature_nets import LPIPS_BACKBONES
+from difflab.metrics.reconstruction import ReconstructionMetrics, lpips_unavailable
 from difflab.utils.images import image_grid
 from difflab.utils.labels import save_labelled_grid
 from difflab.utils.loggers import log_image
@@ -31,9 +31,7 @@ class ReconstructionMetricsCallback(pl.Callback):
                 f"callbacks.reconstruction_metrics.lpips_net={lpips_net!r}: expected {list(LPIPS_BACKBONES)}"
             )
         self.lpips_net, self.max_batches, self.log_grid = lpips_net, max_batches, log_grid
-        self.ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
-        self.psnr = PeakSignalNoiseRatio(data_range=2.0)
-        self.lpips: Any = None
+        self.metrics: ReconstructionMetrics | None = None
         self.skip_reason: str | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -41,22 +39,14 @@ class ReconstructionMetricsCallback(pl.Callback):
             raise TypeError(
                 f"ReconstructionMetricsCallback needs a module with reconstruct(x); got {type(pl_module).__name__}"
             )
-        if self.lpips_net is None or self.lpips is not None or self.skip_reason:
+        if self.metrics is not None:
             return
-        if verified_lpips_weights(self.lpips_net) is None:
-            path = lpips_weights_path(self.lpips_net)
-            self.skip_reason = (
-                f"LPIPS skipped: its ImageNet backbone weights {path} are missing (no download here); put "
-                f"{LPIPS_BACKBONES[self.lpips_net]} there to enable val/lpips_{self.lpips_net}"
-            )
+        net = self.lpips_net
+        if net is not None and (reason := lpips_unavailable(net)):
+            self.skip_reason = f"LPIPS skipped: {reason} to enable val/lpips_{net}"
             log.warning(self.skip_reason)
-            return
-        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
-
-        self.lpips = LearnedPerceptualImagePatchSimilarity(net_type=self.lpips_net, normalize=False)
-
-    def _metrics(self) -> list[Any]:
-        return [m for m in (self.ssim, self.psnr, self.lpips) if m is not None]
+            net = None
+        self.metrics = ReconstructionMetrics(net)
 
     def on_validation_batch_end(
         self,
@@ -72,13 +62,7 @@ class ReconstructionMetricsCallback(pl.Callback):
         x = batch[0]
         with torch.no_grad():
             x_hat = pl_module.reconstruct(x).clamp(-1, 1)
-        for metric in self._metrics():
-            metric.to(x.device)
-        self.ssim.update(x_hat, x)
-        self.psnr.update(x_hat, x)
-        if self.lpips is not None:
-            rgb = lambda t: t.expand(-1, 3, -1, -1) if t.shape[1] == 1 else t  # noqa: E731
-            self.lpips.update(rgb(x_hat), rgb(x))
+        self.metrics.to(x.device).update(x_hat, x)
         if batch_idx == 0 and self.log_grid and trainer.is_global_zero:
             self._write_grid(trainer, x[:16], x_hat[:16])
 
@@ -93,9 +77,8 @@ class ReconstructionMetricsCallback(pl.Callback):
         log_image(trainer.loggers, "reconstructions", image_grid(pairs, nrow=8), trainer.global_step)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not self.ssim.update_count:
+        if trainer.sanity_checking or self.metrics is None or not self.metrics.update_count:
             return
-        names = {id(self.ssim): "val/ssim", id(self.psnr): "val/psnr", id(self.lpips): f"val/lpips_{self.lpips_net}"}
-        for metric in self._metrics():
-            pl_module.log(names[id(metric)], metric.compute(), sync_dist=False)  # torchmetrics already synced
-            metric.reset()
+        for name, value in self.metrics.compute().items():
+            pl_module.log(f"val/{name}", value, sync_dist=False)  # torchmetrics already synced
+        self.metrics.reset()

@@ -109,6 +109,12 @@ def sampler_config(
     return OmegaConf.merge(trained, chosen)
 
 
+def _sets_anything(given: DictConfig | dict) -> bool:
+    """Whether a sampler config from the command line sets a key (sample.py's and eval.py's leave them at ???)."""
+    given = OmegaConf.create(given)
+    return any(not OmegaConf.is_missing(given, key) for key in given)
+
+
 def _process_kind(target: str) -> str:
     """The process a sampler class integrates (``gaussian`` or ``flow``, :attr:`Sampler.process_kind`)."""
     sampler_class = get_method(target) if target else None
@@ -151,7 +157,7 @@ def load_module(
     model_cfg = OmegaConf.create(record["config"]["model"])
     if "sampler" in model_cfg:  # diffusion models (a classifier checkpoint has no sampler)
         model_cfg.sampler = sampler_config(model_cfg.sampler, sampler, sampler_fallback)
-    elif sampler is not None:
+    elif sampler is not None and _sets_anything(sampler):  # eval.py's all-??? node sets nothing
         raise CheckpointError(f"{key}={str(path)!r}: a {model_cfg.get('_target_')} checkpoint takes no sampler")
     if model_cfg.get("teacher_ckpt"):  # reflow's warm start: the weights come from this checkpoint
         model_cfg.teacher_ckpt = None

@@ -1,4 +1,5 @@
-"""Evaluation of a checkpoint: FID / KID / IS on a named feature network and the NLL in bits/dim."""
+"""Evaluation of a checkpoint: FID / KID / IS on a named feature network, the NLL in bits/dim, the straightness of a
+flow, and SSIM / PSNR / LPIPS of reconstructions (an autoencoder's, or a diffusion model's DDIM inversion)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from torch.utils.data import DataLoader
 
 from difflab.callbacks.nll import check_likelihood
 from difflab.metrics import GenerativeMetrics, straightness
+from difflab.metrics.reconstruction import RECONSTRUCTION_METRICS, ReconstructionMetrics, lpips_unavailable
 from difflab.modules.checkpoint import stored_data_module
+from difflab.samplers import DDIMSampler
 from difflab.tasks.sample import load_for_sampling, resolve_device
 from difflab.tasks.sample_info import guidance_info
 from difflab.utils.checkpoint_io import trusted_checkpoints
@@ -22,6 +25,9 @@ from difflab.utils.paths import check_writable, write_text_atomic
 from difflab.utils.progress import SamplingProgress, progress_iter
 
 log = logging.getLogger(__name__)
+
+GENERATIVE = ("fid", "kid", "is")
+METRICS = (*GENERATIVE, "nll", "straightness", *RECONSTRUCTION_METRICS)
 
 
 def _dataset(cfg: DictConfig, record: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -73,12 +79,51 @@ def nll(cfg: DictConfig, module: Any, dataset: Any) -> dict[str, float]:
     return {f"nll_{k}": v / count for k, v in sums.items()} | {"nll_images": count}
 
 
+def reconstruction(cfg: DictConfig, module: Any, dataset: Any, names: list[str]) -> dict[str, Any]:
+    """SSIM / PSNR / LPIPS of the first ``reconstruct_images`` images of the split against their reconstructions:
+    an autoencoder's decode(encode(x)), a diffusion model's DDIM encode-decode (η = 0; the sampler given when it is
+    DDIM with η = 0, else 50 steps on the model's schedule), as ``sample.py mode=reconstruct`` measures it."""
+    metrics = ReconstructionMetrics(cfg.lpips_net if "lpips" in names else None).to(module.device)
+    sampler = module.sampler if isinstance(getattr(module, "sampler", None), DDIMSampler) else None
+    if sampler is not None and (sampler.eta != 0 or sampler.sigma_type.value != "eta"):
+        raise ValueError("metrics=[ssim,psnr,lpips] of a diffusion model: its DDIM inversion needs sampler.eta=0")
+    if sampler is not None:
+        sampler.clip_denoised = False  # clipping x̂_0 would break the invertibility of the η = 0 map
+    count, limit = 0, int(cfg.reconstruct_images)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size)
+    total = min(len(loader), -(-limit // int(cfg.batch_size)))
+    for x, y in progress_iter(loader, total, "reconstruction", "batch", cfg.get("progress", True)):
+        x, y = x[: limit - count].to(module.device), y[: limit - count].to(module.device)
+        with torch.inference_mode():
+            if hasattr(module, "sample"):  # a diffusion model: DDIM inversion
+                x_hat = module.reconstruct(x, y if module.num_classes else None, sampler)
+            else:
+                x_hat = module.reconstruct(x)
+        metrics.update(x_hat.clamp(-1, 1), x)
+        count += x.shape[0]
+        if count >= limit:
+            break
+    how = (
+        "autoencoder"
+        if not hasattr(module, "sample")
+        else f"ddim inversion, {sampler.num_steps if sampler else 50} steps"
+    )
+    return metrics.compute() | {"reconstruct_images": count, "reconstruction": how}
+
+
+def check_metrics(cfg: DictConfig, names: list[str]) -> None:
+    """Unknown metric names, and LPIPS without its backbone weights, are errors before anything is loaded."""
+    unknown = set(names) - set(METRICS)
+    if unknown:
+        raise ValueError(f"metrics={names}: unknown {sorted(unknown)}; expected {', '.join(METRICS)}")
+    if "lpips" in names and (reason := lpips_unavailable(str(cfg.lpips_net))):
+        raise ValueError(f"metrics=[...,lpips]: {reason} (or leave lpips out)")
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Compute ``cfg.metrics`` for ``cfg.ckpt``; write ``<ckpt stem>_eval.json`` beside it and print a table."""
     names = [str(m).lower() for m in cfg.metrics]
-    unknown = set(names) - {"fid", "kid", "is", "nll", "straightness"}
-    if unknown:
-        raise ValueError(f"metrics={names}: unknown {sorted(unknown)}; expected fid, kid, is, nll, straightness")
+    check_metrics(cfg, names)
     ckpt = Path(fetch_checkpoint(str(cfg.ckpt)))  # a wandb:... artifact: its downloaded file
     out = Path(cfg.get("out") or ckpt.with_name(f"{ckpt.stem}_eval.json"))
     check_writable(out.parent, "out")  # before minutes of sampling, not after
@@ -87,17 +132,24 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     module, record = load_for_sampling(cfg, device)
     dataset, data_cfg = _dataset(cfg, record)
+    if not hasattr(module, "sample") and set(names) - set(RECONSTRUCTION_METRICS):
+        raise ValueError(
+            f"metrics={names}: ckpt={str(cfg.ckpt)!r} is a {type(module).__name__}, which does not sample; its "
+            f"metrics are {', '.join(RECONSTRUCTION_METRICS)} (metrics=[ssim,psnr])"
+        )
     results: dict[str, Any] = {}
-    if set(names) - {"nll", "straightness"}:
+    if set(names) & set(GENERATIVE):
         with trusted_checkpoints(cfg.get("trust_checkpoint", False)):  # the feature net's weights file
             results.update(generative(cfg, module, dataset, data_cfg, [n for n in names if n in ("fid", "kid", "is")]))
     if "nll" in names:
         results.update(nll(cfg, module, dataset))
+    if set(names) & set(RECONSTRUCTION_METRICS):
+        results.update(reconstruction(cfg, module, dataset, names))
     if "straightness" in names:  # rectified flows: Liu et al.'s S over straightness_steps Euler steps
         generator = torch.Generator(device=module.device).manual_seed(int(cfg.seed))
         steps = int(cfg.get("straightness_steps", 100))
         results.update(straightness(module, int(cfg.num_samples), steps, generator, cfg.get("guidance_scale")))
-    sampler = record["sampler"]  # as load_module built it
+    sampler = record.get("sampler")  # as load_module built it (an autoencoder has none)
     report = {
         "ckpt": str(cfg.ckpt),
         "global_step": record["global_step"],
@@ -113,7 +165,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     # the table first: a failed write (a full disk, a read-only folder) must not lose minutes of results
-    print(f"{'metric':<28} value\n" + "\n".join(f"{k:<28} {v:.4f}" for k, v in results.items()), flush=True)
+    print(
+        f"{'metric':<28} value\n"
+        + "\n".join(f"{k:<28} {v:.4f}" for k, v in results.items() if isinstance(v, (int, float))),
+        flush=True,
+    )
     write_text_atomic(out, json.dumps(report, indent=2, default=str))  # whole or not at all
     print(f"wrote {out}")
     return report

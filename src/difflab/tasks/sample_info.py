@@ -39,7 +39,7 @@ def guidance_info(cfg: DictConfig, module: Any) -> dict[str, Any]:
     """The guidance the samples were drawn with: CFG's w (the command's, else a class-conditional model's own) and
     classifier guidance's classifier checkpoint and scale s (None where not used)."""
     guidance = cfg.get("guidance_scale")
-    if guidance is None and module.conditional:
+    if guidance is None and getattr(module, "conditional", False):
         guidance = getattr(module, "guidance_scale", None)
     classifier = getattr(module, "classifier_guidance", None)
     return {

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from difflab.metrics.reconstruction import ReconstructionMetrics
 from difflab.modules.checkpoint import stored_data_module
 from difflab.samplers import DDIMSampler, sample_loop
 from difflab.utils.labels import save_labelled_grid
@@ -50,8 +50,9 @@ def reconstruct(cfg: DictConfig, module: Any, record: dict, device: torch.device
     nfe = 2 * sampler.num_evaluations(None)  # encode, then decode
     with torch.inference_mode(), count_forwards(module.net, nfe, "encode-decode", cfg.get("progress", True)):
         decoded = module.reconstruct(x0, labels, sampler)
-    psnr = PeakSignalNoiseRatio(data_range=2.0).to(device)(decoded, x0).item()
-    ssim = StructuralSimilarityIndexMeasure(data_range=2.0).to(device)(decoded, x0).item()
+    metrics = ReconstructionMetrics().to(device)
+    metrics.update(decoded, x0)
+    psnr, ssim = metrics.compute()["psnr"], metrics.compute()["ssim"]
     out_dir = ensure_dir(cfg.out_dir)
     pairs = torch.stack([x0, decoded], dim=1).flatten(0, 1)  # original, reconstruction, original, ...
     result = {"psnr": psnr, "ssim": ssim, "num_images": x0.shape[0], "steps": len(sampler.timesteps)}
