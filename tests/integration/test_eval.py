@@ -163,7 +163,7 @@ def test_eval_reconstruction_metrics_of_an_autoencoder(tiny_autoencoder, tmp_pat
 
     report = evaluate(reconstruction_config(tiny_autoencoder, tmp_path))
     results = report["results"]
-    assert results["reconstruct_images"] == 4 and results["reconstruction"] == "autoencoder"
+    assert results["reconstruct_images"] == 4 and report["reconstruction"] == "autoencoder"
     module, record = load_module(tiny_autoencoder)
     datamodule, _ = stored_data_module(record, "test")
     datamodule.setup("test")
@@ -184,7 +184,7 @@ def test_eval_reconstruction_of_a_diffusion_model_matches_sample_reconstruct(tin
     ddim = ["sampler=ddim", "sampler.eta=0", "sampler.steps=3"]
     report = evaluate(reconstruction_config(tiny_checkpoint, tmp_path, *ddim))
     results = report["results"]
-    assert results["reconstruction"] == "ddim inversion, 3 steps"
+    assert report["reconstruction"] == "ddim inversion, 3 steps"
     sampled = sample(
         compose_config(
             [f"ckpt={tiny_checkpoint}", "mode=reconstruct", "num_samples=4", *ddim], tmp_path / "s", "sample"

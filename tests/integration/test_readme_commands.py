@@ -84,6 +84,7 @@ TINY_SIZES = {
 # Tiny sizes for sampling and evaluation (these keys always exist).
 SAMPLE_SIZES = {"num_samples": "4", "batch_size": "4", "num_interp": "3", "sampler.steps": "5"}
 EVAL_SIZES = {"num_samples": "8", "num_real": "16", "batch_size": "8", "nll_images": "4", "sampler.steps": "5"}
+EVAL_SIZES["reconstruct_images"] = "4"
 
 
 def readme_commands() -> list[str]:
@@ -168,6 +169,10 @@ def checkpoints(tmp_path_factory, tiny_checkpoint, tiny_cfg_checkpoint, tiny_ups
     }.items():
         out = tmp_path_factory.mktemp(kind)
         made[kind] = train(compose_config([*common, *extra], out))["checkpoint"]
+    from tests.integration.test_ldm import AE_TINY
+
+    autoencoder = [*AE_TINY, "trainer.max_steps=2", "trainer.limit_train_batches=2"]
+    made["autoencoder"] = train(compose_config(autoencoder, tmp_path_factory.mktemp("ae")))["checkpoint"]
     made["classifier"] = train(compose_config(TINY_CLASSIFIER, tmp_path_factory.mktemp("classifier")))["checkpoint"]
     # inputs of the editing modes (image=, mask=): a 20x12 image and a mask of its size
     inputs = tmp_path_factory.mktemp("inputs")
@@ -185,6 +190,8 @@ def substitute(script: str, args: list[str], checkpoints: dict[str, str]) -> lis
         kind = "cfg"
     if any(a.startswith("sampler=flow_") or "straightness" in a for a in args):  # a rectified flow's checkpoint
         kind = "flow"
+    if any(a.startswith("metrics=") and "ssim" in a for a in args) and not any(a.startswith("sampler=") for a in args):
+        kind = "autoencoder"  # reconstruction metrics without a DDIM sampler: an autoencoder's
     out = []
     for arg in args:
         key, _, value = arg.partition("=")

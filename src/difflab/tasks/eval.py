@@ -79,10 +79,11 @@ def nll(cfg: DictConfig, module: Any, dataset: Any) -> dict[str, float]:
     return {f"nll_{k}": v / count for k, v in sums.items()} | {"nll_images": count}
 
 
-def reconstruction(cfg: DictConfig, module: Any, dataset: Any, names: list[str]) -> dict[str, Any]:
+def reconstruction(cfg: DictConfig, module: Any, dataset: Any, names: list[str]) -> tuple[dict[str, Any], str]:
     """SSIM / PSNR / LPIPS of the first ``reconstruct_images`` images of the split against their reconstructions:
     an autoencoder's decode(encode(x)), a diffusion model's DDIM encode-decode (η = 0; the sampler given when it is
-    DDIM with η = 0, else 50 steps on the model's schedule), as ``sample.py mode=reconstruct`` measures it."""
+    DDIM with η = 0, else 50 steps on the model's schedule), as ``sample.py mode=reconstruct`` measures it.
+    Returns (the values, how the images were reconstructed)."""
     metrics = ReconstructionMetrics(cfg.lpips_net if "lpips" in names else None).to(module.device)
     sampler = module.sampler if isinstance(getattr(module, "sampler", None), DDIMSampler) else None
     if sampler is not None and (sampler.eta != 0 or sampler.sigma_type.value != "eta"):
@@ -108,7 +109,7 @@ def reconstruction(cfg: DictConfig, module: Any, dataset: Any, names: list[str])
         if not hasattr(module, "sample")
         else f"ddim inversion, {sampler.num_steps if sampler else 50} steps"
     )
-    return metrics.compute() | {"reconstruct_images": count, "reconstruction": how}
+    return metrics.compute() | {"reconstruct_images": count}, how
 
 
 def check_metrics(cfg: DictConfig, names: list[str]) -> None:
@@ -143,8 +144,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             results.update(generative(cfg, module, dataset, data_cfg, [n for n in names if n in ("fid", "kid", "is")]))
     if "nll" in names:
         results.update(nll(cfg, module, dataset))
+    reconstructed = None
     if set(names) & set(RECONSTRUCTION_METRICS):
-        results.update(reconstruction(cfg, module, dataset, names))
+        values, reconstructed = reconstruction(cfg, module, dataset, names)
+        results.update(values)
     if "straightness" in names:  # rectified flows: Liu et al.'s S over straightness_steps Euler steps
         generator = torch.Generator(device=module.device).manual_seed(int(cfg.seed))
         steps = int(cfg.get("straightness_steps", 100))
@@ -159,6 +162,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "feature_net": cfg.feature_net,
         "weights": cfg.get("weights") or "ema",
         "sampler": sampler,
+        "reconstruction": reconstructed,
         **guidance_info(cfg, module),
         "results": results,
         # the whole command's config: eval writes no run dir (conf/eval.yaml), so the report is the record
@@ -166,8 +170,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     # the table first: a failed write (a full disk, a read-only folder) must not lose minutes of results
     print(
-        f"{'metric':<28} value\n"
-        + "\n".join(f"{k:<28} {v:.4f}" for k, v in results.items() if isinstance(v, (int, float))),
+        f"{'metric':<28} value\n" + "\n".join(f"{k:<28} {v:.4f}" for k, v in results.items()),
         flush=True,
     )
     write_text_atomic(out, json.dumps(report, indent=2, default=str))  # whole or not at all
