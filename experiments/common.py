@@ -57,13 +57,14 @@ SMOKE = [
 PRESETS = {"none": [], "gpu_short": GPU_SHORT, "smoke": SMOKE}
 
 
-def ensure_checkpoint(run_dir: Path, overrides: list[str]) -> Path:
-    """Train with src/train.py into ``run_dir`` unless it finished (its run_summary.json exists); a run stopped
-    half-way (its last.ckpt from an earlier step, no summary) is resumed from that checkpoint. Returns the checkpoint
-    path."""
+def ensure_checkpoint(run_dir: Path, overrides: list[str], resume_unfinished: bool = False) -> Path:
+    """Train with src/train.py into ``run_dir`` unless its last.ckpt exists; return the checkpoint path. With
+    ``resume_unfinished``, a run without its run_summary.json (stopped half-way: its last.ckpt is an earlier step's)
+    is resumed from that checkpoint (bit-exact: the same run as one uninterrupted)."""
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    if not (run_dir / "run_summary.json").is_file() or not ckpt.is_file():
-        resume = [f"ckpt_path={ckpt}"] if ckpt.is_file() else []  # bit-exact: the same run as one uninterrupted
+    unfinished = resume_unfinished and ckpt.is_file() and not (run_dir / "run_summary.json").is_file()
+    if not ckpt.is_file() or unfinished:
+        resume = [f"ckpt_path={ckpt}"] if unfinished else []
         cmd = [sys.executable, str(ROOT / "src" / "train.py"), *overrides, *resume, f"hydra.run.dir={run_dir}"]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)

@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
-from experiments.bench.quality_peer import PeerNet, diffusers_schedulers, draw_diffusers, load_peer, train_peer  # noqa: E402
 from difflab.utils.paths import write_text_atomic  # noqa: E402
+from experiments.bench.quality_peer import PeerNet, diffusers_schedulers, draw_diffusers, load_peer, train_peer  # noqa: E402
 from experiments.common import ROOT, ensure_checkpoint, real_metrics  # noqa: E402
 
 # Training variants of our model: the quickstart and the ablations of issue 27, one factor each.
@@ -43,17 +43,21 @@ VARIANTS: dict[str, list[str]] = {
 }
 # Our samplers: conf/sampler/<conf> with overrides, at a number of steps (sample.py's default first).
 OURS: dict[str, tuple[str, dict[str, Any], int]] = {
-    "ours dpmpp_2m_sde 20 (sample.py)": ("dpmpp_2m_sde", {}, 20),
-    "ours dpmpp_2m_sde 20, no clip": ("dpmpp_2m_sde", {"clip_denoised": False}, 20),
+    "ours dpmpp_2m_sde 20 (sample.py)": ("dpmpp_2m_sde", {}, 20),  # no clipping since issue 27
+    "ours dpmpp_2m_sde 20, clip (old default)": ("dpmpp_2m_sde", {"clip_denoised": True}, 20),
     "ours dpmpp_2m_sde 20, model's sigma_max": ("dpmpp_2m_sde", {"sigma_max": None}, 20),
-    "ours dpmpp_2m_sde 20, no clip, model's sigma_max": (
-        "dpmpp_2m_sde",
-        {"clip_denoised": False, "sigma_max": None},
-        20,
-    ),
+    "ours dpmpp_2m_sde 20, clip, model's sigma_max": ("dpmpp_2m_sde", {"clip_denoised": True, "sigma_max": None}, 20),
     "ours dpmpp_2m 10": ("dpmpp_2m", {}, 10),
     "ours dpmpp_2m 10, no clip, model's sigma_max": ("dpmpp_2m", {"clip_denoised": False, "sigma_max": None}, 10),
     "ours ddim 50 trailing": ("ddim", {}, 50),
+}
+RENAMED_NOTE = "dpmpp_2m_sde rows recorded with its old default (clip_denoised: true) carry today's names"
+# Rows recorded before issue 27 changed dpmpp_2m_sde's default (clip_denoised: true → false), under today's names.
+RENAMED = {
+    "ours dpmpp_2m_sde 20 (sample.py)": "ours dpmpp_2m_sde 20, clip (old default)",
+    "ours dpmpp_2m_sde 20, no clip": "ours dpmpp_2m_sde 20 (sample.py)",
+    "ours dpmpp_2m_sde 20, model's sigma_max": "ours dpmpp_2m_sde 20, clip, model's sigma_max",
+    "ours dpmpp_2m_sde 20, no clip, model's sigma_max": "ours dpmpp_2m_sde 20, model's sigma_max",
 }
 
 
@@ -128,7 +132,7 @@ def models(args, logs: Path, test_set) -> list[tuple[str, int, Any, torch.nn.Mod
         for variant in args.variants:
             run = logs / f"{variant}_s{seed}"
             overrides = ["experiment=quickstart", f"seed={seed}", f"trainer.max_steps={args.steps}"]
-            ckpt = ensure_checkpoint(run, [*overrides, "samples.num_samples=0", *VARIANTS[variant]])
+            ckpt = ensure_checkpoint(run, [*overrides, "samples.num_samples=0", *VARIANTS[variant]], True)
             module, record = load_module(ckpt)
             summary = json.loads((run / "run_summary.json").read_text())
             info = {
@@ -148,6 +152,15 @@ def models(args, logs: Path, test_set) -> list[tuple[str, int, Any, torch.nn.Mod
     return found
 
 
+def previous_rows(out: Path) -> list[dict[str, Any]]:
+    """The rows of an earlier table, those recorded before ``RENAMED`` under today's sampler names."""
+    table = json.loads(out.read_text())
+    if "renamed" not in table:
+        for row in table["rows"]:
+            row["sampler"] = RENAMED.get(row["sampler"], row["sampler"])
+    return table["rows"]
+
+
 def main(argv: list[str] | None = None) -> None:
     from difflab.data import FashionMNISTDataModule
     from difflab.utils.config import register_resolvers
@@ -165,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         for net in args.feature_nets
     }
     out = args.out or ROOT / "experiments" / "bench" / f"quality_{args.tag}.json"
-    rows = json.loads(out.read_text())["rows"] if out.is_file() and not args.fresh else []
+    rows = previous_rows(out) if out.is_file() and not args.fresh else []
     done = {(r["model"], r["seed"], r["sampler"]) for r in rows}  # a stopped run goes on where it was
     for name, seed, module, unet, info in models(args, logs, test.test):
         for sampler, draw in cells(module, unet, args):
@@ -181,7 +194,8 @@ def main(argv: list[str] | None = None) -> None:
             row.update(info)
             print(json.dumps(row), flush=True)
             rows.append(row)
-            write_text_atomic(out, json.dumps({"args": vars(args), "rows": rows}, indent=2, default=str))
+            table = {"args": vars(args), "rows": rows, "renamed": RENAMED_NOTE}
+            write_text_atomic(out, json.dumps(table, indent=2, default=str))
 
 
 def cells(module: Any, unet: torch.nn.Module, args) -> list[tuple[str, Any]]:

@@ -184,3 +184,6 @@ def test_quality_benchmark_runs_both_models_and_the_export_path_agrees_with_diff
     assert all(r["fid_fmnist_cls_v2"] > 0 and r["fid_fmnist_cls"] > 0 for r in rows)
     ours = {r["sampler"]: r for r in rows if r["model"] == "quickstart"}
     assert ours[samplers[0]]["fid_fmnist_cls_v2"] == pytest.approx(ours[samplers[1]]["fid_fmnist_cls_v2"], rel=1e-4)
+    # run again: the table is kept and no cell is drawn twice (a stopped benchmark goes on where it was)
+    quality.main([*sizes, "--samplers", *samplers, "--logs-dir", str(tmp_path / "logs"), "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == rows
