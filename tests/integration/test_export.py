@@ -111,3 +111,34 @@ def test_safetensors_export_rebuilds_the_net(checkpoint, tmp_path):
         assert torch.equal(net.state_dict()[name], value), name
     with pytest.raises(ValueError, match="expected one of"):
         export(OmegaConf.create({"ckpt": checkpoint, "format": "onnx", "out": str(tmp_path)}))
+
+
+def test_a_class_conditional_unet_exports_its_parts_with_the_guided_loop(tiny_cfg_checkpoint, tmp_path):
+    """Issue 28, point 9: no diffusers pipeline passes class labels, so a class-conditional UNet is written as unet/
+    and scheduler/ (no model_index.json that would load into a DDPMPipeline and fail there) with a README whose loop
+    runs, and whose guided ε is our model's, class for class."""
+    out = tmp_path / "cfg_export"
+    export(compose_config([f"ckpt={tiny_cfg_checkpoint}", "format=diffusers", f"out={out}"], tmp_path, "export"))
+    assert not (out / "model_index.json").exists() and (out / "scheduler" / "scheduler_config.json").is_file()
+    module, _ = load_module(tiny_cfg_checkpoint)
+    perturb_weights(module.net)  # off the zero-initialised output layer: the classes must matter
+    unet = diffusers.UNet2DModel.from_pretrained(out, subfolder="unet").eval()
+    unet.load_state_dict(unet2d_state_dict(module.net, 2, unet.config.layers_per_block))
+    x, t = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 3, 11, 11])
+    y, null, w = torch.tensor([0, 1, 2, 3]), torch.full((4,), module.num_classes), 2.0
+    with torch.no_grad():
+        eps_c, eps_u = unet(x, t, class_labels=y).sample, unet(x, t, class_labels=null).sample
+        ours = module.model_fn(y, w)(x, t)
+    torch.testing.assert_close(eps_u + (1 + w) * (eps_c - eps_u), ours, atol=1e-5, rtol=1e-5)
+    assert (eps_c - eps_u).abs().max() > 1e-3
+    code = (out / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    namespace: dict = {}
+    exec(compile(code, str(out / "README.md"), "exec"), namespace)  # the README's loop, as written
+    assert namespace["x"].shape == (4, 1, 16, 16) and torch.isfinite(namespace["x"]).all()
+
+
+def test_a_dit_export_to_diffusers_says_what_works(tmp_path):
+    from difflab.networks import DiT
+
+    with pytest.raises(ValueError, match="only difflab's UNet maps onto diffusers.*format=safetensors exports any"):
+        unet2d_config(DiT(in_channels=1, out_channels=1, image_size=8, hidden_size=32, depth=1, num_heads=2), {})

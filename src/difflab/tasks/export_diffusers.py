@@ -22,6 +22,7 @@ several heads whose width changes between attention levels (``UNet2DModel`` has 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from torch import nn
 from difflab.networks.unet import UNet
 from difflab.schedules.parameterization import Parameterization
 
+log = logging.getLogger(__name__)
 PREDICTION_TYPE = {Parameterization.EPS: "epsilon", Parameterization.X0: "sample", Parameterization.V: "v_prediction"}
 
 
@@ -50,7 +52,10 @@ def _head_dim(net: UNet, attention_channels: list[int]) -> int | None:
 def unet2d_config(net: UNet, cfg: dict[str, Any]) -> dict[str, Any]:
     """``UNet2DModel`` keyword arguments of the same architecture as ``net`` (built from ``cfg``, its net config)."""
     if not isinstance(net, UNet):
-        raise ValueError(f"format=diffusers: only difflab's UNet maps onto UNet2DModel, not {type(net).__name__}")
+        raise ValueError(
+            f"format=diffusers: only difflab's UNet maps onto diffusers (UNet2DModel), not {type(net).__name__}; "
+            "format=safetensors exports any network (weights + the config that rebuilds it)"
+        )
     if net.context_dim:
         raise ValueError("format=diffusers: a UNet with cross-attention (model=ldm) has no UNet2DModel counterpart")
     mult = list(cfg.get("channel_mult", (1, 2, 2, 2)))
@@ -163,8 +168,36 @@ def scheduler_config(module: Any, record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+CONDITIONAL_README = """# A class-conditional difflab UNet, exported for diffusers
+
+diffusers has no pipeline for a class-conditional `UNet2DModel` (`DDPMPipeline` passes no class labels), so this
+folder holds the two parts, without a `model_index.json`: `unet/` (`UNet2DModel`, classes 0..{last} and the null
+class {null} of classifier-free guidance) and `scheduler/` (`DDPMScheduler` with the model's β). Sample with
+guidance weight w (difflab's `guidance_scale`: ε̂ = ε̂(x, ∅) + (1 + w)(ε̂(x, y) − ε̂(x, ∅))):
+
+```python
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+
+unet = UNet2DModel.from_pretrained("{out}", subfolder="unet").eval()
+scheduler = DDIMScheduler.from_pretrained("{out}", subfolder="scheduler")
+scheduler.set_timesteps(min(50, scheduler.config.num_train_timesteps))
+y = torch.tensor([0, 1, 2, 3])                      # the classes to draw
+w, null = {guidance}, torch.full_like(y, {null})
+x = torch.randn(len(y), {channels}, {size}, {size})
+with torch.no_grad():
+    for t in scheduler.timesteps:
+        eps_c = unet(x, t, class_labels=y).sample[:, :{channels}]
+        eps_u = unet(x, t, class_labels=null).sample[:, :{channels}]
+        x = scheduler.step(eps_u + (1 + w) * (eps_c - eps_u), t, x).prev_sample
+```
+"""
+
+
 def export_diffusers(module: Any, record: dict[str, Any], out: Path) -> Path:
-    """Write ``out/`` as a ``DDPMPipeline`` (``model_index.json``, ``unet/`` safetensors, ``scheduler/``)."""
+    """Write ``out/`` as a ``DDPMPipeline`` (``model_index.json``, ``unet/`` safetensors, ``scheduler/``). A
+    class-conditional UNet, which no diffusers pipeline drives, is written as ``unet/`` and ``scheduler/`` with a
+    README.md holding the sampling loop (class labels, the null class, guidance), and no ``model_index.json``."""
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
     net = module.net
@@ -174,5 +207,27 @@ def export_diffusers(module: Any, record: dict[str, Any], out: Path) -> Path:
     weights = unet2d_state_dict(net, len(config["block_out_channels"]), config["layers_per_block"])
     unet.load_state_dict(weights, strict=True)  # every tensor of both models accounted for
     scheduler = DDPMScheduler(**scheduler_config(module, record))
-    DDPMPipeline(unet=unet.eval(), scheduler=scheduler).save_pretrained(out, safe_serialization=True)
+    if not net.num_classes:
+        DDPMPipeline(unet=unet.eval(), scheduler=scheduler).save_pretrained(out, safe_serialization=True)
+        return out
+    unet.eval().save_pretrained(out / "unet", safe_serialization=True)
+    scheduler.save_pretrained(out / "scheduler")
+    text = CONDITIONAL_README.format(
+        last=net.num_classes - 1,
+        null=net.num_classes,
+        out=out,
+        guidance=float(getattr(module, "guidance_scale", 0.0) or 0.0),
+        channels=net.in_channels,
+        size=net.image_size,
+    )
+    (out / "README.md").write_text(text)
+    log.warning(
+        "format=diffusers: a class-conditional UNet has no diffusers pipeline (DDPMPipeline passes no class labels): "
+        "wrote %s/unet (UNet2DModel; class_labels=%d is the null class) and %s/scheduler; %s/README.md has the "
+        "sampling loop with guidance",
+        out,
+        net.num_classes,
+        out,
+        out,
+    )
     return out
