@@ -314,3 +314,22 @@ def test_samples_after_fit_use_the_fast_sampler(overrides, expected, tiny_cfg):
     assert type(sampler).__name__ == expected
     if overrides == ["samples.sampler.steps=7"]:
         assert sampler.num_evaluations(None) == 7
+
+
+def test_the_terminal_bar_shows_no_negative_epoch_nor_v_num_and_counts_to_its_total(tmp_path):
+    """Issue 28, point 12: Lightning's bar said "Epoch 0/-2" (max_epochs is -1 in a step-limited run), showed
+    v_num, and "260/59" after a mid-epoch resume (total = steps left, count = batch index in the epoch)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.demos.boring_classes import BoringModel
+    from lightning.pytorch.loggers import CSVLogger
+
+    from difflab.callbacks.progress import step_progress_bar
+
+    bar = step_progress_bar()
+    trainer = pl.Trainer(
+        max_steps=5, logger=CSVLogger(tmp_path), callbacks=[bar], limit_val_batches=0, enable_model_summary=False
+    )
+    trainer.fit(BoringModel())  # 64 batches per epoch, stopped after 5
+    assert bar._get_train_description(0) == "Epoch 0"
+    assert "v_num" not in bar.get_metrics(trainer, trainer.lightning_module)
+    assert bar.total_train_batches == 5  # the batches this epoch gets: 5 of 64, as counted

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from difflab.utils.help import config_groups_help
-from tests.conftest import TINY, cli_ok, run_cli
+from tests.conftest import TINY, cli_ok, compose_config, run_cli
 
 NOISE = (
     "litlogger",
@@ -61,3 +61,24 @@ def test_config_groups_help_renders_the_readme_table(tmp_path):
     assert "width model_channels; $${data} | more" in text  # $ doubled for Hydra's string.Template
     assert "Top-level keys: seed." in text and "not this" not in text and "intro" not in text
     assert "README.md" in config_groups_help(readme=tmp_path / "missing.md")
+
+
+@pytest.mark.parametrize("config_name", ["train", "eval"])
+def test_alembic_info_lines_are_silenced(config_name, tmp_path):
+    """Issue 28, point 12: Optuna's sqlite storage made alembic log its migrations at INFO in every sweep."""
+    import logging
+    import logging.config
+
+    from omegaconf import OmegaConf
+
+    cfg = compose_config(["ckpt=x"] if config_name == "eval" else [], tmp_path, config_name, keep_hydra=True)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        for node in ("hydra_logging", "job_logging"):  # configured as Hydra does
+            logging.config.dictConfig(OmegaConf.to_container(cfg.hydra[node], resolve=True))
+            assert not logging.getLogger("alembic.runtime.migration").isEnabledFor(logging.INFO)
+            assert logging.getLogger("alembic.runtime.migration").isEnabledFor(logging.WARNING)
+    finally:
+        root.handlers[:], root.level = handlers, level
+        logging.getLogger("alembic").setLevel(logging.NOTSET)

@@ -45,3 +45,35 @@ class ProgressLines(pl.Callback):
             extra += f", train/loss {float(loss):.4g}"
         done = trainer.global_step - self.first_step
         log.info(progress_line("training", done, total, "step", self.last - self.start, extra))
+
+
+def step_progress_bar() -> pl.Callback:
+    """Lightning's rich bar (its default on a terminal) without what misleads in a step-limited run: "Epoch 0/-2"
+    (``max_epochs`` is -1 when ``max_steps`` ends the run), ``v_num`` among the metrics, and "260/59" after a resume
+    in mid-epoch (its total is the steps left, its count the batch index in the epoch). TQDM's bar where rich is
+    missing, as Lightning does."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+    from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+    base = RichProgressBar if _RICH_AVAILABLE else TQDMProgressBar
+
+    class StepProgressBar(base):  # type: ignore[misc, valid-type]
+        def _get_train_description(self, current_epoch: int) -> str:
+            description = super()._get_train_description(current_epoch)
+            return f"Epoch {current_epoch}" if self.trainer.max_epochs == -1 else description
+
+        @property
+        def total_train_batches(self) -> int | float:
+            trainer = self.trainer
+            if trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0:
+                done_in_epoch = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+                remaining = trainer.max_steps - trainer.global_step
+                return min(trainer.num_training_batches, done_in_epoch + remaining)
+            return trainer.num_training_batches
+
+        def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+            metrics = super().get_metrics(trainer, pl_module)
+            metrics.pop("v_num", None)  # the logger's version: a run-dir detail, not a training metric
+            return metrics
+
+    return StepProgressBar()

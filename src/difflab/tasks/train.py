@@ -24,6 +24,7 @@ from difflab.callbacks import (
     TrainThroughput,
 )
 from difflab.callbacks.ema import young_ema_warning
+from difflab.callbacks.progress import step_progress_bar
 from difflab.callbacks.sample_grid import sample_class_rows
 from difflab.callbacks.validation import check_objective
 from difflab.modules import read_run_record, sampler_config
@@ -156,6 +157,8 @@ def build_trainer(cfg: DictConfig, model: pl.LightningModule, callbacks: list[An
     extra: dict[str, Any] = {}
     if not stderr_is_terminal():  # its carriage-return updates would fill a log: ProgressLines logs lines instead
         extra["enable_progress_bar"] = False
+    elif cfg.trainer.get("enable_progress_bar", True):
+        callbacks = [*callbacks, step_progress_bar()]
     if not model.automatic_optimization:  # Lightning refuses trainer.gradient_clip_val then; such modules clip
         extra["gradient_clip_val"] = None  # themselves (model.gradient_clip_val)
     if getattr(model, "ddp_find_unused_parameters", False) and cfg.trainer.get("strategy") == "ddp":
