@@ -67,8 +67,12 @@ def test_img2img_strength_zero_cfg_and_inversion(checkpoints, image, tmp_path):
     guided = [*base, "strength=0.6", "sampler=ddim", "sampler.steps=5", "guidance_scale=2", "classes=[3]"]
     result = run(checkpoints["cfg"], tmp_path / "cfg", *guided)
     assert np.load(result["npz"])["labels"].tolist() == [3, 3]
+    # Issue 28, point 10: DDIM inversion then η = 0 decoding is deterministic, so variants were identical copies
     inverted = run(checkpoints["base"], tmp_path / "inv", *base, "start=invert", "sampler=ddim", "sampler.steps=5")
-    assert np.load(inverted["npz"])["arr_0"].shape == (2, 16, 16, 1)
+    assert np.load(inverted["npz"])["arr_0"].shape == (1, 16, 16, 1)
+    varied = [*base, "start=invert", "sampler=ddim", "sampler.steps=5", "sampler.eta=1"]
+    two = np.load(run(checkpoints["base"], tmp_path / "inv_eta", *varied)["npz"])["arr_0"]
+    assert two.shape == (2, 16, 16, 1) and not np.array_equal(two[0], two[1])
 
 
 def test_cascade_upscales_base_samples(checkpoints, tmp_path):

@@ -28,6 +28,7 @@ from PIL import Image
 from difflab.data.image_folder import IMAGE_EXTENSIONS, load_image
 from difflab.data.transforms import to_unit_range
 from difflab.modules import UpscalerModule, load_module
+from difflab.samplers.ddim import DDIMSampler
 from difflab.samplers.img2img import check_strength, img2img_loop
 from difflab.samplers.inpaint import check_revisitable, inpaint_loop
 from difflab.tasks.sample import class_labels, prompt_list
@@ -141,6 +142,20 @@ def prompt_arrays(prompts: list[str] | None) -> dict[str, np.ndarray] | None:
     return None if prompts is None else {"prompts": np.array(prompts)}
 
 
+def deterministic_variants(cfg: DictConfig, sampler: Any, variants: int) -> int:
+    """``start=invert`` with a deterministic sampler (DDIM, η = 0) maps each input to one result: its ``variants``
+    would be copies of it (the "identical results" of issue 28, point 10), so one is drawn, with a warning."""
+    deterministic = isinstance(sampler, DDIMSampler) and sampler.eta == 0 and sampler.sigma_type.value == "eta"
+    if str(cfg.get("start", "noise")) != "invert" or not deterministic or variants == 1:
+        return variants
+    log.warning(
+        "variants=%d: start=invert with DDIM η = 0 gives every input one deterministic result; drawing 1 per input "
+        "(sampler.eta > 0, or start=noise, gives different results)",
+        variants,
+    )
+    return 1
+
+
 def edit(cfg: DictConfig, module: Any, device: torch.device) -> dict[str, Any]:
     """Run ``cfg.mode`` (one of :data:`EDIT_MODES`) on the loaded ``module``; returns the paths written."""
     if cfg.mode == "cascade":
@@ -150,6 +165,7 @@ def edit(cfg: DictConfig, module: Any, device: torch.device) -> dict[str, Any]:
         raise ValueError(f"variants={variants}: expected >= 1 results per input image")
     if cfg.mode == "img2img":
         check_strength(cfg.get("strength"))
+        variants = deterministic_variants(cfg, module.sampler, variants)
     check_revisitable(module.sampler, cfg.mode)
     paths = image_paths(cfg.get("image"))
     images = read_images(paths, module.output_shape).to(device)
