@@ -320,3 +320,23 @@ def test_resume_refuses_another_experiment_and_takes_another_logger(tmp_path):
     record = torch.load(resumed["checkpoint"], weights_only=True)["difflab"]
     assert [entry["class"] for entry in record["loggers"]] == ["TensorBoardLogger"]
     assert record["choices"]["logger"] == "tensorboard" and record["config"]["net"]["model_channels"] == 16
+
+
+def test_a_checkpoint_without_recorded_choices_resumes_from_its_stored_config(uninterrupted, tmp_path, caplog):
+    """A checkpoint written before the group choices were recorded (the benchmark's and the studies' older runs):
+    the short command resumes it from its stored config, exactly, instead of the command line's defaults (a
+    different model: 176 lines of key mismatches); with a config group on the command line (the run's original
+    command) the command line's config is used, as before."""
+    import logging
+
+    first = fit(tmp_path / "first", "trainer.max_steps=4")
+    old = torch.load(first["checkpoint"], weights_only=True)
+    del old["difflab"]["choices"]
+    torch.save(old, tmp_path / "old.ckpt")
+    with caplog.at_level(logging.WARNING):
+        resumed = train(compose_config([f"ckpt_path={tmp_path / 'old.ckpt'}", "trainer.max_steps=10"], tmp_path / "r"))
+    assert "does not record its config groups: resuming with its stored config" in caplog.text
+    assert max(max_abs_diff(uninterrupted()["checkpoint"], resumed["checkpoint"]).values()) == 0
+    again = fit(tmp_path / "again", "trainer.max_steps=10", f"ckpt_path={tmp_path / 'old.ckpt'}")
+    assert max(max_abs_diff(uninterrupted()["checkpoint"], again["checkpoint"]).values()) == 0
+    assert "resuming with the command line's config (data=digits" in caplog.text

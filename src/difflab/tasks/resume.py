@@ -15,7 +15,8 @@ still wins, and is reported:
 
 The resumed run writes into its own run dir: ``paths`` are this run's, and every stored value under the source
 run's output dir (checkpoint and logger folders) is moved under this run's, so nothing is written into the source
-run. A checkpoint from before the choices were recorded resumes with the command line's config, as it did then.
+run. A checkpoint from before the choices were recorded resumes with its stored config when the command line names
+no config group (the short command), else with the command line's config (the run's original command), as then.
 """
 
 from __future__ import annotations
@@ -74,11 +75,23 @@ def resume_config(cfg: DictConfig, record: dict[str, Any], where: str) -> tuple[
     """(the config to resume with, its group choices) from the checkpoint's ``record`` (``read_run_record``) and
     the command line's ``cfg``; see the module docstring. ``where``: ``ckpt_path='...'`` for the messages."""
     stored_choices = record.get("choices")
-    if stored_choices is None or not HydraConfig.initialized():
-        log.warning(
-            "%s: the checkpoint does not record its config groups: resuming with the command line's config", where
-        )
+    if not HydraConfig.initialized():  # called from Python with a config: it is the config
         return cfg, hydra_choices()
+    if stored_choices is None:  # a checkpoint from before the choices were recorded
+        groups = [str(o.input_line) for o in task_overrides() if o.key_or_group in (hydra_choices() or {})]
+        if groups:  # the run's original command, as resuming took it then
+            log.warning(
+                "%s: the checkpoint does not record its config groups: resuming with the command line's config (%s)",
+                where,
+                " ".join(groups),
+            )
+            return cfg, hydra_choices()
+        log.warning(
+            "%s: the checkpoint does not record its config groups: resuming with its stored config; a "
+            "config group on the command line would resume with the command line's config instead",
+            where,
+        )
+        stored_choices = {}
     check_stored_config(record["config"], where, "difflab.config")  # everything is built from it
     choices, changes = dict(stored_choices), []
     source = str((record["config"].get("paths") or {}).get("output_dir", ""))
