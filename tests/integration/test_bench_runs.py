@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from tests.conftest import load_bench, load_experiment
 
@@ -187,3 +188,15 @@ def test_quality_benchmark_runs_both_models_and_the_export_path_agrees_with_diff
     # run again: the table is kept and no cell is drawn twice (a stopped benchmark goes on where it was)
     quality.main([*sizes, "--samplers", *samplers, "--logs-dir", str(tmp_path / "logs"), "--out", str(out)])
     assert json.loads(out.read_text())["rows"] == rows
+
+
+def test_speckle_roughness_is_the_mean_absolute_laplacian():
+    """experiments/speckle: 0 for a flat image; 8 inside a ±1 checkerboard (|4·(±1) − 4·(∓1)|), less at the
+    replicate-padded border."""
+    speckle = load_experiment("speckle/run")
+    flat = torch.full((1, 1, 6, 6), 0.3)
+    board = (torch.arange(6)[:, None] + torch.arange(6)[None, :]) % 2 * 2.0 - 1.0
+    assert speckle.roughness(flat).item() == 0.0
+    r = speckle.roughness(board[None, None])
+    interior, edge, corner = 16 * 8.0, 16 * 6.0, 4 * 4.0  # 4, 3 or 2 neighbours of the other sign
+    assert r.item() == pytest.approx((interior + edge + corner) / 36)
