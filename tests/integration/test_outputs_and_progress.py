@@ -333,3 +333,19 @@ def test_the_terminal_bar_shows_no_negative_epoch_nor_v_num_and_counts_to_its_to
     assert bar._get_train_description(0) == "Epoch 0"
     assert "v_num" not in bar.get_metrics(trainer, trainer.lightning_module)
     assert bar.total_train_batches == 5  # the batches this epoch gets: 5 of 64, as counted
+
+
+def test_the_model_summary_shows_the_networks_flops_not_zero(tmp_path, capsys):
+    """Issue 28, point 12: Lightning's summary said "Total FLOPs: 0" (it counts only through an example input);
+    difflab's shows the network's FLOPs per forward of one image (2 × Gflops) and "-" per layer."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from difflab.callbacks.progress import model_summary
+
+    trainer = pl.Trainer(
+        max_steps=1, logger=False, callbacks=[model_summary(0.5)], limit_val_batches=0, enable_progress_bar=False
+    )
+    trainer.fit(BoringModel())
+    out = capsys.readouterr().out
+    assert "Total FLOPs: 1.0 B" in out and "Total FLOPs: 0" not in out

@@ -77,3 +77,34 @@ def step_progress_bar() -> pl.Callback:
             return metrics
 
     return StepProgressBar()
+
+
+def model_summary(gflops_per_forward: float) -> pl.Callback:
+    """Lightning's model summary (rich where installed, as Lightning picks it) with the network's FLOPs per forward
+    of one image (2 × DiT's Gflops, i.e. multiply-adds) as "Total FLOPs", and "-" in the per-layer FLOPs column:
+    Lightning counts FLOPs only through an ``example_input_array`` forward, which our modules do not define (it would
+    run the network once more at fit start), so it printed "Total FLOPs: 0". Uses Lightning's private
+    ``_summary``/``_get_summary_data`` (the only way to pass the total in without rewriting its table)."""
+    from lightning.pytorch.callbacks import ModelSummary, RichModelSummary
+    from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+    base = RichModelSummary if _RICH_AVAILABLE else ModelSummary
+    total_flops = int(round(2e9 * gflops_per_forward))
+
+    class FlopsModelSummary(base):  # type: ignore[misc, valid-type]
+        def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            if not self._max_depth or not trainer.is_global_zero:
+                return
+            summary = self._summary(trainer, pl_module)
+            data = [(n, ["-"] * len(v) if n == "FLOPs" else v) for n, v in summary._get_summary_data()]
+            self.summarize(
+                data,
+                summary.total_parameters,
+                summary.trainable_parameters,
+                summary.model_size,
+                summary.total_training_modes,
+                total_flops=total_flops,
+                **self._summarize_kwargs,
+            )
+
+    return FlopsModelSummary()

@@ -24,7 +24,7 @@ from difflab.callbacks import (
     TrainThroughput,
 )
 from difflab.callbacks.ema import young_ema_warning
-from difflab.callbacks.progress import step_progress_bar
+from difflab.callbacks.progress import model_summary, step_progress_bar
 from difflab.callbacks.sample_grid import sample_class_rows
 from difflab.callbacks.validation import check_objective
 from difflab.modules import read_run_record, sampler_config
@@ -150,8 +150,11 @@ def _run_config(cfg: DictConfig) -> tuple[DictConfig, str | None, dict[str, Any]
     return cfg, ckpt_path, record, choices
 
 
-def build_trainer(cfg: DictConfig, model: pl.LightningModule, callbacks: list[Any], loggers: list[Any]) -> pl.Trainer:
-    """``cfg.trainer`` with the run's callbacks and loggers, and what the model or the console needs."""
+def build_trainer(
+    cfg: DictConfig, model: pl.LightningModule, callbacks: list[Any], loggers: list[Any], size: dict[str, Any]
+) -> pl.Trainer:
+    """``cfg.trainer`` with the run's callbacks and loggers, and what the model or the console needs (``size``:
+    :func:`network_size`, whose Gflops the model summary shows)."""
     if not loggers:  # LearningRateMonitor refuses to run without a logger; `logger=none` is a valid choice
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     extra: dict[str, Any] = {}
@@ -159,6 +162,8 @@ def build_trainer(cfg: DictConfig, model: pl.LightningModule, callbacks: list[An
         extra["enable_progress_bar"] = False
     elif cfg.trainer.get("enable_progress_bar", True):
         callbacks = [*callbacks, step_progress_bar()]
+    if cfg.trainer.get("enable_model_summary", True) and "gflops_per_forward" in size:
+        callbacks = [*callbacks, model_summary(size["gflops_per_forward"])]
     if not model.automatic_optimization:  # Lightning refuses trainer.gradient_clip_val then; such modules clip
         extra["gradient_clip_val"] = None  # themselves (model.gradient_clip_val)
     if getattr(model, "ddp_find_unused_parameters", False) and cfg.trainer.get("strategy") == "ddp":
@@ -183,7 +188,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [*instantiate_group(cfg.get("callbacks")), RunRecord(run_config, choices)]
     callbacks += [TrainingRandomState(cfg.seed), throughput, final]
     loggers = instantiate_group(cfg.get("logger"), logger_overrides, "logger")
-    trainer = build_trainer(cfg, model, callbacks, loggers)
+    trainer = build_trainer(cfg, model, callbacks, loggers, size)
     for logger in loggers:
         logger.log_hyperparams(run_config)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not checkpoints_trusted())
