@@ -257,6 +257,12 @@ def test_training_off_a_terminal_logs_progress_lines_instead_of_a_bar(tmp_path, 
     lines = [r.getMessage() for r in caplog.records if r.name == "difflab.progress"]
     assert lines[0].startswith("training: 1/3 step (33 %), ") and "ETA" in lines[0] and "epoch 0" in lines[0]
     assert lines[-1].startswith("training: 3/3 step (100 %)") and "train/loss" in lines[-1]
+    caplog.clear()
+    resumed = [*run, "trainer.max_steps=5", f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"]
+    with caplog.at_level(logging.INFO, logger="difflab.progress"):  # this run's 2 steps, and where the run is
+        train(compose_config(resumed, tmp_path / "resumed"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "difflab.progress"]
+    assert lines[-1].startswith("training: 2/2 step (100 %)") and "global step 5/5, epoch" in lines[-1]
 
 
 def test_a_progress_line_says_done_total_rate_and_eta():

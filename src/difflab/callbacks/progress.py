@@ -13,8 +13,9 @@ from difflab.utils.progress import LINE_SECONDS, log, progress_line, stderr_is_t
 class ProgressLines(pl.Callback):
     """Off a terminal (``make train > log``, SLURM, CI) Lightning's bar writes carriage-return updates into the log
     (``src/train.py`` turns it off there): this logs one line every ``every_n_seconds`` instead: steps done of the
-    run's total (``trainer.estimated_stepping_batches``), epoch, the last logged ``train/loss``, rate and ETA. A
-    no-op on a terminal. The loss is read back from the device only when a line is written."""
+    run's total (``trainer.estimated_stepping_batches``; a resumed run: its own steps, then the global step of the
+    whole run), epoch, the last logged ``train/loss``, rate and ETA. A no-op on a terminal. The loss is read back
+    from the device only when a line is written."""
 
     def __init__(self, every_n_seconds: float = LINE_SECONDS) -> None:
         if every_n_seconds <= 0:
@@ -37,9 +38,11 @@ class ProgressLines(pl.Callback):
 
     def report(self, trainer: pl.Trainer) -> None:
         self.last = time.perf_counter()
-        total = trainer.estimated_stepping_batches
-        total = int(total) - self.first_step if total != float("inf") else None
+        run_total = trainer.estimated_stepping_batches
+        total = int(run_total) - self.first_step if run_total != float("inf") else None
         extra = f"epoch {trainer.current_epoch}"
+        if self.first_step:  # resumed: this run's steps above, the whole run's here
+            extra = f"global step {trainer.global_step}/{int(run_total)}, {extra}" if total else extra
         loss = trainer.logged_metrics.get("train/loss")
         if loss is not None:
             extra += f", train/loss {float(loss):.4g}"
