@@ -192,6 +192,8 @@ def test_eval_reconstruction_of_a_diffusion_model_matches_sample_reconstruct(tin
     )
     assert results["psnr"] == pytest.approx(sampled["psnr"], rel=1e-5)
     assert results["ssim"] == pytest.approx(sampled["ssim"], rel=1e-5)
+    own = evaluate(reconstruction_config(tiny_checkpoint, tmp_path))  # its ancestral sampler: the default DDIM
+    assert own["reconstruction"] == "ddim inversion, 20 steps"  # 50 steps, capped at T = 20
     with pytest.raises(ValueError, match="sampler.eta=0"):
         evaluate(reconstruction_config(tiny_checkpoint, tmp_path, "sampler=ddim", "sampler.eta=1", "sampler.steps=3"))
 

@@ -333,15 +333,18 @@ class DiffusionModule(pl.LightningModule):
         diffusion encodes): where inpainting and img2img start from."""
         return images
 
+    def reconstruction_sampler(self) -> DDIMSampler:
+        """The default sampler of :meth:`reconstruct`: 50 DDIM steps (T if fewer), η = 0, no clipping."""
+        steps = min(50, self.diffusion.num_timesteps)
+        return self.build_sampler(functools.partial(DDIMSampler, eta=0.0, steps=steps, clip_denoised=False))
+
     @torch.no_grad()
     def reconstruct(
         self, x_start: torch.Tensor, y: torch.Tensor | None = None, sampler: DDIMSampler | None = None
     ) -> torch.Tensor:
         """DDIM encode-decode (η = 0, no clipping) of x_start (B, C, H, W): what ReconstructionMetricsCallback and
         ``sample.py mode=reconstruct`` measure. Default: 50 DDIM steps on the model's schedule."""
-        if sampler is None:
-            steps = min(50, self.diffusion.num_timesteps)
-            sampler = self.build_sampler(functools.partial(DDIMSampler, eta=0.0, steps=steps, clip_denoised=False))
+        sampler = sampler or self.reconstruction_sampler()
         model_fn = self.model_fn(y if self.num_classes else None, 0.0)
         x_T = sampler.encode(model_fn, x_start)
         return sample_loop(model_fn, sampler, x_start.shape, noise=x_T).clamp(-1, 1)

@@ -38,6 +38,12 @@ class DDIMSampler(Sampler):
         self.sigma_type = parse_enum(DDIMSigma, sigma, "sampler.sigma")
         super().__init__(*args, **kwargs)
 
+    @property
+    def deterministic(self) -> bool:
+        """Whether every step is the η = 0 map (no noise drawn): what inversion, interpolation and encode-decode
+        need, and what makes repeated draws from one start identical."""
+        return self.eta == 0 and self.sigma_type is DDIMSigma.ETA
+
     def _on_set_timesteps(self, ascending: torch.Tensor) -> None:
         ab = self.diffusion.alphas_cumprod_64[ascending]
         ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])

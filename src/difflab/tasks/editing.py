@@ -145,7 +145,7 @@ def prompt_arrays(prompts: list[str] | None) -> dict[str, np.ndarray] | None:
 def deterministic_variants(cfg: DictConfig, sampler: Any, variants: int) -> int:
     """``start=invert`` with a deterministic sampler (DDIM, η = 0) maps each input to one result: its ``variants``
     would be copies of it (the "identical results" of issue 28, point 10), so one is drawn, with a warning."""
-    deterministic = isinstance(sampler, DDIMSampler) and sampler.eta == 0 and sampler.sigma_type.value == "eta"
+    deterministic = isinstance(sampler, DDIMSampler) and sampler.deterministic
     if str(cfg.get("start", "noise")) != "invert" or not deterministic or variants == 1:
         return variants
     log.warning(

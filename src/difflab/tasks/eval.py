@@ -85,10 +85,11 @@ def reconstruction(cfg: DictConfig, module: Any, dataset: Any, names: list[str])
     DDIM with η = 0, else 50 steps on the model's schedule), as ``sample.py mode=reconstruct`` measures it.
     Returns (the values, how the images were reconstructed)."""
     metrics = ReconstructionMetrics(cfg.lpips_net if "lpips" in names else None).to(module.device)
-    sampler = module.sampler if isinstance(getattr(module, "sampler", None), DDIMSampler) else None
-    if sampler is not None and (sampler.eta != 0 or sampler.sigma_type.value != "eta"):
-        raise ValueError("metrics=[ssim,psnr,lpips] of a diffusion model: its DDIM inversion needs sampler.eta=0")
-    if sampler is not None:
+    sampler = None
+    if hasattr(module, "sample"):  # a diffusion model: DDIM inversion, with the sampler given or the default one
+        sampler = module.sampler if isinstance(module.sampler, DDIMSampler) else module.reconstruction_sampler()
+        if not sampler.deterministic:
+            raise ValueError("metrics=[ssim,psnr,lpips] of a diffusion model: its DDIM inversion needs sampler.eta=0")
         sampler.clip_denoised = False  # clipping x̂_0 would break the invertibility of the η = 0 map
     count, limit = 0, int(cfg.reconstruct_images)
     loader = DataLoader(dataset, batch_size=cfg.batch_size)
@@ -96,7 +97,7 @@ def reconstruction(cfg: DictConfig, module: Any, dataset: Any, names: list[str])
     for x, y in progress_iter(loader, total, "reconstruction", "batch", cfg.get("progress", True)):
         x, y = x[: limit - count].to(module.device), y[: limit - count].to(module.device)
         with torch.inference_mode():
-            if hasattr(module, "sample"):  # a diffusion model: DDIM inversion
+            if sampler is not None:
                 x_hat = module.reconstruct(x, y if module.num_classes else None, sampler)
             else:
                 x_hat = module.reconstruct(x)
@@ -104,11 +105,7 @@ def reconstruction(cfg: DictConfig, module: Any, dataset: Any, names: list[str])
         count += x.shape[0]
         if count >= limit:
             break
-    how = (
-        "autoencoder"
-        if not hasattr(module, "sample")
-        else f"ddim inversion, {sampler.num_steps if sampler else 50} steps"
-    )
+    how = "autoencoder" if sampler is None else f"ddim inversion, {sampler.num_steps} steps"
     return metrics.compute() | {"reconstruct_images": count}, how
 
 
@@ -141,7 +138,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     results: dict[str, Any] = {}
     if set(names) & set(GENERATIVE):
         with trusted_checkpoints(cfg.get("trust_checkpoint", False)):  # the feature net's weights file
-            results.update(generative(cfg, module, dataset, data_cfg, [n for n in names if n in ("fid", "kid", "is")]))
+            results.update(generative(cfg, module, dataset, data_cfg, [n for n in names if n in GENERATIVE]))
     if "nll" in names:
         results.update(nll(cfg, module, dataset))
     reconstructed = None
@@ -169,10 +166,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     # the table first: a failed write (a full disk, a read-only folder) must not lose minutes of results
-    print(
-        f"{'metric':<28} value\n" + "\n".join(f"{k:<28} {v:.4f}" for k, v in results.items()),
-        flush=True,
-    )
+    print(f"{'metric':<28} value\n" + "\n".join(f"{k:<28} {v:.4f}" for k, v in results.items()), flush=True)
     write_text_atomic(out, json.dumps(report, indent=2, default=str))  # whole or not at all
     print(f"wrote {out}")
     return report

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def _ddim(module: Any, mode: str) -> DDIMSampler:
     sampler = module.sampler
-    if not isinstance(sampler, DDIMSampler) or sampler.eta != 0 or sampler.sigma_type.value != "eta":
+    if not isinstance(sampler, DDIMSampler) or not sampler.deterministic:
         raise ValueError(f"mode={mode} needs the deterministic DDIM sampler: add `sampler=ddim sampler.eta=0`")
     sampler.clip_denoised = False  # clipping x̂_0 would break the invertibility of the η = 0 map
     return sampler
@@ -52,7 +52,8 @@ def reconstruct(cfg: DictConfig, module: Any, record: dict, device: torch.device
         decoded = module.reconstruct(x0, labels, sampler)
     metrics = ReconstructionMetrics().to(device)
     metrics.update(decoded, x0)
-    psnr, ssim = metrics.compute()["psnr"], metrics.compute()["ssim"]
+    values = metrics.compute()
+    psnr, ssim = values["psnr"], values["ssim"]
     out_dir = ensure_dir(cfg.out_dir)
     pairs = torch.stack([x0, decoded], dim=1).flatten(0, 1)  # original, reconstruction, original, ...
     result = {"psnr": psnr, "ssim": ssim, "num_images": x0.shape[0], "steps": len(sampler.timesteps)}
