@@ -112,7 +112,7 @@ def hardware() -> str:
     return f"CPU, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
+def write_json(path: Path, payload: dict[str, Any] | list[Any]) -> None:
     path.write_text(json.dumps(payload, indent=2, default=str))
 
 

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from experiments.common import ROOT  # noqa: E402
+from experiments.common import ROOT, write_json  # noqa: E402
 
 SAMPLERS = {  # conf/sampler/<name> with overrides
     "ddpm 250 (ancestral)": ("ddpm", {"steps": 250}),
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
             }
             print(json.dumps(row), flush=True)
             rows.append(row)
-    args.out.write_text(json.dumps(rows, indent=2))
+    write_json(args.out, rows)
 
 
 if __name__ == "__main__":
