@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps k-diffusion==0.1.1.post1 dctorch==0.1.2  # parity reference (pyproject)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -15,6 +15,9 @@ from tests.integration.test_flow import write_flow_teacher
 FLOW_OVERRIDES = {
     "flow_euler": lambda tmp: ["model=rectified_flow"],
     "flow_heun": lambda tmp: ["model=rectified_flow"],
+    "flow_ode": lambda tmp: ["model=rectified_flow"],
+    "edm": lambda tmp: ["model=edm"],  # schedule=edm (a σ process) needs the EDM module; sampler=edm takes both
+    "ve": lambda tmp: ["model=ncsn"],
     "reflow_pairs": lambda tmp: ["model=rectified_flow", f"+model.teacher_ckpt={write_flow_teacher(tmp)}"],
     "reflow": lambda tmp: ["net=unet_s", f"model.teacher_ckpt={write_flow_teacher(tmp)}"],
 }

@@ -13,8 +13,13 @@ def check_likelihood(module: Any, key: str) -> None:
     classifier, an autoencoder, or a rectified flow, whose likelihood would need the ODE's divergence)."""
     if not hasattr(module, "nll"):
         raise ValueError(f"{key}: {type(module).__name__} has no likelihood")
-    if getattr(module.diffusion, "process_kind", "gaussian") != "gaussian":
-        raise ValueError(f"{key}: the bound in bits/dim is a Gaussian diffusion's VLB; this model is a flow")
+    process = getattr(module.diffusion, "process_kind", "gaussian")
+    if process != "gaussian":
+        kind = "a rectified flow" if process == "flow" else "an EDM-family (σ process) model"
+        raise ValueError(
+            f"{key}: the bound in bits/dim is a discrete Gaussian diffusion's VLB; this model is {kind}: its "
+            "likelihood is the probability-flow ODE's (eval.py metrics=[ode_nll])"
+        )
 
 
 class NLLCallback(pl.Callback):

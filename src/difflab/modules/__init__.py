@@ -4,6 +4,7 @@ from difflab.modules.autoencoder import AutoencoderModule, export_autoencoder, l
 from difflab.modules.checkpoint import CheckpointError, load_module, read_run_record, sampler_config
 from difflab.modules.classifier import ClassifierModule
 from difflab.modules.diffusion import DiffusionModule
+from difflab.modules.edm import EDMModule
 from difflab.modules.latent_diffusion import LatentDiffusionModule
 from difflab.modules.noisy_classifier import NoisyClassifierModule
 from difflab.modules.upscaler import UpscalerModule
@@ -13,6 +14,7 @@ __all__ = [
     "CheckpointError",
     "ClassifierModule",
     "DiffusionModule",
+    "EDMModule",
     "LatentDiffusionModule",
     "NoisyClassifierModule",
     "UpscalerModule",

@@ -92,9 +92,9 @@ def sampler_config(
     if (
         "_target_" in chosen
         and fallback is not None
-        and _process_kind(chosen["_target_"]) != _process_kind(trained.get("_target_", ""))
+        and not _process_kinds(chosen["_target_"]) & _process_kinds(trained.get("_target_", ""))
     ):
-        log.info("the checkpoint's process is a %s: sampling with its own sampler", _process_kind(trained._target_))
+        log.info("the checkpoint's sampler is for another process: sampling with its own (%s)", trained._target_)
         return sampler_config(trained, fallback)
     if "_target_" in chosen:
         return OmegaConf.create(chosen)
@@ -115,10 +115,10 @@ def _sets_anything(given: DictConfig | dict) -> bool:
     return any(not OmegaConf.is_missing(given, key) for key in given)
 
 
-def _process_kind(target: str) -> str:
-    """The process a sampler class integrates (``gaussian`` or ``flow``, :attr:`Sampler.process_kind`)."""
+def _process_kinds(target: str) -> set[str]:
+    """The processes a sampler class integrates (``gaussian``, ``sigma``, ``flow``: :attr:`Sampler.process_kinds`)."""
     sampler_class = get_method(target) if target else None
-    return getattr(sampler_class, "process_kind", "gaussian")
+    return set(getattr(sampler_class, "process_kinds", ("gaussian",)))
 
 
 def _sampler_arguments(target: str) -> set[str] | None:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from difflab.losses import DiffusionLoss, TimestepSampler, UniformTimestepSampler, full_chain_bpd
+from difflab.modules.likelihood import ode_nll_of
 from difflab.modules.optim import check_optimizer, clip_gradients
 from difflab.modules.step_logging import log_train_step
 from difflab.modules.warm_start import load_net_weights
@@ -59,6 +60,8 @@ class DiffusionModule(pl.LightningModule):
             fp32. The configs set it to ``${trainer.precision}``: sampling as the model was trained.
     """
 
+    preconditioned = False  # EDMModule: the σ processes' preconditioned denoiser
+
     def __init__(
         self,
         net: Callable[..., nn.Module],
@@ -97,6 +100,11 @@ class DiffusionModule(pl.LightningModule):
         channels, height, _ = self.image_shape
         out_channels = channels * (2 if self.variance_type.learned else 1)
         self.net = net(in_channels=channels, out_channels=out_channels, image_size=height, num_classes=num_classes)
+        if getattr(schedule, "process_kind", "gaussian") == "sigma" and not self.preconditioned:
+            raise ValueError(
+                f"model.schedule: {type(schedule).__name__} is a σ process (EDM and the score SDEs); it trains with "
+                "model=edm (or model=ncsn), not this model"
+            )
         self.diffusion = schedule
         self.loss_fn = loss if loss is not None else DiffusionLoss()
         self.loss_fn.check(self.variance_type)
@@ -160,7 +168,7 @@ class DiffusionModule(pl.LightningModule):
         diffusion space (latents for latent diffusion, whose conditioner counts and frozen autoencoder does not),
         under the null condition. Counted in eval mode (no dropout draws from the RNG)."""
         x_t = torch.zeros(1, *self.image_shape, device=self.device)
-        t = torch.zeros(1, dtype=torch.long, device=self.device)
+        t = self.eval_timesteps(1, torch.Generator(device=self.device).manual_seed(0), self.device)
         was_training = self.training
         self.eval()
         try:
@@ -206,9 +214,13 @@ class DiffusionModule(pl.LightningModule):
         """L_simple with t and ε drawn from a generator seeded by the batch index, so curves are comparable."""
         x, y, *coupling = batch
         generator = torch.Generator(device=x.device).manual_seed(batch_idx)
-        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), generator=generator, device=x.device)
+        t = self.eval_timesteps(x.shape[0], generator, x.device)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return self.diffusion_loss(x, y, t, coupling[0] if coupling else noise)["loss"].mean()
+
+    def eval_timesteps(self, batch_size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """The timesteps (B,) of the validation/test loss, drawn from ``generator``: uniform over [0, T)."""
+        return torch.randint(0, self.diffusion.num_timesteps, (batch_size,), generator=generator, device=device)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss = self._eval_loss(batch, batch_idx)
@@ -244,6 +256,13 @@ class DiffusionModule(pl.LightningModule):
         return full_chain_bpd(
             lambda x, t: self(x, t, y), self.diffusion, self.parameterization, self.variance_type, x_start, generator
         )
+
+    def ode_nll(
+        self, x_start: torch.Tensor, y: torch.Tensor | None = None, generator: torch.Generator | None = None, **kwargs
+    ) -> tuple[torch.Tensor, int]:
+        """(bits/dim (B,), NFE) of 8-bit images x_start from the probability-flow ODE (``kwargs``: rtol, atol,
+        estimator; see :func:`difflab.losses.ode_bits_per_dim`): diffusion, EDM-family and flow models alike."""
+        return ode_nll_of(self, lambda x, t: self(x, t, y), x_start, generator, **kwargs)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()

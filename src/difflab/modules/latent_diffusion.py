@@ -200,6 +200,12 @@ class LatentDiffusionModule(DiffusionModule):
     def nll(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError("bits/dim of images is not defined for latent diffusion (the VLB is of latents)")
 
+    def ode_nll(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, int]:
+        raise ValueError(
+            "metrics=[ode_nll]: the probability-flow ODE gives the density of latents; bits/dim of images would "
+            "need the decoder's likelihood, which model.autoencoder_ckpt's autoencoder does not have"
+        )
+
     def reconstruct(self, x_start: torch.Tensor, y: torch.Tensor | None = None, sampler: Any = None) -> torch.Tensor:
         """DDIM encode-decode in latent space of images x_start, decoded back to images."""
         z = super().reconstruct(self.encode(x_start), self.condition(y), sampler)

@@ -6,28 +6,36 @@ from difflab.samplers.continuous import ContinuousSampler, SigmaSchedule, solver
 from difflab.samplers.ddim import DDIMSampler, DDIMSigma
 from difflab.samplers.dpmpp import DPMSolverMultistepSampler
 from difflab.samplers.dpmpp_sde import DPMSolverSDESampler
+from difflab.samplers.edm import EDMSampler
 from difflab.samplers.euler import EulerSampler
 from difflab.samplers.euler_ancestral import EulerAncestralSampler
 from difflab.samplers.euler_maruyama import EulerMaruyamaSampler
 from difflab.samplers.flow import FlowEulerSampler, FlowHeunSampler, FlowSampler
 from difflab.samplers.heun import HeunSampler
+from difflab.samplers.langevin import AnnealedLangevinSampler, PredictorCorrectorSampler
 from difflab.samplers.loop import sample_loop
+from difflab.samplers.ode import FlowODESampler, ODESampler
 from difflab.samplers.unipc import UniPCSampler
 
 __all__ = [
+    "AnnealedLangevinSampler",
     "AncestralSampler",
     "ContinuousSampler",
     "DDIMSampler",
     "DDIMSigma",
     "DPMSolverMultistepSampler",
     "DPMSolverSDESampler",
+    "EDMSampler",
     "EulerAncestralSampler",
     "EulerMaruyamaSampler",
     "EulerSampler",
     "FlowEulerSampler",
     "FlowHeunSampler",
+    "FlowODESampler",
     "FlowSampler",
     "HeunSampler",
+    "ODESampler",
+    "PredictorCorrectorSampler",
     "Sampler",
     "SamplerOutput",
     "SigmaSchedule",

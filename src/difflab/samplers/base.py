@@ -59,6 +59,16 @@ class Spacing(StrEnumChoice):
     QUADRATIC = "quadratic"
 
 
+PROCESS_SAMPLERS = {  # what to choose instead, per process, for the error above
+    "flow": "use sampler=flow_euler or sampler=flow_heun (sample.py: or '~sampler', the checkpoint's own)",
+    "sigma": (
+        "use a σ-space sampler: sampler=heun | edm | euler | euler_ancestral | euler_maruyama | dpmpp_2m | "
+        "dpmpp_2m_sde | dpmpp_3m | unipc"
+    ),
+    "gaussian": "choose a diffusion sampler",
+}
+
+
 def check_steps(num_steps: int, num_timesteps: int) -> int:
     """``num_steps`` when 1 <= steps <= T (the model's number of timesteps), for every sampler, the continuous-σ ones
     included (more steps than the model has levels only costs time); else a ValueError naming ``sampler.steps``."""
@@ -114,11 +124,15 @@ class Sampler(abc.ABC):
         steps: default number of sampling steps K (None: T); K < T respaces.
         spacing: which K steps (:class:`Spacing`: even | leading | ddim_uniform | trailing | quadratic).
 
-    ``process_kind``: the process the sampler integrates (``gaussian``: :class:`GaussianDiffusion`; ``flow``:
+    ``process_kinds``: the processes the sampler integrates (``gaussian``: :class:`GaussianDiffusion`; ``sigma``:
+    :class:`~difflab.schedules.SigmaProcess`, EDM and the score SDEs; ``flow``:
     :class:`~difflab.schedules.RectifiedFlow`); a sampler built for another model's process is an error.
+    ``init_noise_sigma``: the standard deviation of the chain's starting noise x_T (diffusers' name): 1 for the
+    variance-preserving and flow processes, σ_0 of the chain for a σ process (EDM: x_0 = σ_max n).
     """
 
-    process_kind = "gaussian"
+    process_kinds: tuple[str, ...] = ("gaussian",)
+    init_noise_sigma = 1.0
     MODEL_ARGUMENTS = ("diffusion", "parameterization", "model_variance_type")  # filled by the model
 
     @classmethod
@@ -175,15 +189,11 @@ class Sampler(abc.ABC):
     def check_process_kind(self, diffusion) -> None:
         """A sampler of one process (Gaussian diffusion, flow) refuses a model of the other, naming the fix."""
         process = getattr(diffusion, "process_kind", "gaussian")
-        if process != self.process_kind:
+        if process not in self.process_kinds:
             raise ValueError(
-                f"{type(self).__name__} samples a {self.process_kind} process but the model's process is a "
-                f"{process} ({type(diffusion).__name__}): "
-                + (
-                    "use sampler=flow_euler or sampler=flow_heun (sample.py: or '~sampler', the checkpoint's own)"
-                    if process == "flow"
-                    else "choose a diffusion sampler"
-                )
+                f"{type(self).__name__} samples a {' or '.join(self.process_kinds)} process but the model's process "
+                f"is a {process} ({type(diffusion).__name__}): "
+                + PROCESS_SAMPLERS.get(process, "choose a diffusion sampler")
             )
 
     @property

@@ -112,12 +112,23 @@ class ContinuousSampler(Sampler):
         self.check_process(diffusion)
         super().__init__(*args, **kwargs)
 
+    process_kinds = ("gaussian", "sigma")
+
     def check_process(self, diffusion) -> None:
         """Clear errors for settings the process cannot take (construction time)."""
         check_sigma_range(diffusion.continuous, self.sigma_schedule, self.sigma_min, self.sigma_max, self.rho)
 
+    @property
+    def on_sigma_process(self) -> bool:
+        """Whether the model is a σ process (x̃ = x_0 + σ ε, timesteps are σ: EDM, VE, continuous VP)."""
+        return getattr(self.diffusion, "process_kind", "gaussian") == "sigma"
+
     def levels_for(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(σ_0 … σ_{N−1}, their network timesteps), (N,) float64 each: the model's σ of ``sigma_schedule``."""
+        """(σ_0 … σ_{N−1}, their network timesteps), (N,) float64 each: the model's σ of ``sigma_schedule``
+        (a σ process's ``model`` steps are its preconditioning's own, :meth:`SigmaProcess.sampling_sigmas`)."""
+        if self.on_sigma_process and self.sigma_schedule is SigmaSchedule.MODEL:
+            sigmas = self.diffusion.sampling_sigmas(num_steps, self.rho)
+            return sigmas, sigmas.clone()
         return solver_sigmas(
             self.diffusion.continuous,
             num_steps,
@@ -130,7 +141,7 @@ class ContinuousSampler(Sampler):
 
     def set_timesteps(self, num_steps: int | None = None) -> None:
         num_steps = self.num_steps if num_steps is None else num_steps
-        if self.process_kind == "gaussian":  # a flow's τ is continuous: its T is a time scale, any N is fine
+        if getattr(self.diffusion, "process_kind", "gaussian") == "gaussian":  # σ and flow processes: any N
             check_steps(num_steps, self.num_timesteps)
         if num_steps < self.min_steps:
             raise ValueError(
@@ -138,6 +149,7 @@ class ContinuousSampler(Sampler):
             )
         sigmas, t = self.levels_for(num_steps)
         self.sigmas = torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])  # (N + 1,), last σ = 0
+        self.init_noise_sigma = float(sigmas[0]) if self.on_sigma_process else 1.0
         self.levels = [self.level(float(s)) for s in self.sigmas]
         self.plan = self.evaluation_plan(num_steps)  # level index of each network evaluation
         self.timesteps = t[self.plan].float()
@@ -147,8 +159,9 @@ class ContinuousSampler(Sampler):
         self.state: dict = {}
 
     def level(self, sigma: float) -> NoiseLevel:
-        """The :class:`NoiseLevel` the solver math reads at σ (a flow's: σ = τ, α = 1)."""
-        return NoiseLevel.from_sigma(sigma)
+        """The :class:`NoiseLevel` the solver math reads at σ: variance preserving (α = 1/sqrt(1 + σ²)), or for a σ
+        process x̃ = x_0 + σ ε (α = 1; a flow's likewise, σ = τ)."""
+        return self.diffusion.level(sigma) if self.on_sigma_process else NoiseLevel.from_sigma(sigma)
 
     def describe(self) -> str:
         """Extra text for error messages (e.g. the order)."""

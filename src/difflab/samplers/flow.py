@@ -29,7 +29,7 @@ class FlowSampler(ContinuousSampler):
     """Base of the flow samplers. ``shift``: SD3's timestep shift α (1: uniform steps). The other arguments as
     :class:`~difflab.samplers.Sampler`; ``clip_denoised`` defaults to false (the ODE's own endpoint)."""
 
-    process_kind = "flow"
+    process_kinds = ("flow",)
 
     def __init__(self, *args, shift: float = 1.0, **kwargs) -> None:
         if shift <= 0:

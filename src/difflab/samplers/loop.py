@@ -22,7 +22,7 @@ def sample_loop(
     noise: torch.Tensor | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """Draw x_T ~ N(0, I) of ``shape`` (B, C, H, W) and run the sampler's steps down to x_0.
+    """Draw x_T ~ N(0, σ_0² I) of ``shape`` (B, C, H, W) and run the sampler's steps down to x_0.
 
     ``model_fn(x_t, t)`` gets t as a (B,) tensor of the sampler's timesteps (long for the discrete samplers, float
     for the continuous-time solvers, whose σ steps fall between the model's timesteps) and returns the raw network
@@ -31,9 +31,11 @@ def sample_loop(
     called after each step (progress bars).
     """
     sampler.set_timesteps(num_steps)
-    if noise is None:
-        noise = torch.randn(shape, generator=generator, device=device)
+    if noise is None:  # x_T ~ N(0, σ_0² I): σ_0 = 1 but for σ processes (init_noise_sigma, as diffusers)
+        noise = torch.randn(shape, generator=generator, device=device) * sampler.init_noise_sigma
     x = noise
+    if hasattr(sampler, "integrate"):  # an adaptive ODE solver picks its own steps (samplers/ode.py)
+        return sampler.integrate(model_fn, x)
     for t in sampler.timesteps.tolist():
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=sampler.timesteps.dtype)
         model_output = model_fn(x, t_batch)

@@ -10,6 +10,7 @@ from difflab.schedules.continuous import (
     x0_eps_from_output,
 )
 from difflab.schedules.diffusion import GaussianDiffusion, model_log_variance, posterior_terms
+from difflab.schedules.edm import Preconditioning, SigmaProcess, ncsn_sigma_max
 from difflab.schedules.flow import RectifiedFlow, flow_times, shift_time
 from difflab.schedules.parameterization import Parameterization, VarianceType
 
@@ -19,11 +20,14 @@ __all__ = [
     "GaussianDiffusion",
     "NoiseLevel",
     "Parameterization",
+    "Preconditioning",
     "RectifiedFlow",
+    "SigmaProcess",
     "VarianceType",
     "eps_from_x0",
     "flow_times",
     "make_betas",
+    "ncsn_sigma_max",
     "output_from_x0_eps",
     "model_log_variance",
     "posterior_terms",

@@ -34,6 +34,7 @@ STORED_TARGETS = frozenset(
     {
         # modules
         "difflab.modules.DiffusionModule",
+        "difflab.modules.EDMModule",
         "difflab.modules.LatentDiffusionModule",
         "difflab.modules.AutoencoderModule",
         "difflab.modules.ClassifierModule",
@@ -52,6 +53,12 @@ STORED_TARGETS = frozenset(
         # processes and samplers
         "difflab.schedules.GaussianDiffusion",
         "difflab.schedules.RectifiedFlow",
+        "difflab.schedules.SigmaProcess",
+        "difflab.samplers.EDMSampler",
+        "difflab.samplers.AnnealedLangevinSampler",
+        "difflab.samplers.PredictorCorrectorSampler",
+        "difflab.samplers.ODESampler",
+        "difflab.samplers.FlowODESampler",
         "difflab.samplers.AncestralSampler",
         "difflab.samplers.DDIMSampler",
         "difflab.samplers.EulerSampler",
