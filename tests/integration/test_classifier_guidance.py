@@ -157,6 +157,14 @@ def test_latent_diffusion_is_refused(tmp_path):
         check_compatible(classifier, latent, "c.ckpt")
 
 
+def test_an_edm_model_is_refused(tmp_path):
+    classifier = instantiate(compose_config(TINY_CLASSIFIER, tmp_path).model)
+    edm_tiny = [o for o in TINY if not o.startswith("schedule.")]  # a σ process has no discrete T
+    edm = instantiate(compose_config([*edm_tiny, "model=edm"], tmp_path).model)
+    with pytest.raises(ValueError, match="sigma process.*classifier-free guidance"):
+        check_compatible(classifier, edm, "c.ckpt")
+
+
 def test_conditional_model_without_classifier_suggests_cfg(tmp_path):
     from difflab.tasks.classifier_guidance import attach_classifier
 

@@ -85,6 +85,7 @@ TINY_SIZES = {
 SAMPLE_SIZES = {"num_samples": "4", "batch_size": "4", "num_interp": "3", "sampler.steps": "5"}
 EVAL_SIZES = {"num_samples": "8", "num_real": "16", "batch_size": "8", "nll_images": "4", "sampler.steps": "5"}
 EVAL_SIZES["reconstruct_images"] = "4"
+EVAL_SIZES |= {"ode_nll_images": "2", "ode_nll_rtol": "1e-2", "ode_nll_atol": "1e-2"}
 
 
 def readme_commands() -> list[str]:
@@ -153,12 +154,14 @@ def test_the_readme_has_the_commands_this_test_knows():
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tiny_checkpoint, tiny_cfg_checkpoint, tiny_upscaler_checkpoint) -> dict[str, str]:
     """Tiny checkpoints to stand in for `ckpt=...`: unconditional, class-conditional, an upscaler (the session's),
-    rectified flow, text-conditioned latent; a noisy classifier for `classifier_ckpt=...`; and the input files of
+    rectified flow, EDM, text-conditioned latent; a noisy classifier for `classifier_ckpt=...`; and the input files of
     the editing modes."""
     made = {"ddpm": tiny_checkpoint, "cfg": tiny_cfg_checkpoint, "upscaler": tiny_upscaler_checkpoint}
     common = [*TINY, "trainer.max_steps=2", "trainer.limit_train_batches=2", "trainer.limit_val_batches=0"]
+    edm_common = [o for o in common if not o.startswith("schedule.")]  # a σ process has no discrete T
     for kind, extra in {
         "flow": ["model=rectified_flow"],
+        "edm": ["model=edm"],
         "text": [
             "model=ldm",
             "conditioner=text_transformer",
@@ -168,7 +171,7 @@ def checkpoints(tmp_path_factory, tiny_checkpoint, tiny_cfg_checkpoint, tiny_ups
         ],
     }.items():
         out = tmp_path_factory.mktemp(kind)
-        made[kind] = train(compose_config([*common, *extra], out))["checkpoint"]
+        made[kind] = train(compose_config([*(edm_common if kind == "edm" else common), *extra], out))["checkpoint"]
     from tests.integration.test_ldm import AE_TINY
 
     autoencoder = [*AE_TINY, "trainer.max_steps=2", "trainer.limit_train_batches=2"]
@@ -190,6 +193,8 @@ def substitute(script: str, args: list[str], checkpoints: dict[str, str]) -> lis
         kind = "cfg"
     if any(a.startswith("sampler=flow_") or "straightness" in a for a in args):  # a rectified flow's checkpoint
         kind = "flow"
+    if "ckpt=edm.ckpt" in args:  # the README's name for an EDM-family checkpoint
+        kind = "edm"
     if any(a.startswith("metrics=") and "ssim" in a for a in args) and not any(a.startswith("sampler=") for a in args):
         kind = "autoencoder"  # reconstruction metrics without a DDIM sampler: an autoencoder's
     out = []

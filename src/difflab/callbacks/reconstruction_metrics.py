@@ -39,6 +39,8 @@ class ReconstructionMetricsCallback(pl.Callback):
             raise TypeError(
                 f"ReconstructionMetricsCallback needs a module with reconstruct(x); got {type(pl_module).__name__}"
             )
+        if hasattr(pl_module, "reconstruction_sampler"):
+            pl_module.reconstruction_sampler()  # a model without a DDIM inversion (EDM) fails here, not mid-fit
         if self.metrics is not None:
             return
         net = self.lpips_net

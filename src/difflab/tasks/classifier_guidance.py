@@ -37,6 +37,12 @@ def check_compatible(classifier: NoisyClassifierModule, module: DiffusionModule,
             f"{where}: classifier guidance is supported for pixel-space diffusion only; a latent diffusion model "
             "would need a classifier of noisy latents (not built): use classifier-free guidance (guidance_scale=)"
         )
+    process = getattr(module.diffusion, "process_kind", "gaussian")
+    if process != "gaussian":
+        raise ValueError(
+            f"{where}: the noisy classifier is trained on a discrete Gaussian diffusion's x_t; this checkpoint is a "
+            f"{process} process ({type(module.diffusion).__name__}): use classifier-free guidance (guidance_scale=)"
+        )
     if module.num_classes and module.num_classes != classifier.num_classes:
         raise ValueError(
             f"{where}: the classifier has {classifier.num_classes} classes, the diffusion checkpoint's model "

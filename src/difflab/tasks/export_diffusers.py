@@ -200,6 +200,11 @@ def export_diffusers(module: Any, record: dict[str, Any], out: Path) -> Path:
     README.md holding the sampling loop (class labels, the null class, guidance), and no ``model_index.json``."""
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
+    if getattr(module.diffusion, "process_kind", "gaussian") == "sigma":
+        raise ValueError(
+            "format=diffusers: an EDM-family (σ process) model's network lives inside its preconditioning, which no "
+            "diffusers scheduler applies; export it with format=safetensors"
+        )
     net = module.net
     net_cfg = dict((record.get("config") or {}).get("net") or {})
     config = unet2d_config(net, net_cfg)

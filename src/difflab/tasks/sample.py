@@ -123,6 +123,11 @@ def _sample(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     if world > 1 and mode != "generate":
         raise ValueError(f"mode={mode}: runs in one process; launch it without torchrun (only generate is sharded)")
     module, record = load_for_sampling(cfg, device)
+    if mode != "generate" and getattr(getattr(module, "diffusion", None), "process_kind", None) == "sigma":
+        raise ValueError(
+            f"mode={mode}: the editing and inversion modes run DDIM on a discrete Gaussian diffusion; this checkpoint "
+            "is an EDM-family (σ process) model, which samples with mode=generate"
+        )
     if mode == "reconstruct":
         return reconstruct(cfg, module, record, device)
     if mode == "interpolate":
