@@ -159,3 +159,18 @@ def test_reconstruction_metrics_on_an_edm_model_fail_before_training(tmp_path):
     overrides = [*EDM_TINY, "model=edm", "callbacks=[default,reconstruction_metrics]", "debug=fast"]
     with pytest.raises(ValueError, match="DDIM encode-decode"):
         train(compose_config(overrides, tmp_path))
+
+
+def test_ode_nll_and_ode_sampling_of_a_ddpm_and_a_flow_checkpoint(tiny_checkpoint, tmp_path):
+    """metrics=[ode_nll] takes every process with an ODE: a discrete DDPM (sampler=ode) and a rectified flow
+    (flow_ode), next to the DDPM's VLB; sampler=ode on the DDPM and flow_ode on the flow draw images."""
+    flow_overrides = [*TINY, *QUIET, "model=rectified_flow", "trainer.max_steps=2", "trainer.limit_train_batches=2"]
+    flow = train(compose_config(flow_overrides, tmp_path / "flow"))["checkpoint"]
+    nll = ["metrics=[ode_nll]", "ode_nll_images=2", "ode_nll_rtol=1e-2", "ode_nll_atol=1e-2", "batch_size=2"]
+    for name, ckpt in (("ddpm", tiny_checkpoint), ("flow", flow)):
+        results = evaluate(compose_config([f"ckpt={ckpt}", *nll], tmp_path / name, "eval"))["results"]
+        assert 0 < results["ode_nll_bpd"] < 30 and results["ode_nll_nfe"] > 0, name
+    for ckpt, sampler in ((tiny_checkpoint, "ode"), (flow, "flow_ode")):
+        overrides = [f"ckpt={ckpt}", "num_samples=3", f"sampler={sampler}", "sampler.rtol=1e-2", "sampler.atol=1e-2"]
+        images = np.load(sample(compose_config(overrides, tmp_path / sampler, "sample"))["npz"])["arr_0"]
+        assert images.shape[0] == 3 and np.isfinite(images).all()

@@ -60,7 +60,10 @@ class Spacing(StrEnumChoice):
 
 
 PROCESS_SAMPLERS = {  # what to choose instead, per process, for the error above
-    "flow": "use sampler=flow_euler or sampler=flow_heun (sample.py: or '~sampler', the checkpoint's own)",
+    "flow": (
+        "use sampler=flow_euler, flow_heun or flow_ode (sample.py: or '~sampler', the checkpoint's own); a flow has "
+        "no score, so the Langevin and predictor-corrector samplers do not apply"
+    ),
     "sigma": (
         "use a σ-space sampler: sampler=heun | edm | euler | euler_ancestral | euler_maruyama | dpmpp_2m | "
         "dpmpp_2m_sde | dpmpp_3m | unipc"
