@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script 
 
 from experiments.common import ROOT, markdown_table  # noqa: E402
 
-HERE = ROOT / "experiments" / "score_sde"
+HERE = ROOT / "experiments" / "score_sde"  # where results_<tag>.json is read and the plots go
 
 
 def fid_key(rows: list[dict]) -> str:

@@ -32,6 +32,8 @@ from difflab.utils.paths import write_text_atomic  # noqa: E402
 from experiments.bench.quality import our_factory  # noqa: E402
 from experiments.common import ROOT, ensure_checkpoint, hardware, real_metrics  # noqa: E402
 
+OUT = ROOT / "experiments" / "score_sde"  # the tables
+LOGS = ROOT / "logs" / "score_sde"  # the models
 MODELS: dict[str, list[str]] = {
     "ddpm_eps": [],
     "ddpm_v": ["model.parameterization=v"],
@@ -70,12 +72,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--feature-nets", nargs="+", default=["fmnist_cls_v2"])
     p.add_argument("--tag", default="cpu")
     p.add_argument("--extra", nargs="*", default=[], help="overrides for every training run (GPU scale)")
+    p.add_argument("--device", default="cpu", help="where the models sample and are evaluated (cuda on a GPU)")
     return p.parse_args(argv)
 
 
 def checkpoint(name: str, args) -> Path:
     """The model's last.ckpt, trained with the quickstart recipe when missing (resumed when stopped half-way)."""
-    run = ROOT / "logs" / "score_sde" / args.tag / f"{name}_s{args.seed}"
+    run = LOGS / args.tag / f"{name}_s{args.seed}"
     overrides = ["experiment=quickstart", f"seed={args.seed}", f"trainer.max_steps={args.steps}"]
     return ensure_checkpoint(run, [*overrides, "samples.num_samples=0", *MODELS[name], *args.extra], True)
 
@@ -86,7 +89,8 @@ def draw(module: Any, conf: str, overrides: dict[str, Any], steps: int, num: int
     sampler = module.build_sampler(our_factory(conf, overrides))
     chunks = []
     for b, first in enumerate(range(0, num, batch)):
-        chunks.append(module.sample(min(batch, num - first), torch.Generator().manual_seed(b), sampler, steps))
+        generator = torch.Generator(device=module.device).manual_seed(b)
+        chunks.append(module.sample(min(batch, num - first), generator, sampler, steps))
     return torch.cat(chunks), sampler.nfe
 
 
@@ -94,7 +98,7 @@ def fid_rows(part: str, models: list[str], cells: dict, num: int, args, judges, 
     from difflab.modules import load_module
 
     for name in models:
-        module = load_module(checkpoint(name, args))[0].eval()
+        module = load_module(checkpoint(name, args))[0].to(args.device).eval()
         for cell, (conf, overrides, steps) in cells.items():
             if (part, name, cell) in done:
                 continue
@@ -112,13 +116,13 @@ def nll_rows(args, test_set, done, emit) -> None:
     """PF-ODE bits/dim of every model; the VLB of ddpm_eps on the same images (mean ± standard error)."""
     from difflab.modules import load_module
 
-    x = torch.stack([test_set[i][0] for i in range(args.nll_images)])
+    x = torch.stack([test_set[i][0] for i in range(args.nll_images)]).to(args.device)
     for name in MODELS:
-        module = load_module(checkpoint(name, args))[0].eval()
+        module = load_module(checkpoint(name, args))[0].to(args.device).eval()
         for kind in ("ode", "vlb") if name.startswith("ddpm") else ("ode",):
             if ("nll", name, kind) in done:
                 continue
-            start, generator = time.perf_counter(), torch.Generator().manual_seed(0)
+            start, generator = time.perf_counter(), torch.Generator(device=args.device).manual_seed(0)
             if kind == "vlb":
                 bpd, nfe = module.nll(x, None, generator)["total_bpd"], module.diffusion.num_timesteps
             else:
@@ -139,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_grad_enabled(False)
     test = FashionMNISTDataModule(str(ROOT / "data"), image_size=16, batch_size=500)
     test.setup("test")
-    out = ROOT / "experiments" / "score_sde" / f"results_{args.tag}.json"
+    out = OUT / f"results_{args.tag}.json"
     rows = json.loads(out.read_text())["rows"] if out.is_file() else []
     done = {(r["part"], r["model"], r["sampler"]) for r in rows}
 
@@ -152,8 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     judges = {}
     if {"nfe", "pc"} & set(args.parts):
         key = {"data": "fashion_mnist test 16x16"}
-        cpu = torch.device("cpu")
-        judges = {n: real_metrics(test.test, args.num_real, ("fid", "is"), n, cpu, key) for n in args.feature_nets}
+        device = torch.device(args.device)
+        judges = {n: real_metrics(test.test, args.num_real, ("fid", "is"), n, device, key) for n in args.feature_nets}
     if "nfe" in args.parts:
         fid_rows("nfe", ["ddpm_eps", "ddpm_v", "edm"], NFE_CELLS, args.num_samples, args, judges, done, emit)
     if "pc" in args.parts:

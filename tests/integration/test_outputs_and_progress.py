@@ -350,7 +350,13 @@ def test_the_model_summary_shows_the_networks_flops_not_zero(tmp_path, capsys):
     from difflab.callbacks.progress import model_summary
 
     trainer = pl.Trainer(
-        max_steps=1, logger=False, callbacks=[model_summary(0.5)], limit_val_batches=0, enable_progress_bar=False
+        max_steps=1,
+        logger=False,
+        callbacks=[model_summary(0.5)],
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_checkpointing=False,  # else a checkpoints/ folder in the directory the suite runs from
+        default_root_dir=tmp_path,
     )
     trainer.fit(BoringModel())
     out = capsys.readouterr().out
