@@ -174,3 +174,9 @@ def test_ode_nll_and_ode_sampling_of_a_ddpm_and_a_flow_checkpoint(tiny_checkpoin
         overrides = [f"ckpt={ckpt}", "num_samples=3", f"sampler={sampler}", "sampler.rtol=1e-2", "sampler.atol=1e-2"]
         images = np.load(sample(compose_config(overrides, tmp_path / sampler, "sample"))["npz"])["arr_0"]
         assert images.shape[0] == 3 and np.isfinite(images).all()
+
+
+def test_the_nll_callback_refuses_an_edm_model_naming_ode_nll(tmp_path):
+    cfg = compose_config([*EDM_TINY, "model=edm", "callbacks=[default,nll]", "debug=fast"], tmp_path)
+    with pytest.raises(ValueError, match="EDM-family.*metrics=\\[ode_nll\\]"):
+        train(cfg)

@@ -150,7 +150,7 @@ def test_reflow_pairs_are_seeded_cached_and_checked(teacher, tmp_path):
 
 def test_the_nll_callback_refuses_a_flow_before_training(tmp_path):
     cfg = compose_config([*TINY, "model=rectified_flow", "callbacks=[default,nll]", "debug=fast"], tmp_path)
-    with pytest.raises(ValueError, match="callbacks.nll: the bound in bits/dim is a Gaussian diffusion's VLB"):
+    with pytest.raises(ValueError, match="callbacks.nll: the bound in bits/dim is a discrete Gaussian diffusion's VLB"):
         train(cfg)
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
