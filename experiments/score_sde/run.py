@@ -8,9 +8,10 @@ steps of batch 64, Adam 2e-3, EMA 0.995, unet_s, the same seed), so training com
   ddpm_eps  DDPM, ε-prediction (the quickstart itself)     ddpm_v  the same with v-prediction
   edm       model=edm (EDM preconditioning, ln σ ~ N(−1.2, 1.2²))
   ve        model=ncsn (VE SDE: σ ∈ [0.01, 25.1], λ(σ) = σ²)   vp_sde  model=edm schedule.preconditioning=vp
+  iddpm_hybrid  model=iddpm schedule=cosine (learned Σ, L_hybrid; experiments/iddpm_nll's model at this budget)
 Parts: ``nfe`` (table 1: FID against NFE, Heun and DPM-Solver++(2M), for ddpm_eps, ddpm_v, edm), ``pc`` (table 2:
 predictor-only, corrector-only, PC and annealed Langevin at equal NFE on ve and vp_sde), ``nll`` (table 3: the
-PF-ODE bits/dim against the VLB of ddpm_eps, with their standard errors; the other models' ODE bits/dim).
+PF-ODE bits/dim against the VLB of the discrete models, with their standard errors; the others' ODE bits/dim).
 Rows go to ``experiments/score_sde/results_<tag>.json`` (a cell already there is skipped); ``plot.py`` draws them.
 """
 
@@ -40,7 +41,9 @@ MODELS: dict[str, list[str]] = {
     "edm": ["model=edm"],
     "ve": ["model=ncsn"],
     "vp_sde": ["model=edm", "schedule.preconditioning=vp"],
+    "iddpm_hybrid": ["model=iddpm", "schedule=cosine"],  # learned Σ, L_hybrid: table 3 only (experiments/iddpm_nll)
 }
+VLB_MODELS = ("ddpm_eps", "ddpm_v", "iddpm_hybrid")  # the discrete diffusions, whose VLB table 3 sets beside the ODE
 # table 1: (sampler conf, overrides, steps) per cell; NFE = 2 steps − 1 for Heun
 NFE_CELLS: dict[str, tuple[str, dict[str, Any], int]] = {
     "heun 5 (NFE 9)": ("heun", {"clip_denoised": False, "sigma_max": None}, 5),
@@ -119,7 +122,7 @@ def nll_rows(args, test_set, done, emit) -> None:
     x = torch.stack([test_set[i][0] for i in range(args.nll_images)]).to(args.device)
     for name in MODELS:
         module = load_module(checkpoint(name, args))[0].to(args.device).eval()
-        for kind in ("ode", "vlb") if name.startswith("ddpm") else ("ode",):
+        for kind in ("ode", "vlb") if name in VLB_MODELS else ("ode",):
             if ("nll", name, kind) in done:
                 continue
             start, generator = time.perf_counter(), torch.Generator(device=args.device).manual_seed(0)

@@ -46,7 +46,7 @@ def test_the_study_runs_on_tiny_models(tmp_path, monkeypatch):
         *(("pc", m) for m in ("ve", "vp_sde")),
     }
     nll = {(r["model"], r["sampler"]): r for r in rows if r["part"] == "nll"}
-    assert set(nll) == {(m, "ode") for m in study.MODELS} | {("ddpm_eps", "vlb"), ("ddpm_v", "vlb")}
+    assert set(nll) == {(m, "ode") for m in study.MODELS} | {(m, "vlb") for m in study.VLB_MODELS}
     assert all(r["bpd"] > 0 and r["bpd_se"] >= 0 for r in nll.values())
     assert [r["nfe"] for r in rows if r["part"] == "pc"] == [4, 3] * 2  # 2 levels x (1 + 1); 2 x 1 + 1
     plot.main(["--tag", "tiny"])
