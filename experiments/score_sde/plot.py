@@ -73,9 +73,11 @@ def main(argv: list[str] | None = None) -> None:
         )
     if parts["nll"]:
         plot_bars(parts["nll"], "bpd", "bpd_se", HERE / f"nll_{args.tag}.png", "bits/dim (± s.e.)", plt)
-        header = ["model", "bound", "bits/dim", "s.e.", "NFE", "rtol", "images", "seconds"]
+        header = ["model", "likelihood", "bits/dim", "s.e.", "NFE", "rtol", "images", "seconds"]
+        names = {"ode": "PF-ODE", "vlb": "VLB (bound)"}
         table = [
-            [r["model"], r["sampler"], r["bpd"], r["bpd_se"], r["nfe"], r["rtol"], r["images"], r["seconds"]]
+            [r["model"], names[r["sampler"]], r["bpd"], r["bpd_se"], r["nfe"], f"{r['rtol']:g}" if r["rtol"] else "—"]
+            + [r["images"], r["seconds"]]
             for r in parts["nll"]
         ]
         print(markdown_table(header, table))

@@ -55,6 +55,7 @@ NFE_CELLS: dict[str, tuple[str, dict[str, Any], int]] = {
 # table 2: equal NFE (≈ 2 · levels), Song et al.'s settings (snr 0.16, one corrector step), levels from the process
 PC_CELLS: dict[str, tuple[str, dict[str, Any], int]] = {
     "predictor only (P)": ("pc", {"corrector_steps": 0}, 100),
+    "predictor only, PC's 50 levels (half the NFE)": ("pc", {"corrector_steps": 0}, 50),
     "corrector only (C)": ("pc", {"predictor": "none", "corrector_steps": 2}, 50),
     "predictor-corrector (PC)": ("pc", {"corrector_steps": 1}, 50),
     "annealed Langevin": ("langevin", {"n_steps_each": 2, "step_size": 2e-5}, 50),
@@ -64,7 +65,8 @@ PC_CELLS: dict[str, tuple[str, dict[str, Any], int]] = {
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", nargs="+", default=["nfe", "pc", "nll"], choices=["nfe", "pc", "nll"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed (use another --tag per seed)")
+    p.add_argument("--models", nargs="+", default=None, choices=list(MODELS), help="only these (default: all)")
     p.add_argument("--steps", type=int, default=900, help="training steps of every model")
     p.add_argument("--num-samples", type=int, default=1000, help="samples per FID cell (table 1)")
     p.add_argument("--pc-samples", type=int, default=500, help="samples per FID cell (table 2)")
@@ -100,7 +102,7 @@ def draw(module: Any, conf: str, overrides: dict[str, Any], steps: int, num: int
 def fid_rows(part: str, models: list[str], cells: dict, num: int, args, judges, done, emit) -> None:
     from difflab.modules import load_module
 
-    for name in models:
+    for name in [m for m in models if args.models is None or m in args.models]:
         module = load_module(checkpoint(name, args))[0].to(args.device).eval()
         for cell, (conf, overrides, steps) in cells.items():
             if (part, name, cell) in done:
@@ -120,7 +122,7 @@ def nll_rows(args, test_set, done, emit) -> None:
     from difflab.modules import load_module
 
     x = torch.stack([test_set[i][0] for i in range(args.nll_images)]).to(args.device)
-    for name in MODELS:
+    for name in [m for m in MODELS if args.models is None or m in args.models]:
         module = load_module(checkpoint(name, args))[0].to(args.device).eval()
         for kind in ("ode", "vlb") if name in VLB_MODELS else ("ode",):
             if ("nll", name, kind) in done:
@@ -133,6 +135,7 @@ def nll_rows(args, test_set, done, emit) -> None:
             bpd = bpd.double()
             row = {"part": "nll", "model": name, "sampler": kind, "nfe": nfe, "images": bpd.numel()}
             row |= {"bpd": float(bpd.mean()), "bpd_se": float(bpd.std() / math.sqrt(bpd.numel()))}
+            row["bpd_images"] = [round(float(v), 4) for v in bpd]  # the same images for every model: paired differences
             row |= {"rtol": args.nll_rtol if kind == "ode" else None, "seconds": round(time.perf_counter() - start)}
             emit(row)
 

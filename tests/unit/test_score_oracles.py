@@ -147,3 +147,11 @@ def test_gaussian_probes_are_unbiased_and_exact_trace_agrees():
     gaussian = ode_log_likelihood(model, ODESampler(process, parameterization="x0"), x, "gaussian", torch.Generator())
     difference = gaussian.double() - analytic_log_density(x)
     assert abs(float(difference.mean())) < 4 * float(difference.std()) / 8 + 0.02  # within 4 standard errors
+
+
+def test_ncsn_sigma_max_is_the_largest_pairwise_distance():
+    """Song & Ermon 2020, Technique 1, exactly: the chunked search equals torch.pdist's maximum."""
+    from difflab.schedules import ncsn_sigma_max
+
+    images = torch.rand(50, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert math.isclose(ncsn_sigma_max(images, chunk=7), float(torch.pdist(images.flatten(1).double()).max()))
