@@ -35,11 +35,14 @@ def plot_nfe(rows: list[dict], key: str, out: Path, plt) -> None:
 
 
 def plot_bars(rows: list[dict], value: str, error: str | None, out: Path, title: str, plt) -> None:
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    labels = [f"{r['model']}\n{r['sampler']}" for r in rows]
-    ax.bar(range(len(rows)), [r[value] for r in rows], yerr=[r[error] for r in rows] if error else None)
-    ax.set_xticks(range(len(rows)), labels, fontsize=7)
-    ax.set(ylabel=value, title=title)
+    """Horizontal bars, one per row (model, sampler), grouped by model."""
+    rows = sorted(rows, key=lambda r: r["model"])
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
+    labels = [f"{r['model']}: {r['sampler']}" for r in rows]
+    ax.barh(range(len(rows)), [r[value] for r in rows], xerr=[r[error] for r in rows] if error else None)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlabel=value, title=title)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 
