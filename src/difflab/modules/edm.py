@@ -54,7 +54,7 @@ class EDMModule(DiffusionModule):
         x_noisy = self.diffusion.q_sample(x_start, sigma, noise)
         c = self.diffusion.scalings(self.diffusion.expand(sigma, x_noisy))
         out = self.net(self.net_input(c.c_in * x_noisy), c.c_noise.flatten(), y if self.num_classes else None)
-        target = (x_start - c.c_skip * x_noisy) / c.c_out  # SigmaProcess.training_target
+        target = self.diffusion.training_target(x_start, x_noisy, sigma)
         mse = mean_flat((out.float() - target.float()) ** 2)
         return {"loss": mse, "mse": mse}
 

@@ -22,6 +22,7 @@ import torch
 
 from difflab.samplers.base import Sampler, SamplerOutput, check_steps, spaced_timesteps
 from difflab.schedules import ContinuousSchedule, NoiseLevel
+from difflab.schedules.sigma_paths import karras_sigmas
 from difflab.utils.enums import StrEnumChoice, parse_enum
 
 
@@ -45,10 +46,10 @@ def solver_sigmas(
         t = spaced_timesteps(view.num_timesteps, num_steps, spacing).flip(0)
         return view.sigmas[t], t.to(torch.float64)
     lo, hi = sigma_range(view, sigma_min, sigma_max)
-    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
     if schedule is SigmaSchedule.KARRAS:
-        sigmas = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+        sigmas = karras_sigmas(num_steps, lo, hi, rho)
     else:
+        ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
         sigmas = (torch.tensor(hi).log() + ramp * (torch.tensor(lo).log() - torch.tensor(hi).log())).exp()
     return sigmas, view.sigma_to_t(sigmas)
 
@@ -162,6 +163,10 @@ class ContinuousSampler(Sampler):
         """The :class:`NoiseLevel` the solver math reads at σ: variance preserving (α = 1/sqrt(1 + σ²)), or for a σ
         process x̃ = x_0 + σ ε (α = 1; a flow's likewise, σ = τ)."""
         return self.diffusion.level(sigma) if self.on_sigma_process else NoiseLevel.from_sigma(sigma)
+
+    def network_timesteps(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """The network's timestep of each σ (float64, same shape): the model's t(σ) (σ itself for a σ process)."""
+        return self.diffusion.continuous.sigma_to_t(sigmas)
 
     def describe(self) -> str:
         """Extra text for error messages (e.g. the order)."""

@@ -64,16 +64,12 @@ class EDMSampler(ContinuousSampler):
         self.hat_levels = [self.level(s) for s in self.sigma_hats]
         hat_t = self.network_timesteps(torch.tensor(self.sigma_hats, dtype=torch.float64))
         # predictor evaluations (the first of each level, at σ̂) take σ̂'s timestep; correctors keep σ_{i+1}'s
-        self.predictor = [k == 0 or k % 2 == 0 for k in range(len(self.plan))]
+        self.predictor = [k % 2 == 0 for k in range(len(self.plan))]
         for k, i in enumerate(self.plan):
             if self.predictor[k]:
                 self.timesteps[k] = float(hat_t[i])
         self._t_host = self.timesteps.tolist()
         self.init_noise_sigma = self.sigma_hats[0] if self.on_sigma_process else 1.0
-
-    def network_timesteps(self, sigmas: torch.Tensor) -> torch.Tensor:
-        """The network's timestep of each σ (float64): σ itself for a σ process, else the model's t(σ)."""
-        return self.diffusion.continuous.sigma_to_t(sigmas)
 
     def step(self, model_output, t, x_t, generator=None) -> SamplerOutput:
         k = self.advance(t)

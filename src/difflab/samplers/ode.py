@@ -65,12 +65,6 @@ class ODESampler(ContinuousSampler):
         sigma = math.exp(u)
         return sigma, sigma
 
-    def network_t(self, sigma: float) -> float:
-        """The network's timestep at σ: σ itself for a σ process, else the model's t(σ)."""
-        if self.on_sigma_process:
-            return sigma
-        return float(self.diffusion.continuous.sigma_to_t(torch.tensor(sigma, dtype=torch.float64)))
-
     def prior_std(self, sigma_max: float) -> float:
         """The standard deviation of x at σ_max in the model's space: σ_max for a σ process (score_sde's VE prior),
         1 for the variance-preserving models (x_T ~ N(0, I), i.e. x̃ ~ N(0, (1 + σ²) I))."""
@@ -81,26 +75,26 @@ class ODESampler(ContinuousSampler):
         return self.prior_std(sigma_max) * float(self.level(sigma_max).recip_alpha)
 
     # ------------------------------------------------------------------ the vector field
+    def evaluate(self, model_fn: ModelFn, sigma: float, x_tilde: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x̂_0, ε̂) at σ from one network evaluation of x̃ (B, C, H, W) in the model's space, fp32; counted in NFE."""
+        level = self.level(sigma)
+        x_model = x_tilde * level.alpha
+        t = float(self.network_timesteps(torch.tensor(sigma, dtype=torch.float64)))
+        t_batch = torch.full((x_tilde.shape[0],), t, device=x_tilde.device, dtype=torch.float32)
+        self.nfe += 1
+        x0, eps, _ = self.predict_at(model_fn(x_model, t_batch), x_model, level)
+        return x0, eps
+
     def velocity(self, model_fn: ModelFn, u: float, x_tilde: torch.Tensor) -> torch.Tensor:
         """dx̃/du at x̃ (B, C, H, W), fp32: ε̂ dσ/du from one network evaluation."""
         sigma, dsigma = self.sigma_of(u)
-        level = self.level(sigma)
-        x_model = x_tilde * level.alpha
-        t = torch.full((x_tilde.shape[0],), self.network_t(sigma), device=x_tilde.device, dtype=torch.float32)
-        self.nfe += 1
-        _, eps, _ = self.predict_at(model_fn(x_model, t), x_model, level)
-        return eps * dsigma
+        return self.evaluate(model_fn, sigma, x_tilde)[1] * dsigma
 
     def final(self, model_fn: ModelFn, x_tilde: torch.Tensor) -> torch.Tensor:
         """The sample at the end of the integration: x̂_0 there (``denoise``) or x̃ itself."""
         if not self.denoise:
             return x_tilde
-        sigma, _ = self.sigma_of(self.u_end)
-        level = self.level(sigma)
-        x_model = x_tilde * level.alpha
-        t = torch.full((x_tilde.shape[0],), self.network_t(sigma), device=x_tilde.device, dtype=torch.float32)
-        self.nfe += 1
-        return self.predict_at(model_fn(x_model, t), x_model, level)[0]
+        return self.evaluate(model_fn, self.sigma_of(self.u_end)[0], x_tilde)[0]
 
     def odeint(self, func, y0, u_from: float, u_to: float):
         """torchdiffeq's solution at ``u_to`` (the state may be a tuple of tensors)."""
@@ -134,8 +128,8 @@ class FlowODESampler(FlowSampler, ODESampler):
     def sigma_of(self, u: float) -> tuple[float, float]:
         return u, 1.0
 
-    def network_t(self, sigma: float) -> float:
-        return sigma * self.diffusion.num_timesteps
+    def network_timesteps(self, sigmas: torch.Tensor) -> torch.Tensor:
+        return sigmas * self.diffusion.num_timesteps
 
     def prior_std(self, sigma_max: float) -> float:
         return 1.0

@@ -201,7 +201,7 @@ class SigmaProcess(nn.Module):
             return self.u.to(device)[j]
         uniform = torch.rand(batch_size, device=device, generator=generator)
         if p is Preconditioning.VE:
-            return self.sigma_min * (self.sigma_max / self.sigma_min) ** uniform
+            return paths.ve_sigma(uniform, self.sigma_min, self.sigma_max)
         t = 1.0 + uniform * (self.epsilon_t - 1.0)
         return self.path_sigma(t.double()).float()
 
@@ -219,9 +219,9 @@ class SigmaProcess(nn.Module):
         edm Karras ρ; vp/subvp σ(t_i), t_i = 1 + i/(N−1) (ε_s − 1); ve geometric σ_max → σ_min;
         iddpm u_⌊j_0 + (M − 1 − j_0) i/(N−1) + ½⌋ with j_0 = 8."""
         p, n = self.preconditioning, num_steps
-        ramp = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
+        ramp = torch.linspace(0, 1, n, dtype=torch.float64)  # [0] for N = 1: σ_max
         if p is Preconditioning.EDM:
-            return paths.karras_sigmas(n, self.sigma_min, self.sigma_max, rho) if n > 1 else ramp + self.sigma_max
+            return paths.karras_sigmas(n, self.sigma_min, self.sigma_max, rho)
         if p is Preconditioning.VE:
             return self.sigma_max * (self.sigma_min / self.sigma_max) ** ramp
         if p is Preconditioning.IDDPM:

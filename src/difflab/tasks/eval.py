@@ -86,16 +86,17 @@ def ode_nll(cfg: DictConfig, module: Any, dataset: Any) -> dict[str, float]:
         raise ValueError(f"metrics=[ode_nll]: {type(module).__name__} has no probability-flow ODE")
     generator = torch.Generator(device=module.device).manual_seed(int(cfg.seed))
     rtol, atol = float(cfg.ode_nll_rtol), float(cfg.ode_nll_atol)
-    values, nfes, limit = [], [], int(cfg.ode_nll_images)
+    values, nfes, count, limit = [], [], 0, int(cfg.ode_nll_images)
     loader = DataLoader(dataset, batch_size=cfg.batch_size)
     total = min(len(loader), -(-limit // int(cfg.batch_size)))
     for x, y in progress_iter(loader, total, "ODE NLL", "batch", cfg.get("progress", True)):
-        x = x[: limit - sum(v.numel() for v in values)].to(module.device)
+        x = x[: limit - count].to(module.device)
         labels = y[: x.shape[0]].to(module.device) if module.num_classes else None
         bpd, nfe = module.ode_nll(x, labels, generator, rtol=rtol, atol=atol, estimator=cfg.ode_nll_estimator)
         values.append(bpd.detach().double().cpu())
         nfes.append(nfe)
-        if sum(v.numel() for v in values) >= limit:
+        count += x.shape[0]
+        if count >= limit:
             break
     bpd = torch.cat(values)
     error = float(bpd.std() / bpd.numel() ** 0.5) if bpd.numel() > 1 else float("nan")
