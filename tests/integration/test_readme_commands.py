@@ -22,9 +22,11 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
+from difflab.tasks.encode import encode
 from difflab.tasks.eval import evaluate
 from difflab.tasks.export import export
 from difflab.tasks.sample import sample
+from difflab.tasks.stream import stream
 from difflab.tasks.train import train
 from tests.conftest import ROOT, TINY, compose_config
 from tests.integration.test_classifier_guidance import TINY_CLASSIFIER
@@ -35,11 +37,15 @@ pytestmark = pytest.mark.xdist_group("test_readme_commands")
 README = ROOT / "README.md"
 SCRIPTS = {"train.py": ("train", train), "sample.py": ("sample", sample), "eval.py": ("eval", evaluate)}
 SCRIPTS["export.py"] = ("export", export)
+SCRIPTS["encode.py"] = ("encode", encode)
+SCRIPTS["stream.py"] = ("stream", stream)
 # Commands that are not run, with the reason (they are still composed where they are difflab commands).
 EXEMPT = {
     "make test": "the command that runs this test",
     "srun": "needs a SLURM cluster (its overrides are composed)",
     "hydra/launcher=submitit_slurm": "submits SLURM jobs (its overrides are composed)",
+    "--rdzv-id": "a multi-node torchrun job: run on two localhost 'nodes' by tests/integration/test_multinode.py "
+    "(its overrides are composed)",
     "src/export.py": "run by tests/integration/test_export.py on a checkpoint whose UNet maps onto diffusers' "
     "(TINY's 16-channel levels with 32 groups do not; its overrides are composed here)",
 }
@@ -81,6 +87,8 @@ TINY_SIZES = {
     "model.aug_levels": "10",  # the upscaler's augmentation levels must fit in the tiny T = 20
     "model.sample_aug_level": "2",
 }
+# Tiny sizes for the writers (encode.py, stream.py), on digits in place of Fashion-MNIST.
+WRITER_SIZES = ["data.limit_train_size=64", "data.val_size=32"]
 # Tiny sizes for sampling and evaluation (these keys always exist).
 SAMPLE_SIZES = {"num_samples": "4", "batch_size": "4", "num_interp": "3", "sampler.steps": "5"}
 EVAL_SIZES = {"num_samples": "8", "num_real": "16", "batch_size": "8", "nll_images": "4", "sampler.steps": "5"}
@@ -131,7 +139,8 @@ def plan(command: str) -> Plan:
         and tokens[1].startswith("src/")
     ):
         script, args = Path(tokens[1]).name, tokens[2:]
-        ddp = any(a in ("trainer=ddp", "trainer=ddp_cpu") for a in args)
+        ddp = any(a in ("trainer=ddp", "trainer=ddp_cpu", "trainer=fsdp", "trainer=fsdp_cpu") for a in args)
+        ddp = ddp and "plan=true" not in args  # a memory plan launches nothing
         if "-m" in args or "--cfg" in args or "--help" in args or ddp:
             return Plan(command, "subprocess", script, args)
         return Plan(command, "run", script, args)
@@ -177,6 +186,13 @@ def checkpoints(tmp_path_factory, tiny_checkpoint, tiny_cfg_checkpoint, tiny_ups
     autoencoder = [*AE_TINY, "trainer.max_steps=2", "trainer.limit_train_batches=2"]
     made["autoencoder"] = train(compose_config(autoencoder, tmp_path_factory.mktemp("ae")))["checkpoint"]
     made["classifier"] = train(compose_config(TINY_CLASSIFIER, tmp_path_factory.mktemp("classifier")))["checkpoint"]
+    # the data of data=latents and data=streaming: digits at the commands' sizes, encoded / written once
+    for kind, script, size in (("latents", "encode.py", 32), ("shards", "stream.py", 16)):
+        out = tmp_path_factory.mktemp(kind)
+        overrides = ["data=digits", f"data.image_size={size}", *WRITER_SIZES, f"out_dir={out / kind}"]
+        config, task = SCRIPTS[script]
+        task(compose_config(overrides, out, config))
+        made[kind] = str(out / kind)
     # inputs of the editing modes (image=, mask=): a 20x12 image and a mask of its size
     inputs = tmp_path_factory.mktemp("inputs")
     rng = np.random.default_rng(0)
@@ -204,6 +220,10 @@ def substitute(script: str, args: list[str], checkpoints: dict[str, str]) -> lis
             arg = "trainer=cpu"
         elif arg == "trainer=ddp":
             arg = "trainer=ddp_cpu"
+        elif arg == "trainer=fsdp" and "plan=true" not in args:  # 2 CPU processes (a plan stays as written)
+            arg = "trainer=fsdp_cpu"
+        elif key in ("trainer.devices", "trainer.num_nodes") and "trainer=fsdp_cpu" in out:
+            continue  # fsdp_cpu's 2 processes
         elif arg == "compile=reduce-overhead":  # CUDA graphs need a GPU
             arg = "compile=none"
         elif key in ("ckpt", "ckpt_path"):
@@ -217,6 +237,13 @@ def substitute(script: str, args: list[str], checkpoints: dict[str, str]) -> lis
             arg = f"{key}={checkpoints['upscaler']}"
         elif key == "image" or (key == "mask" and not value.startswith("[") and value != "center"):
             arg = f"{key}={checkpoints[key]}"  # a file the fixture wrote
+        elif arg == "data=latents":  # the cache the fixture encoded (digits at 32x32, the shipped stage 1)
+            out.append(f"data.cache_dir={checkpoints['latents']}")
+        elif key == "data.input_dir":  # the shards the fixture wrote (digits at 16x16)
+            arg = f"{key}={checkpoints['shards']}"
+        elif script in ("encode.py", "stream.py") and key == "data":  # digits in place of Fashion-MNIST
+            out += WRITER_SIZES
+            arg = "data=digits"
         elif key == "model.autoencoder_ckpt":
             arg = f"{key}=shipped:ae_kl_f4_fmnist"  # a stage-1 checkpoint of the right shape
         elif key in ("out_dir", "out") and script != "train.py":  # under the test's output folder

@@ -51,12 +51,12 @@ def test_a_loader_resumes_at_the_batch_it_stopped_with_the_same_items_and_flips(
         if i == 4:
             state = first.state_dict()  # as a checkpoint in the middle of the epoch
             break
-    assert state == {"epoch": 2, "batches": 5}
+    assert state == {"epoch": 2, "batches": 5, "items": 20}
     resumed = loader(epoch, flip=True, workers=2)
     resumed.load_state_dict(state)
     rest = [(indices(x), flipped(x)) for x in resumed]
     assert seen + rest == whole
-    assert resumed.state_dict() == {"epoch": 2, "batches": len(whole)}
+    assert resumed.state_dict() == {"epoch": 2, "batches": len(whole), "items": 4 * len(whole)}
     assert [indices(x) for x in resumed] == [i for i, _ in whole]  # the next pass of the epoch is whole again
 
 
@@ -68,6 +68,39 @@ def test_a_state_saved_at_the_end_of_an_epoch_resumes_at_the_next_one():
     resumed.load_state_dict(ended.state_dict())
     epoch[0] = 1
     assert [indices(x) for x in resumed] == [indices(x) for x in loader(epoch)]
+
+
+def test_a_state_without_items_resumes_as_before():
+    """Checkpoints from before the item count: batches of this run's size on this run's ranks."""
+    resumed = loader([2])
+    resumed.load_state_dict({"epoch": 2, "batches": 3})
+    assert [indices(x) for x in resumed] == [indices(x) for x in loader([2])][3:]
+
+
+def test_a_run_resumed_on_another_number_of_ranks_continues_with_the_unconsumed_items():
+    """2 ranks stop after 2 batches each (16 items consumed); 1 rank, and then 3, resume the epoch: every item not
+    yet seen comes next, none twice (the remainder that does not fill a batch on every rank is dropped)."""
+    epoch = [1]
+    two = [loader(epoch, rank=r, world_size=2) for r in range(2)]
+    seen = []
+    for ranked in two:
+        for i, batch in enumerate(ranked):
+            seen += indices(batch)
+            if i == 1:
+                break
+    states = [ranked.state_dict() for ranked in two]
+    assert states[0] == states[1] == {"epoch": 1, "batches": 2, "items": 16}
+    for world in (1, 3):
+        rest = []
+        for r in range(world):
+            resumed = loader(epoch, rank=r, world_size=world)
+            resumed.load_state_dict(states[0])
+            rest += [i for batch in resumed for i in indices(batch)]
+        assert not set(seen) & set(rest) and len(rest) == len(set(rest))
+        per_rank = (N - 16) // world
+        assert len(rest) == world * (per_rank - per_rank % 4)  # full batches of 4 on every rank
+        order = epoch_order(N, 3, 1)[0].tolist()
+        assert set(seen) == set(order[:16]) and set(rest) <= set(order[16:])
 
 
 def test_an_explicit_flip_key_overrides_the_random_one():

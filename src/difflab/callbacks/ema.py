@@ -30,6 +30,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 
+from difflab.callbacks.sharded_ema import ShardedAverage
+from difflab.strategies.fsdp import is_sharded_strategy
+
 
 def ema_decay_at(decay: float, warmup: bool, num_updates: int) -> float:
     """The decay of the update after ``num_updates`` earlier ones: min(decay, (1 + n)/(10 + n)) with warm-up."""
@@ -91,7 +94,14 @@ class EMA(WeightAveraging):
         self.decay, self.warmup, self.update_every_n_steps = float(decay), bool(warmup), update_every_n_steps
         self._num_updates = 0  # host copy of AveragedModel.n_averaged: reading that one would synchronise
 
+    _sharded: ShardedAverage | None = None  # trainer=fsdp: the EMA of this process's shards (built at first use)
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if is_sharded_strategy(getattr(trainer, "strategy", None)):  # no AveragedModel: sharded after this hook
+            if self._device is not None:
+                raise ValueError("callbacks.ema.device: not with trainer=fsdp (the EMA is sharded like the model)")
+            self._sharded_fit = stage == "fit"
+            return
         # WeightAveraging.setup calls configure_model before it copies the module; ours only compiles there
         # (model.compile), so it is held back here: the EMA copy stays eager (it is only averaged into and swapped
         # from, never run compiled), and the module compiles when Lightning calls configure_model itself, right
@@ -103,6 +113,32 @@ class EMA(WeightAveraging):
                 super().setup(trainer, pl_module, stage)
         finally:
             del pl_module.configure_model
+
+    def _shards(self, pl_module: pl.LightningModule) -> ShardedAverage | None:
+        """The sharded EMA (trainer=fsdp, in fit), built from the sharded module at its first use; else None."""
+        if self._sharded is None and getattr(self, "_sharded_fit", False):
+            self._sharded = ShardedAverage(pl_module)
+        return self._sharded
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (shards := self._shards(pl_module)) is not None:
+            return shards.swap()
+        super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (shards := self._shards(pl_module)) is not None:
+            return shards.swap()
+        super().on_validation_epoch_end(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (shards := self._shards(pl_module)) is not None:
+            return shards.copy_to_model()
+        super().on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if (shards := self._shards(pl_module)) is not None:
+            return shards.save(checkpoint)
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
 
     @property
     def num_updates(self) -> int:
@@ -125,6 +161,10 @@ class EMA(WeightAveraging):
     @torch.no_grad()
     def update(self, pl_module: torch.nn.Module) -> None:
         """One EMA step of the averaged copy towards ``pl_module``'s current weights (no host-device sync)."""
+        if (shards := self._shards(pl_module)) is not None:
+            shards.update(1.0 - self.decay_at(self._num_updates))
+            self._num_updates += 1
+            return
         assert self._average_model is not None, "EMA.update outside fit"
         averaged, current = self._tensors(self._average_model.module), self._tensors(pl_module)
         pairs = [(a, c if c.device == a.device else c.to(a.device)) for a, c in zip(averaged, current, strict=True)]
@@ -146,6 +186,10 @@ class EMA(WeightAveraging):
         return list(itertools.chain(module.parameters(), module.buffers()))
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if (shards := self._shards(pl_module)) is not None:
+            shards.load(checkpoint)
+            self._num_updates = shards.n_averaged
+            return
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
         if self._average_model is not None:  # once per resume: the host counter from the restored n_averaged
             self._num_updates = int(self._average_model.n_averaged)

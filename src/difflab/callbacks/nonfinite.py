@@ -8,7 +8,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
+from torch.distributed.tensor import DTensor
 
+from difflab.strategies.fsdp import is_sharded_strategy
 from difflab.utils.enums import StrEnumChoice, parse_enum
 
 
@@ -64,6 +66,8 @@ class NonFiniteGuard(pl.Callback):
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         found = _any_nonfinite(grads) if grads else torch.zeros((), dtype=torch.bool, device=self._step.device)
+        if is_sharded_strategy(trainer.strategy):  # each process saw its shards: decide together (skip, stop)
+            found = trainer.strategy.reduce(found.float(), reduce_op="max") > 0
         # the step as the loggers number it (the loss of this batch is logged at global_step before the update)
         self._first = torch.where(found & (self._first < 0), self._step, self._first)
         self._count += found
@@ -94,7 +98,10 @@ class NonFiniteGuard(pl.Callback):
         # before Lightning writes the file: raising here leaves the previous checkpoint untouched
         if self._count is not None and self.action is NonFiniteAction.STOP:
             self._stop_if_found(trainer, "before writing a checkpoint")
-        bad = [key for key in ("state_dict", "current_model_state") if not _all_finite(checkpoint.get(key))]
+        finite = torch.tensor([_all_finite(checkpoint.get(k)) for k in ("state_dict", "current_model_state")])
+        if is_sharded_strategy(trainer.strategy):  # each process checked its shards: all raise, or none
+            finite = trainer.strategy.reduce(finite.float(), reduce_op="min") > 0
+        bad = [key for key, ok in zip(("state_dict", "current_model_state"), finite.tolist(), strict=True) if not ok]
         if bad:
             raise NonFiniteError(
                 f"step {trainer.global_step}: the weights ({', '.join(bad)}) are not all finite; the checkpoint "
@@ -128,9 +135,9 @@ def _any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """A 0-dim bool tensor on the first tensor's device: whether any element is NaN or ±inf (no host sync when all
     are on one device). An overflowing norm (elements beyond ~1e19) counts as non-finite too."""
     devices: dict[torch.device, list[torch.Tensor]] = {}
-    for t in tensors:
+    for t in (t.to_local() if isinstance(t, DTensor) else t for t in tensors):  # sharded: this process's shards
         devices.setdefault(t.device, []).append(t)
-    home = tensors[0].device
+    home = next(iter(devices))
     flags = []
     for group in devices.values():
         norms = torch._foreach_norm(group)  # one fused kernel per dtype; NaN/inf propagate into the norms

@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from difflab.strategies.fsdp import is_sharded_strategy
 from difflab.utils.images import image_grid
 from difflab.utils.labels import class_names_of, class_tags, grid_classes, save_labelled_grid
 from difflab.utils.loggers import log_image
@@ -32,7 +33,8 @@ class SampleGridCallback(pl.Callback):
     A class-conditional model's grid has one row per class, labelled with the data's class names.
     Runs in ``on_validation_batch_end`` of the first batch: the EMA callback has swapped the
     EMA weights in for the whole validation epoch, so samples use them. Only global rank 0 samples (there is no
-    collective inside the loop, so other ranks do not wait on it). The seed is fixed, so grids of successive
+    collective inside the loop, so other ranks do not wait on it); under ``trainer=fsdp`` every process samples (each
+    forward gathers the sharded weights) and rank 0 writes. The seed is fixed, so grids of successive
     epochs show the same noise becoming better images.
     """
 
@@ -50,7 +52,10 @@ class SampleGridCallback(pl.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if batch_idx or dataloader_idx or trainer.sanity_checking or not trainer.is_global_zero:
+        # under trainer=fsdp every process samples (each forward gathers the sharded weights), rank 0 writes
+        if batch_idx or dataloader_idx or trainer.sanity_checking:
+            return
+        if not (trainer.is_global_zero or is_sharded_strategy(trainer.strategy)):
             return
         if not hasattr(pl_module, "sample"):  # e.g. model=classifier with the default callbacks
             return
@@ -59,6 +64,8 @@ class SampleGridCallback(pl.Callback):
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         names = class_names_of(getattr(trainer, "datamodule", None))
         images, _, tags, nrow = sample_class_rows(pl_module, self.num_samples, generator, names, num_steps=self.steps)
+        if not trainer.is_global_zero:
+            return
         out_dir = Path(trainer.default_root_dir) / "samples"
         name = f"epoch{trainer.current_epoch:04d}_step{trainer.global_step:07d}.png"
         save_labelled_grid(images, out_dir / name, nrow=nrow, tags=tags)  # class-conditional: a row per class

@@ -21,8 +21,8 @@ class DeviceBatches:
     The semantics are the DataLoader path's: reshuffled every epoch, incomplete batches dropped, and under DDP each
     rank takes a disjoint 1/world_size share of the permutation with the same number of batches on every rank. The
     order and the flips are :func:`~difflab.data.order.epoch_order`'s, seeded by (seed, epoch), so ranks agree
-    without communicating; ``state_dict`` (epoch, batches handed out) lets a run resumed mid-epoch continue with the
-    next batch the uninterrupted run would have drawn.
+    without communicating; ``state_dict`` (epoch, batches handed out, items consumed) lets a run resumed mid-epoch
+    continue with the next batch the uninterrupted run would have drawn.
 
     Args:
         dataset: the in-memory training set (its uint8 images and labels are copied to ``device``).
@@ -44,8 +44,8 @@ class DeviceBatches:
         )
         self.batch_size, self.seed, self.epoch = batch_size, seed, epoch
         self.rank, self.world_size = rank, world_size
-        self.resume = ResumePoint(len(self))
-        self._epoch, self._batches = 0, 0
+        self.resume = ResumePoint(len(self), batch_size, world_size)
+        self._epoch, self._batches, self._start = 0, 0, (0, 0)
         if len(self) == 0:
             raise ValueError(
                 f"data.on_device=true: {len(self.data)} training images over {world_size} rank(s) make no full "
@@ -58,18 +58,26 @@ class DeviceBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         device = self.data.images.device
         self._epoch = int(self.epoch())
-        self._batches = self.resume.take(self._epoch)
+        self._start = self.resume.take_point(self._epoch)
+        self._batches = self._start[0]
         share, flips = epoch_order(
-            len(self.data), self.seed, self._epoch, self.rank, self.world_size, self.data.random_flip, device
+            len(self.data),
+            self.seed,
+            self._epoch,
+            self.rank,
+            self.world_size,
+            self.data.random_flip,
+            device,
+            start=self._start[1],
         )
-        for start in range(self._batches * self.batch_size, len(self) * self.batch_size, self.batch_size):
+        for start in range(0, (len(share) // self.batch_size) * self.batch_size, self.batch_size):
             batch = slice(start, start + self.batch_size)
             self._batches += 1
             # conversion and flips on the device
             yield self.data.batch(share[batch], None if flips is None else flips[batch])
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self._epoch, "batches": self._batches}
+        return self.resume.state(self._epoch, self._batches, self._start)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.resume.load(state)

@@ -104,7 +104,23 @@ def collate_images(samples: list) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(default_collate(samples))
 
 
-class InMemoryImageDataset(Dataset):
+class BatchedDataset(Dataset):
+    """A data set whose items are read a batch at a time: subclasses define ``batch(indices, flips)`` → (x, y)
+    stacked; single items and the DataLoader's ``__getitems__`` (keys: indices, or (index, flip) pairs) go
+    through it."""
+
+    def batch(self, indices: torch.Tensor, flips: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def __getitem__(self, key: int | tuple[int, bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.batch(*split_keys([key]))
+        return x[0], y[0]
+
+    def __getitems__(self, keys: list) -> StackedSamples:
+        return StackedSamples(*self.batch(*split_keys(keys)))
+
+
+class InMemoryImageDataset(BatchedDataset):
     """uint8 images (N, C, S, S) and int64 labels (N,); items are (x float32 (channels, S, S) in [-1, 1], y)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, channels: int, random_flip: bool = False) -> None:
@@ -119,13 +135,6 @@ class InMemoryImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.images)
-
-    def __getitem__(self, key: int | tuple[int, bool]) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.batch(*split_keys([key]))
-        return x[0], y[0]
-
-    def __getitems__(self, keys: list) -> StackedSamples:
-        return StackedSamples(*self.batch(*split_keys(keys)))
 
     def batch(self, indices: torch.Tensor, flips: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Items ``indices`` (B,) stacked: x (B, channels, S, S) float32 in [-1, 1], y (B,), on the images' device;

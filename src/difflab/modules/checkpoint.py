@@ -65,7 +65,10 @@ def stored_data_module(record: dict[str, Any], where: str, data_dir: str | None 
     check_stored_config(data_cfg, where, "difflab.config.data")
     if data_dir:
         data_cfg["data_dir"] = data_dir
-    return instantiate(data_cfg), data_cfg
+    datamodule = instantiate(data_cfg)
+    if hasattr(datamodule, "image_data"):  # data=latents: the images its cache was encoded from
+        return datamodule.image_data(data_dir)
+    return datamodule, data_cfg
 
 
 def read_run_record(path: str | Path, key: str = "ckpt") -> dict[str, Any]:

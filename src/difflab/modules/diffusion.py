@@ -129,8 +129,12 @@ class DiffusionModule(pl.LightningModule):
             self.net.to(memory_format=torch.channels_last)
 
     def configure_model(self) -> None:
-        """Compile the network (idempotent). Lightning calls this after the callbacks' ``setup``, so the copy that
-        the EMA callback makes of the module is the eager one."""
+        """Shard the module under ``trainer=fsdp`` (:class:`difflab.strategies.FSDPStrategy`), then compile the
+        network (both idempotent). Lightning calls this after the callbacks' ``setup``, so the copy that the EMA
+        callback makes of the module is the eager one."""
+        parallelize = getattr(self._trainer.strategy, "parallelize", None) if self._trainer is not None else None
+        if parallelize is not None:
+            parallelize(self)
         compile_in_place(self.net, self.compile_mode)
 
     def build_sampler(self, sampler: Callable[..., Sampler]) -> Sampler:

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from difflab.data.latent_cache import LatentDataset, state_dict_sha256
 from difflab.modules.autoencoder import LoadedCheckpoint, load_autoencoder
 from difflab.modules.diffusion import DiffusionModule
 from difflab.networks.conditioners import Conditioner
@@ -64,6 +65,10 @@ class LatentDiffusionModule(DiffusionModule):
         cache_latents: encode the training set once at fit start and train from those encoder outputs (posterior
             moments for kl, so samples stay fresh; z_e for vq) instead of encoding every batch. Data augmentation
             (random flips) is then frozen into the cache; validation still encodes on the fly.
+
+    Batches are images (B, C, H, W), or encoder outputs (B, C', h, w) from a latent cache (``data=latents``,
+    :class:`difflab.data.LatentDataModule`, or ``cache_latents``), told apart by their shape; the on-disk cache is
+    refused unless it was encoded by this very autoencoder (:meth:`check_latent_cache`).
     """
 
     def __init__(
@@ -96,6 +101,7 @@ class LatentDiffusionModule(DiffusionModule):
         super().__init__(net=net, image_shape=autoencoder.latent_shape, **kwargs)
         self.autoencoder = autoencoder
         self.autoencoder_config = autoencoder_config  # saved in checkpoints: they carry their stage 1 whole
+        self.autoencoder_source = str(autoencoder_ckpt)  # what error messages name
         self.conditioner = conditioner
         self.pixel_shape = pixel_shape
         self.p_uncond = p_uncond if conditioner is not None else 0.0
@@ -120,15 +126,54 @@ class LatentDiffusionModule(DiffusionModule):
         sample = self.sample_posterior and self.training
         return self.scale_factor * self.autoencoder.latent_from_moments(moments, sample).float()
 
+    @property
+    def moments_shape(self) -> tuple[int, int, int]:
+        """Shape of one encoder output (:meth:`Autoencoder.encode_moments`): kl (2·embed_dim, h, w) = [μ, log σ²];
+        vq (embed_dim, h, w) = z_e."""
+        channels, h, w = self.autoencoder.latent_shape
+        return (2 * channels if self.autoencoder.quantizer is None else channels, h, w)
+
+    def cached(self, x: torch.Tensor) -> bool:
+        """Whether a batch holds encoder outputs (a latent cache's) rather than images; an error for neither."""
+        shape = tuple(x.shape[1:])
+        if shape == self.pixel_shape:
+            return False
+        if shape == self.moments_shape:
+            return True
+        raise ValueError(
+            f"a batch of shape {tuple(x.shape)}: expected images (B, *{self.pixel_shape}) or the encoder outputs of "
+            f"model.autoencoder_ckpt={self.autoencoder_source!r} (B, *{self.moments_shape})"
+        )
+
+    def check_latent_cache(self, cache_dir: Any, manifest: dict[str, Any]) -> None:
+        """Refuse a latent cache (``data=latents``) that another autoencoder encoded (its weights hash differs from
+        this model's stage 1), or whose encoder outputs have another shape than this autoencoder's."""
+        recorded, ours = manifest["autoencoder"], state_dict_sha256(self.autoencoder)
+        if recorded["sha256"] != ours:
+            raise ValueError(
+                f"data.cache_dir={str(cache_dir)!r} was encoded by another autoencoder: the cache's (autoencoder_ckpt="
+                f"{recorded['ckpt']!r}) has weights sha256 {recorded['sha256']}, this model's (model.autoencoder_ckpt="
+                f"{self.autoencoder_source!r}) has {ours}. Encode the data with the model's autoencoder (python "
+                "src/encode.py autoencoder_ckpt=<model.autoencoder_ckpt> data=... out_dir=<a new folder>) or train "
+                f"with model.autoencoder_ckpt={recorded['ckpt']}"
+            )
+        shape = tuple(int(s) for s in manifest["moments"]["shape"])
+        if shape != self.moments_shape:
+            raise ValueError(
+                f"data.cache_dir={str(cache_dir)!r} holds encoder outputs of shape {shape}, the model's autoencoder "
+                f"gives {self.moments_shape}: encode the data again (python src/encode.py ... out_dir=<a new folder>)"
+            )
+
     def setup(self, stage: str) -> None:
-        """With ``cache_latents``, replace the data module's training set by its encoder outputs (once)."""
+        """With ``cache_latents``, replace the data module's training set by its encoder outputs (once; not when
+        the data module gives latents already, ``data=latents``)."""
         if stage != "fit" or not self.cache_latents or self._trainer is None:
             return
         datamodule = self.trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "train"):
             raise ValueError("model.cache_latents=true needs a difflab data module (with a `train` dataset)")
         datamodule.setup("fit")
-        if not isinstance(datamodule.train, LatentCache):
+        if not isinstance(datamodule.train, (LatentCache, LatentDataset)):
             datamodule.train = LatentCache.encode(self.autoencoder, datamodule.train, self.trainer.strategy.root_device)
 
     @property
@@ -179,7 +224,7 @@ class LatentDiffusionModule(DiffusionModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        cached = self.cache_latents and x.shape[1:] != self.pixel_shape
+        cached = self.cached(x)
         if not self.scale_set:
             self._set_scale(x, cached)
         return super().training_step((self.encode(x, cached), y), batch_idx)
@@ -195,7 +240,7 @@ class LatentDiffusionModule(DiffusionModule):
 
     def _eval_loss(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        return super()._eval_loss((self.encode(x), self.condition(y)), batch_idx)
+        return super()._eval_loss((self.encode(x, self.cached(x)), self.condition(y)), batch_idx)
 
     def nll(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError("bits/dim of images is not defined for latent diffusion (the VLB is of latents)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -112,3 +113,12 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def run_block(block: nn.Module, checkpointing: bool, *args: torch.Tensor | None) -> torch.Tensor:
+    """``block(*args)``, with activation checkpointing when ``checkpointing`` and gradients are on: the block's
+    activations are not kept for the backward pass but recomputed there (``torch.utils.checkpoint``, non-reentrant),
+    trading one more forward of the block for its activation memory (Chen et al. 2016). ``net.checkpointing=true``."""
+    if checkpointing and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from difflab.networks.attention import Attention
+from difflab.networks.blocks import run_block
 from difflab.networks.embeddings import timestep_embedding
 
 
@@ -146,6 +147,7 @@ class DiT(nn.Module):
         context_dim: if set, every block cross-attends to a context (B, L, context_dim); set by latent diffusion
             from its conditioner.
         frequency_size: channels of the sinusoidal timestep features fed to the timestep MLP (256 in DiT).
+        checkpointing: activation checkpointing per DiT block in training (recomputed in the backward pass).
     Shapes: x (B, in_channels, H, W), t (B,) long, y (B,) long or None, context (B, L, context_dim) with
     context_mask (B, L) bool (True = real token) → (B, out_channels, H, W).
     """
@@ -163,8 +165,10 @@ class DiT(nn.Module):
         num_classes: int | None = None,
         context_dim: int | None = None,
         frequency_size: int = 256,
+        checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        self.checkpointing = bool(checkpointing)
         _validate(image_size, patch_size, hidden_size, depth, num_heads, mlp_ratio)
         self.in_channels, self.out_channels, self.image_size = in_channels, out_channels, image_size
         self.patch_size, self.num_classes, self.context_dim = patch_size, num_classes, context_dim
@@ -223,8 +227,12 @@ class DiT(nn.Module):
         tokens = self.patch_embed(x) + self.pos_embed  # (B, N, D)
         c = self.embed(t, y)  # (B, D)
         for block in self.blocks:
-            tokens = block(tokens, c, context, context_mask)
+            tokens = run_block(block, self.checkpointing, tokens, c, context, context_mask)
         return self.unpatchify(self.final_layer(tokens, c))
+
+    def shard_units(self) -> list[nn.Module]:
+        """The modules that FSDP shards as one unit each (gathered just before they run): every DiT block."""
+        return list(self.blocks)
 
 
 def _validate(image_size: int, patch_size: int, hidden_size: int, depth: int, num_heads: int, mlp_ratio: float):

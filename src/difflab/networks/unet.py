@@ -14,7 +14,15 @@ import torch
 from torch import nn
 
 from difflab.networks.attention import SpatialTransformer
-from difflab.networks.blocks import AttentionBlock, Downsample, ResBlock, Upsample, group_norm, zero_module
+from difflab.networks.blocks import (
+    AttentionBlock,
+    Downsample,
+    ResBlock,
+    Upsample,
+    group_norm,
+    run_block,
+    zero_module,
+)
 from difflab.networks.embeddings import timestep_embedding
 
 
@@ -45,6 +53,7 @@ class UNet(nn.Module):
         attention_resolutions: spatial sizes (e.g. 16 for 16x16) at which self-attention follows each block.
         num_heads / num_head_channels: attention heads (num_head_channels > 0 overrides num_heads).
         dropout, num_groups, use_scale_shift_norm: see :class:`ResBlock`.
+        checkpointing: activation checkpointing per block in training (recomputed in the backward pass).
         num_classes: if set, a class embedding (+1 null class) is added to the time embedding.
         context_dim: if set, attention layers become :class:`SpatialTransformer`s (self- and cross-attention to a
             context (B, L, context_dim)) of ``transformer_depth`` blocks; set by the model from its conditioner.
@@ -69,8 +78,10 @@ class UNet(nn.Module):
         num_classes: int | None = None,
         context_dim: int | None = None,
         transformer_depth: int = 1,
+        checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        self.checkpointing = bool(checkpointing)
         channel_mult = tuple(channel_mult)
         _validate(image_size, channel_mult, attention_resolutions, num_res_blocks, model_channels)
         self.in_channels, self.out_channels, self.image_size = in_channels, out_channels, image_size
@@ -138,12 +149,17 @@ class UNet(nn.Module):
         emb = self.embed(t, y)
         h, skips = x, []
         for block in self.input_blocks:
-            h = block(h, emb, context, context_mask)
+            h = run_block(block, self.checkpointing, h, emb, context, context_mask)
             skips.append(h)
-        h = self.middle_block(h, emb, context, context_mask)
+        h = run_block(self.middle_block, self.checkpointing, h, emb, context, context_mask)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
+            h = run_block(block, self.checkpointing, torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
         return self.out(h)
+
+    def shard_units(self) -> list[nn.Module]:
+        """The modules that FSDP shards as one unit each (gathered just before they run): every input, middle and
+        output block (a resolution level holds ``num_res_blocks`` + 1 of them)."""
+        return [*self.input_blocks, self.middle_block, *self.output_blocks]
 
 
 def _validate(

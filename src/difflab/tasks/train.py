@@ -28,6 +28,7 @@ from difflab.callbacks.progress import model_summary, step_progress_bar
 from difflab.callbacks.sample_grid import sample_class_rows
 from difflab.callbacks.validation import check_objective
 from difflab.modules import read_run_record, sampler_config
+from difflab.strategies import is_sharded_strategy
 from difflab.tasks.resume import hydra_choices, resume_config, teacher_config
 from difflab.utils.checkpoint_io import AtomicCheckpointIO, checkpoints_trusted, trusted_checkpoints
 from difflab.utils.checkpoint_ref import fetch_checkpoint
@@ -59,20 +60,24 @@ def write_samples(
 ) -> dict[str, Path]:
     """Sample ``cfg.samples.num_samples`` images with a seeded generator (class-conditional: a row per class,
     labelled with ``names``); write a PNG grid and a .npz, log the grid."""
-    generator = torch.Generator(device=module.device).manual_seed(int(cfg.samples.seed))
-    progress = bool(cfg.trainer.get("enable_progress_bar", True))  # with Lightning's bar (a TTY only, as it)
-    sampler = final_sampler(module, cfg)
-    images, labels, tags, rows = sample_class_rows(
-        module, int(cfg.samples.num_samples), generator, names, progress=progress, sampler=sampler
-    )
+    images, labels, tags, rows, used = draw_samples(module, cfg, names)
     nrow = cfg.samples.get("nrow") or rows  # class-conditional: one labelled row per class
-    used = sampler or module.sampler
     log_image(loggers, "samples/final", image_grid(images, nrow), module.global_step)
     return {
         "grid": save_labelled_grid(images, out_dir / "samples.png", nrow=nrow, tags=tags),
         "npz": save_npz(images, out_dir / "samples.npz", labels=labels),
         "drawn_with": f"{type(used).__name__}, {used.num_evaluations(None)} NFE",
     }
+
+
+def draw_samples(module: Any, cfg: DictConfig, names: list[str] | None, progress: bool = True) -> tuple[Any, ...]:
+    """(images, labels, tags, row length, sampler) of ``cfg.samples``, drawn with its seeded generator."""
+    generator = torch.Generator(device=module.device).manual_seed(int(cfg.samples.seed))
+    progress = progress and bool(cfg.trainer.get("enable_progress_bar", True))  # with Lightning's bar (a TTY only)
+    sampler = final_sampler(module, cfg)
+    count = int(cfg.samples.num_samples)
+    drawn = sample_class_rows(module, count, generator, names, progress=progress, sampler=sampler)
+    return (*drawn, sampler or module.sampler)
 
 
 def final_sampler(module: Any, cfg: DictConfig) -> Any:
@@ -133,6 +138,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the configured model; returns the final metrics (floats) and the paths written, which also go to
     ``<run dir>/run_summary.json`` with the network's size, the training images/s and the wall time. Checkpoints
     (``ckpt_path``, ``model.autoencoder_ckpt``) are opened safely unless ``trust_checkpoint``."""
+    if cfg.get("plan"):  # a dry run: the memory plan only
+        from difflab.tasks.plan import plan
+
+        return plan(cfg)
     with trusted_checkpoints(cfg.get("trust_checkpoint", False)):
         return _train(cfg)
 
@@ -230,13 +239,17 @@ def _final_outputs(
     result: dict[str, Any] = {"metrics": metrics, "output_dir": cfg.paths.output_dir}
     checkpoint_cb = trainer.checkpoint_callback
     ckpt_written = checkpoint_cb and (checkpoint_cb.last_model_path or checkpoint_cb.best_model_path)
-    if ckpt_written and trainer.is_global_zero and Path(ckpt_written).is_file():  # none under fast_dev_run
+    if ckpt_written and trainer.is_global_zero and Path(ckpt_written).exists():  # none under fast_dev_run
         result["checkpoint"] = ckpt_written
         log.info("Checkpoint: %s", ckpt_written)
-    if trainer.is_global_zero and cfg.samples.num_samples > 0 and hasattr(model, "sample"):
+    sharded = is_sharded_strategy(trainer.strategy)  # every process takes part in each forward; rank 0 writes
+    if (trainer.is_global_zero or sharded) and cfg.samples.num_samples > 0 and hasattr(model, "sample"):
         # After fit, the EMA callback has copied the EMA weights into the model: samples use them.
         # Lightning moves the model back to the CPU at teardown; sample on the training device.
         model.to(trainer.strategy.root_device)
+        if not trainer.is_global_zero:
+            draw_samples(model, cfg, names=None, progress=False)  # its part of every sharded forward
+            return result
         for ema in (c for c in trainer.callbacks if isinstance(c, EMA)):
             if warning := young_ema_warning(ema.decay, ema.warmup, ema.num_updates):
                 log.warning("Final samples: %s", warning.replace("`weights=raw`", "`sample.py weights=raw`"))

@@ -38,6 +38,11 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from difflab.utils.paths import atomic_write
+from difflab.utils.sharded_checkpoint import (
+    ShardedCheckpointReader,
+    is_sharded_checkpoint,
+    optimizer_states_by_index,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +76,8 @@ def checkpoints_trusted() -> bool:
 
 
 def load_checkpoint(path: str | Path, key: str = "ckpt", trust: bool | None = None) -> Any:
-    """``torch.load`` of ``path`` onto the CPU, tensors and plain containers only.
+    """``torch.load`` of ``path`` onto the CPU, tensors and plain containers only; a sharded checkpoint (a directory
+    written by ``trainer=fsdp``) is consolidated: the result is what the same run unsharded would have written.
 
     ``key`` names the setting the path came from, for the messages (``ckpt``, ``ckpt_path``,
     ``model.autoencoder_ckpt``, ...). ``trust`` (default: :func:`checkpoints_trusted`) opens a file that needs
@@ -81,6 +87,9 @@ def load_checkpoint(path: str | Path, key: str = "ckpt", trust: bool | None = No
     """
     path = Path(path)
     where = f"{key}={str(path)!r}"
+    if is_sharded_checkpoint(path):  # trainer=fsdp's directory: consolidated here, as an unsharded run wrote it
+        reader = ShardedCheckpointReader(path, lambda meta: load_checkpoint(meta, key, trust), key)
+        return optimizer_states_by_index(reader.consolidated())
     if not path.is_file():
         raise CheckpointError(f"{where}: no such file")
     trusted = checkpoints_trusted() if trust is None else trust
@@ -162,6 +171,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     it raises an ``OSError`` naming the cause and the file even where torch's zip writer reports only
     ``[enforce fail at inline_container.cc]``.
     """
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's load; a sharded checkpoint (``trainer=fsdp``'s directory) is consolidated first, so that a
+        run on one device or under DDP resumes from it."""
+        if is_sharded_checkpoint(path):
+            return load_checkpoint(path, "ckpt_path", trust=not weights_only if weights_only is not None else None)
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:

@@ -39,7 +39,7 @@ def data_class_names(*, _root_: DictConfig) -> ListConfig:
     """``${data_class_names:}``: the class names of the configured data module (for synthetic captions)."""
     data_cfg = _root_.data
     names = getattr(get_class(data_cfg._target_), "class_names", ())
-    if not names and "ImageFolder" in data_cfg._target_:  # per instance: the class subfolders
+    if not names and ("ImageFolder" in data_cfg._target_ or "LatentData" in data_cfg._target_):  # per instance
         names = instantiate(data_cfg).class_names
     return OmegaConf.create(list(names))
 

@@ -20,15 +20,32 @@ def _launched_as_other_rank() -> bool:
     return any(os.environ.get(name, "0") != "0" for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
 
 
+def shared_launch_id() -> str | None:
+    """A name every process of one multi-process launch computes alike: ``torchrun-<rendezvous id>`` (torchrun's
+    ``--rdzv-id``, the same on every node) or ``slurm-<job id>.<step id>`` (``srun`` with several tasks); None for a
+    single process or Lightning's own launcher (whose children are given rank 0's directory)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
+        return f"torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
+        return f"slurm-{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '0')}"
+    return None
+
+
 def unique_dir(path: str) -> str:
     """``${unique_dir:PATH}`` (the run and sweep dirs of ``conf/hydra/default.yaml``): PATH, or PATH_1, PATH_2, ...,
     the first that did not exist, created here with an atomic ``mkdir``, so two runs started in the same second
     never share a directory (each would replace the other's checkpoints and samples).
 
-    A non-first rank of a torchrun/SLURM launch gets PATH itself (it cannot know rank 0's pick; such launches should
-    fix ``hydra.run.dir``); Lightning's DDP children never ask, they get rank 0's directory on their command line.
+    Every process of a torchrun/SLURM launch (each node runs Hydra itself) gets one shared directory instead, named
+    after the launch (:func:`shared_launch_id`: ``runs/torchrun-<rdzv id>``), which each creates if missing; without
+    such an id, a non-first rank gets PATH itself (it cannot know rank 0's pick; such launches should fix
+    ``hydra.run.dir``). Lightning's DDP children never ask, they get rank 0's directory on their command line.
     The result is cached per config (OmegaConf), so every read of ``hydra.run.dir`` in a run sees one directory.
     """
+    if launch := shared_launch_id():
+        shared = Path(path).parent / launch
+        shared.mkdir(parents=True, exist_ok=True)
+        return str(shared)
     if _launched_as_other_rank():
         return path
     Path(path).parent.mkdir(parents=True, exist_ok=True)

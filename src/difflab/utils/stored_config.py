@@ -84,6 +84,8 @@ STORED_TARGETS = frozenset(
         "difflab.data.CIFAR10DataModule",
         "difflab.data.ImageFolderDataModule",
         "difflab.data.PairsDataModule",
+        "difflab.data.StreamingDataModule",
+        "difflab.data.LatentDataModule",
         # callbacks, loggers, trainer (the training part of a run config)
         "difflab.callbacks.EMA",
         "difflab.callbacks.ModelCheckpoint",
@@ -96,6 +98,7 @@ STORED_TARGETS = frozenset(
         "difflab.utils.loggers.CSVLogger",
         "difflab.utils.loggers.WandbLogger",
         "difflab.utils.loggers.TensorBoardLogger",
+        "difflab.strategies.FSDPStrategy",
         "lightning.pytorch.Trainer",
         "lightning.pytorch.loggers.CSVLogger",
         "lightning.pytorch.loggers.TensorBoardLogger",
