@@ -214,6 +214,7 @@ def run_cli(script: str, *args: str, cwd: Path, timeout: int = 300, env: dict | 
 ONE_OF_EACH_SAMPLER = [  # DDPM, DDIM and each ODE/SDE solver (Karras steps: fractional timesteps)
     samplers.AncestralSampler,
     functools.partial(samplers.DDIMSampler, steps=5, eta=0.5),
+    functools.partial(samplers.PNDMSampler, steps=5, prk_steps=True),
     functools.partial(samplers.EulerSampler, steps=5),
     functools.partial(samplers.HeunSampler, steps=4, sigma_schedule="karras"),
     functools.partial(samplers.EulerAncestralSampler, steps=5),

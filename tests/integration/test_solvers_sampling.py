@@ -18,6 +18,7 @@ from tests.integration.test_sample_modes import checkpoint, run  # noqa: F401  (
 from tests.unit.test_metrics import weights_dir  # noqa: F401  (fixture)
 
 SOLVERS = ["euler", "heun", "euler_ancestral", "euler_maruyama", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc"]
+SOLVERS += ["plms", "pndm"]  # the pseudo numerical methods (DDIM's transfer, multistep ε)
 
 
 README_VARIANTS = {  # the README's command lines, on the tiny model

@@ -15,6 +15,7 @@ from difflab.samplers.heun import HeunSampler
 from difflab.samplers.langevin import AnnealedLangevinSampler, PredictorCorrectorSampler
 from difflab.samplers.loop import sample_loop
 from difflab.samplers.ode import FlowODESampler, ODESampler
+from difflab.samplers.pndm import PNDMSampler
 from difflab.samplers.unipc import UniPCSampler
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "FlowSampler",
     "HeunSampler",
     "ODESampler",
+    "PNDMSampler",
     "PredictorCorrectorSampler",
     "Sampler",
     "SamplerOutput",

@@ -61,6 +61,7 @@ STORED_TARGETS = frozenset(
         "difflab.samplers.FlowODESampler",
         "difflab.samplers.AncestralSampler",
         "difflab.samplers.DDIMSampler",
+        "difflab.samplers.PNDMSampler",
         "difflab.samplers.EulerSampler",
         "difflab.samplers.HeunSampler",
         "difflab.samplers.EulerAncestralSampler",
