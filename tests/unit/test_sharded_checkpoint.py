@@ -5,7 +5,6 @@ tests/integration/test_fsdp.py)."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -76,10 +75,12 @@ def test_optimizer_states_by_name_become_torch_layout():
 
 
 @pytest.fixture
-def one_process_group():
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+def one_process_group(tmp_path_factory):
+    """A gloo group of this one process through a file store: no port, and nothing in the environment (a
+    MASTER_PORT left in the test worker's environment reaches the DDP runs it starts later)."""
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path_factory.mktemp('group') / 'store'}", rank=0, world_size=1
+    )
     yield init_device_mesh("cpu", (1,))
     dist.destroy_process_group()
 
