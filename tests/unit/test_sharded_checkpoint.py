@@ -42,6 +42,8 @@ def test_boxes_are_read_across_pieces_and_consolidated(tmp_path):
     whole = load_checkpoint(tmp_path)  # what sample.py / eval.py / export.py open
     assert whole["global_step"] == 4 and torch.equal(whole["state_dict"]["w"], full)
     assert torch.equal(whole["state_dict"]["b"], torch.ones(2))
+    record_only = load_checkpoint(tmp_path, consolidate=False)  # what resume reads for the run record
+    assert record_only["global_step"] == 4 and record_only["state_dict"]["w"] == sc.SHARDED
 
 
 def test_a_missing_or_short_shard_is_an_error_naming_the_checkpoint(tmp_path):

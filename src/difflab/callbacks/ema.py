@@ -94,7 +94,9 @@ class EMA(WeightAveraging):
         self.decay, self.warmup, self.update_every_n_steps = float(decay), bool(warmup), update_every_n_steps
         self._num_updates = 0  # host copy of AveragedModel.n_averaged: reading that one would synchronise
 
-    _sharded: ShardedAverage | None = None  # trainer=fsdp: the EMA of this process's shards (built at first use)
+    # trainer=fsdp: the EMA of this process's shards, built at first use in fit (once the module is sharded)
+    _sharded: ShardedAverage | None = None
+    _sharded_fit = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if is_sharded_strategy(getattr(trainer, "strategy", None)):  # no AveragedModel: sharded after this hook
@@ -116,7 +118,7 @@ class EMA(WeightAveraging):
 
     def _shards(self, pl_module: pl.LightningModule) -> ShardedAverage | None:
         """The sharded EMA (trainer=fsdp, in fit), built from the sharded module at its first use; else None."""
-        if self._sharded is None and getattr(self, "_sharded_fit", False):
+        if self._sharded is None and self._sharded_fit:
             self._sharded = ShardedAverage(pl_module)
         return self._sharded
 
@@ -137,7 +139,7 @@ class EMA(WeightAveraging):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if (shards := self._shards(pl_module)) is not None:
-            return shards.save(checkpoint)
+            return shards.save(checkpoint, self._num_updates)
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
 
     @property
@@ -162,7 +164,7 @@ class EMA(WeightAveraging):
     def update(self, pl_module: torch.nn.Module) -> None:
         """One EMA step of the averaged copy towards ``pl_module``'s current weights (no host-device sync)."""
         if (shards := self._shards(pl_module)) is not None:
-            shards.update(1.0 - self.decay_at(self._num_updates))
+            shards.update(1.0 - self.decay_at(self._num_updates), first=self._num_updates == 0)
             self._num_updates += 1
             return
         assert self._average_model is not None, "EMA.update outside fit"
@@ -187,8 +189,7 @@ class EMA(WeightAveraging):
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if (shards := self._shards(pl_module)) is not None:
-            shards.load(checkpoint)
-            self._num_updates = shards.n_averaged
+            self._num_updates = shards.load(checkpoint)
             return
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
         if self._average_model is not None:  # once per resume: the host counter from the restored n_averaged

@@ -24,27 +24,26 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class ShardedAverage:
-    """EMA tensors of ``module``'s trainable parameters, sharded as the parameters are."""
+    """EMA tensors of ``module``'s trainable parameters, sharded as the parameters are. The update count is the
+    EMA callback's (:class:`difflab.callbacks.EMA`), passed in."""
 
     def __init__(self, module: nn.Module) -> None:
         with torch.no_grad():
             self.params = {name: p for name, p in module.named_parameters() if p.requires_grad}
             self.average = {name: p.detach().clone() for name, p in self.params.items()}
-        self.n_averaged = 0
 
     def _pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         names = list(self.params)
         return [_local(self.average[n]) for n in names], [_local(self.params[n].data) for n in names]
 
     @torch.no_grad()
-    def update(self, weight: float) -> None:
-        """θ_ema ← θ_ema + weight (θ − θ_ema) on the local shards; the first update copies."""
+    def update(self, weight: float, first: bool) -> None:
+        """θ_ema ← θ_ema + weight (θ − θ_ema) on the local shards; the ``first`` update copies."""
         average, current = self._pairs()
-        if self.n_averaged == 0:
+        if first:
             torch._foreach_copy_(average, current)
         else:
             torch._foreach_lerp_(average, current, weight)
-        self.n_averaged += 1
 
     @torch.no_grad()
     def swap(self) -> None:
@@ -59,19 +58,19 @@ class ShardedAverage:
         average, current = self._pairs()
         torch._foreach_copy_(current, average)
 
-    def save(self, checkpoint: dict[str, Any]) -> None:
+    def save(self, checkpoint: dict[str, Any], n_averaged: int) -> None:
         """``WeightAveraging``'s layout: the module state (sharded) moves to ``current_model_state``, ``state_dict``
         gets the EMA tensors in place of the trainable parameters."""
         current = checkpoint["state_dict"]
         checkpoint["current_model_state"] = current
         checkpoint["state_dict"] = {name: self.average.get(name, value) for name, value in current.items()}
-        checkpoint["averaging_state"] = {"n_averaged": torch.tensor(self.n_averaged)}
+        checkpoint["averaging_state"] = {"n_averaged": torch.tensor(n_averaged)}
 
     @torch.no_grad()
-    def load(self, checkpoint: dict[str, Any]) -> None:
+    def load(self, checkpoint: dict[str, Any]) -> int:
         """The EMA tensors from ``state_dict`` (this process's shards, as the strategy loaded them); the raw weights
-        are already in the model (the strategy loads ``current_model_state``)."""
+        are already in the model (the strategy loads ``current_model_state``). Returns the stored update count."""
         stored = checkpoint["state_dict"]
         for name, average in self.average.items():
             _local(average).copy_(_local(stored[name]))
-        self.n_averaged = int(checkpoint.get("averaging_state", {}).get("n_averaged", 0))
+        return int(checkpoint.get("averaging_state", {}).get("n_averaged", 0))

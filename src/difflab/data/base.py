@@ -83,6 +83,8 @@ class ImageDataModule(pl.LightningDataModule):
     in_memory: bool = True
     # names of the classes (for synthetic captions of text-conditioned latent diffusion); [] when unknown
     class_names: tuple[str, ...] = ()
+    # whether each epoch's training order is a fresh permutation (false: the stored order; data=streaming's option)
+    shuffle: bool = True
 
     def __init__(
         self,
@@ -218,7 +220,9 @@ class ImageDataModule(pl.LightningDataModule):
         epoch = (lambda: trainer.current_epoch) if trainer else (lambda: 0)
         if not self._resolved_on_device():
             flip = bool(getattr(self.train, "random_flip", False))
-            sampler = EpochSampler(len(self.train), self.batch_size, self.seed, epoch, rank, world_size, flip)
+            sampler = EpochSampler(
+                len(self.train), self.batch_size, self.seed, epoch, rank, world_size, flip, self.shuffle
+            )
             return self._loader(self.train, sampler)
         if not isinstance(self.train, InMemoryImageDataset):  # e.g. replaced by latent diffusion's latent cache
             raise ValueError(

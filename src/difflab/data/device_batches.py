@@ -58,7 +58,7 @@ class DeviceBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         device = self.data.images.device
         self._epoch = int(self.epoch())
-        self._start = self.resume.take_point(self._epoch)
+        self._start = self.resume.take(self._epoch)
         self._batches = self._start[0]
         share, flips = epoch_order(
             len(self.data),

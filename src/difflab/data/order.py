@@ -31,14 +31,20 @@ def epoch_order(
     flip: bool = False,
     device: torch.device | str = "cpu",
     start: int = 0,
+    shuffle: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """This rank's items of epoch ``epoch`` from position ``start`` of the epoch's permutation on (the items before it
     were consumed, by all ranks together, before a resume): indices ((num_items − start) // world_size,) and, with
     ``flip``, their flip decisions (same shape, bool; else None). Every rank gets the same number (the remainder is
     left out). Rank r takes every world_size-th item, so after k batches of B on each of W ranks exactly the first
-    W·k·B items are consumed, whatever W: a run resumed on another number of processes continues with the rest."""
+    W·k·B items are consumed, whatever W: a run resumed on another number of processes continues with the rest.
+    ``shuffle=False``: the items in their stored order instead of the permutation (a shard set's file order; the
+    flips are still drawn from (seed, epoch))."""
     generator = torch.Generator(device=device).manual_seed(seed * 100_003 + epoch)
-    permutation = torch.randperm(num_items, generator=generator, device=device)
+    if shuffle:
+        permutation = torch.randperm(num_items, generator=generator, device=device)
+    else:
+        permutation = torch.arange(num_items, device=device)
     flips = torch.rand(num_items, generator=generator, device=device) < 0.5 if flip else None
     remaining = max(num_items - start, 0)
     share = slice(start + rank, start + rank + world_size * (remaining // world_size), world_size)
@@ -73,11 +79,7 @@ class ResumePoint:
         """Items of ``epoch``'s permutation consumed before the resume (0: start the epoch from its beginning)."""
         return self.pending[2] if self.pending is not None and self.pending[0] == epoch else 0
 
-    def take(self, epoch: int) -> int:
-        """:meth:`skip`, once: the resume point is used up."""
-        return self.take_point(epoch)[0]
-
-    def take_point(self, epoch: int) -> tuple[int, int]:
+    def take(self, epoch: int) -> tuple[int, int]:
         """(:meth:`skip`, :meth:`start`), once: the resume point is used up."""
         point, self.pending = (self.skip(epoch), self.start(epoch)), None
         return point
@@ -96,7 +98,8 @@ class EpochSampler(DistributedSampler):
     Lightning's ``set_epoch`` is not used: it passes the count of epochs *processed*, which is one ahead when a run
     resumes from a checkpoint written at the end of an epoch cut short by ``max_steps``, while training continues
     that epoch. A ``DistributedSampler`` so that Lightning leaves it in place under DDP instead of wrapping it in its
-    own (it is one: each rank takes a disjoint share, of equal size). Yields :data:`ItemKey` s.
+    own (it is one: each rank takes a disjoint share, of equal size). Yields :data:`ItemKey` s. ``shuffle=False``:
+    the stored order (:func:`epoch_order`).
     """
 
     def __init__(
@@ -108,8 +111,11 @@ class EpochSampler(DistributedSampler):
         rank: int = 0,
         world_size: int = 1,
         flip: bool = False,
+        shuffle: bool = True,
     ) -> None:
-        super().__init__(range(num_items), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        super().__init__(
+            range(num_items), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
+        )
         self.num_items, self.batch_size, self.flip, self.current_epoch = num_items, batch_size, flip, epoch
         self.resume = ResumePoint((num_items // world_size) // batch_size, batch_size, world_size)
 
@@ -118,9 +124,9 @@ class EpochSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[ItemKey]:
         epoch = int(self.current_epoch())
-        start = self.resume.take_point(epoch)[1]
+        start = self.resume.take(epoch)[1]
         indices, flips = epoch_order(
-            self.num_items, self.seed, epoch, self.rank, self.num_replicas, self.flip, start=start
+            self.num_items, self.seed, epoch, self.rank, self.num_replicas, self.flip, start=start, shuffle=self.shuffle
         )
         if flips is None:
             yield from indices.tolist()

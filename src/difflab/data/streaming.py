@@ -39,10 +39,8 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
 from difflab.data.base import ImageDataModule, _check_bool, _check_int
-from difflab.data.order import EpochSampler, ResumableDataLoader
 from difflab.data.shards import READ_SERIALIZERS, is_remote, read_manifest, split_url
 from difflab.data.transforms import BatchedDataset, random_hflip, to_unit_range
 
@@ -134,32 +132,6 @@ def open_split(url: str, **options: Any) -> Any:
     dataset.cache = dataset._create_cache(worker_env=dataset.worker_env)  # what dataset[i] does on first use
     dataset.cache._reader.enable_mmap_for_chunks(set(range(len(dataset.cache.get_chunk_intervals()))))
     return dataset
-
-
-def file_order(
-    num_items: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1, flip: bool = False, start: int = 0
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``shuffle=false``: :func:`~difflab.data.order.epoch_order` with the file order for the permutation — this
-    rank's every world_size-th item from position ``start`` on (the remainder left out), flips drawn from
-    (seed, epoch)."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    flips = torch.rand(num_items, generator=generator) < 0.5 if flip else None
-    remaining = max(num_items - start, 0)
-    share = slice(start + rank, start + rank + world_size * (remaining // world_size), world_size)
-    return torch.arange(num_items)[share], None if flips is None else flips[share]
-
-
-class FileOrderSampler(EpochSampler):
-    """An :class:`EpochSampler` over :func:`file_order` (``shuffle=false``): resumable in the same way."""
-
-    def __iter__(self):
-        epoch = int(self.current_epoch())
-        start = self.resume.take_point(epoch)[1]
-        indices, flips = file_order(self.num_items, self.seed, epoch, self.rank, self.num_replicas, self.flip, start)
-        if flips is None:
-            yield from indices.tolist()
-        else:
-            yield from zip(indices.tolist(), flips.tolist(), strict=True)
 
 
 def _check_input_dir(value: object) -> str:
@@ -269,19 +241,3 @@ class StreamingDataModule(ImageDataModule):
         storage = self.storage_options or None
         url = split_url(self.input_dir, name)
         return StreamedSplit(url, length, total, self.manifest, flip, **options, storage_options=storage)
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled (``shuffle=false``: file-order) ``drop_last`` batches, this rank's share, resumable mid-epoch
-        (:mod:`difflab.data.order`)."""
-        if self.shuffle:
-            return super().train_dataloader()
-        self.setup()
-        trainer = self.trainer
-        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-        epoch = (lambda: trainer.current_epoch) if trainer else (lambda: 0)
-        sampler = FileOrderSampler(
-            len(self.train), self.batch_size, self.seed, epoch, rank, world_size, self.random_flip
-        )
-        loader = self._loader(self.train, sampler)
-        assert isinstance(loader, ResumableDataLoader)
-        return loader

@@ -46,9 +46,10 @@ def select_weights(checkpoint: dict[str, Any], weights: str, path: str | Path) -
     return checkpoint["state_dict"]
 
 
-def _load(path: str | Path, key: str = "ckpt") -> dict[str, Any]:
-    """The checkpoint at ``path`` (tensors and plain containers only, see :mod:`difflab.utils.checkpoint_io`)."""
-    checkpoint = load_checkpoint(path, key)
+def _load(path: str | Path, key: str = "ckpt", consolidate: bool = True) -> dict[str, Any]:
+    """The checkpoint at ``path`` (tensors and plain containers only, see :mod:`difflab.utils.checkpoint_io`;
+    ``consolidate``: as there)."""
+    checkpoint = load_checkpoint(path, key, consolidate=consolidate)
     if not isinstance(checkpoint, dict) or "difflab" not in checkpoint or "state_dict" not in checkpoint:
         raise CheckpointError(
             f"{key}={str(path)!r}: not a difflab checkpoint (expected the keys 'state_dict' and 'difflab'; "
@@ -73,7 +74,7 @@ def stored_data_module(record: dict[str, Any], where: str, data_dir: str | None 
 
 def read_run_record(path: str | Path, key: str = "ckpt") -> dict[str, Any]:
     """The ``difflab`` record of a checkpoint: ``config`` (dict), ``loggers`` (list), ``global_step``."""
-    checkpoint = _load(path, key)
+    checkpoint = _load(path, key, consolidate=False)  # a sharded checkpoint's tensors are not needed here
     return {**checkpoint["difflab"], "global_step": checkpoint.get("global_step", 0)}
 
 

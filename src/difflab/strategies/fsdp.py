@@ -34,14 +34,15 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from difflab.utils.checkpoint_io import load_checkpoint
 from difflab.utils.sharded_checkpoint import (
     ShardedCheckpointReader,
+    as_shard,
     is_sharded_checkpoint,
     remove_sharded_checkpoint,
     save_sharded_checkpoint,
+    shard_box,
 )
 
 _DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -168,7 +169,11 @@ class _CheckpointSource:
             self.meta = self.reader.meta
         else:
             self.meta = load_checkpoint(path, "ckpt_path")
-        self.by_name = self.reader is not None  # sharded: optimizer state keyed by parameter name, else by index
+
+    @property
+    def by_name(self) -> bool:
+        """Whether the optimizer state is keyed by parameter name (a sharded checkpoint's), else by index."""
+        return self.reader is not None
 
     def _stored(self, path: tuple[Any, ...]) -> Any:
         value = self.meta
@@ -212,12 +217,8 @@ def shard_like(full: torch.Tensor, like: DTensor, where: str) -> DTensor:
     """This process's shard of the whole tensor ``full``, sharded as ``like``."""
     if tuple(full.shape) != tuple(like.shape):
         raise ValueError(f"{where}: shape {list(full.shape)}, expected {list(like.shape)}")
-    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
-    local = full[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
-    local = local.to(device=like.device, dtype=like.dtype).contiguous()
-    return DTensor.from_local(
-        local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
-    )
+    offset, shape = shard_box(like)
+    return as_shard(full[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))], like)
 
 
 def is_sharded_strategy(strategy: Any) -> bool:

@@ -75,9 +75,11 @@ def checkpoints_trusted() -> bool:
     return _TRUST.get()
 
 
-def load_checkpoint(path: str | Path, key: str = "ckpt", trust: bool | None = None) -> Any:
+def load_checkpoint(path: str | Path, key: str = "ckpt", trust: bool | None = None, consolidate: bool = True) -> Any:
     """``torch.load`` of ``path`` onto the CPU, tensors and plain containers only; a sharded checkpoint (a directory
     written by ``trainer=fsdp``) is consolidated: the result is what the same run unsharded would have written.
+    ``consolidate=False`` reads only what is not sharded (the run record, the step, the loops' state) of a sharded
+    checkpoint, its sharded tensors left as placeholders: no model-sized read where only the record is wanted.
 
     ``key`` names the setting the path came from, for the messages (``ckpt``, ``ckpt_path``,
     ``model.autoencoder_ckpt``, ...). ``trust`` (default: :func:`checkpoints_trusted`) opens a file that needs
@@ -89,7 +91,7 @@ def load_checkpoint(path: str | Path, key: str = "ckpt", trust: bool | None = No
     where = f"{key}={str(path)!r}"
     if is_sharded_checkpoint(path):  # trainer=fsdp's directory: consolidated here, as an unsharded run wrote it
         reader = ShardedCheckpointReader(path, lambda meta: load_checkpoint(meta, key, trust), key)
-        return optimizer_states_by_index(reader.consolidated())
+        return optimizer_states_by_index(reader.consolidated()) if consolidate else reader.meta
     if not path.is_file():
         raise CheckpointError(f"{where}: no such file")
     trusted = checkpoints_trusted() if trust is None else trust

@@ -73,10 +73,19 @@ def _replace(tree: Any, fn: Callable[[TreePath, Any], Any], path: TreePath = ())
     return fn(path, tree)
 
 
-def _box(tensor: DTensor) -> tuple[list[int], list[int]]:
+def shard_box(tensor: DTensor) -> tuple[list[int], list[int]]:
     """(offset, shape) of this process's piece of ``tensor`` in the global tensor."""
     shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
     return list(offset), list(shape)
+
+
+def as_shard(local: torch.Tensor, like: DTensor) -> DTensor:
+    """``local`` (this process's box of a global tensor, :func:`shard_box`) as a DTensor sharded as ``like``, on its
+    device and in its dtype."""
+    local = local.to(device=like.device, dtype=like.dtype).contiguous()
+    return DTensor.from_local(
+        local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
+    )
 
 
 def _writes_piece(tensor: DTensor) -> bool:
@@ -141,7 +150,7 @@ def _write_pieces(checkpoint: dict[str, Any], target: Path, rank: int, world_siz
     for i, (_, tensor) in enumerate(sharded):
         if _writes_piece(tensor):
             tensors[f"t{i}"] = tensor.to_local().detach().contiguous().cpu()
-            pieces.append((i, *_box(tensor)))
+            pieces.append((i, *shard_box(tensor)))
     shard_file = f"{SHARDS}/rank-{rank:05d}.safetensors"
     save_file(tensors, str(target / shard_file), metadata={"format": FORMAT})
     everyone = _all_gather((shard_file, pieces), world_size)
@@ -248,11 +257,7 @@ class ShardedCheckpointReader:
         if entry is None or list(entry["shape"]) != list(like.shape):
             found = "nothing" if entry is None else f"shape {entry['shape']}"
             raise ValueError(f"{self.where}: {'/'.join(map(str, path))} holds {found}, expected {list(like.shape)}")
-        offset, shape = _box(like)
-        local = self.read(path, offset, shape).to(device=like.device, dtype=like.dtype)
-        return DTensor.from_local(
-            local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
-        )
+        return as_shard(self.read(path, *shard_box(like)), like)
 
     def consolidated(self) -> dict[str, Any]:
         """The whole checkpoint, every sharded tensor read in full: what ``torch.load`` of an unsharded one gives."""
