@@ -137,8 +137,19 @@ def test_a_class_conditional_unet_exports_its_parts_with_the_guided_loop(tiny_cf
     assert namespace["x"].shape == (4, 1, 16, 16) and torch.isfinite(namespace["x"]).all()
 
 
-def test_a_dit_export_to_diffusers_says_what_works(tmp_path):
+def test_unet2d_config_sends_other_nets_elsewhere(tmp_path):
+    """The UNet map refuses any other net, naming the DiT's own map (tests/integration/test_export_dit.py)."""
     from difflab.networks import DiT
 
-    with pytest.raises(ValueError, match="only difflab's UNet maps onto diffusers.*format=safetensors exports any"):
+    with pytest.raises(
+        ValueError, match="only difflab's UNet maps onto UNet2DModel.*DiTTransformer2DModel.*safetensors"
+    ):
         unet2d_config(DiT(in_channels=1, out_channels=1, image_size=8, hidden_size=32, depth=1, num_heads=2), {})
+
+
+def test_approximate_is_only_for_a_dit(checkpoint, tmp_path):
+    config = compose_config(
+        [f"ckpt={checkpoint}", "format=diffusers", f"out={tmp_path / 'x'}", "approximate=true"], tmp_path, "export"
+    )
+    with pytest.raises(ValueError, match="approximate=true: only a DiT's export"):
+        export(config)

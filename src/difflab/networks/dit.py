@@ -62,20 +62,23 @@ class PatchEmbed(nn.Module):
 class ConditionEmbed(nn.Module):
     """c = MLP(sinusoid(t)) + E[y]: t (B,) long, y (B,) long or None → (B, D).
 
-    The timestep MLP is Linear(256 → D), SiLU, Linear(D → D); the class table has ``num_classes + 1`` rows, the
-    last being the null class of classifier-free guidance (used when y is None).
+    The timestep MLP is Linear(256 → D), SiLU, Linear(D → D) on the sinusoid of ``timestep_embedding`` with
+    ``freq_shift``; the class table has ``num_classes + 1`` rows, the last being the null class of classifier-free
+    guidance (used when y is None).
     """
 
-    def __init__(self, hidden_size: int, num_classes: int | None, frequency_size: int = 256) -> None:
+    def __init__(
+        self, hidden_size: int, num_classes: int | None, frequency_size: int = 256, freq_shift: int = 0
+    ) -> None:
         super().__init__()
-        self.frequency_size, self.num_classes = frequency_size, num_classes
+        self.frequency_size, self.num_classes, self.freq_shift = frequency_size, num_classes, freq_shift
         self.time_mlp = nn.Sequential(
             nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
         )
         self.class_table = nn.Embedding(num_classes + 1, hidden_size) if num_classes else None
 
     def forward(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        c = self.time_mlp(timestep_embedding(t, self.frequency_size))
+        c = self.time_mlp(timestep_embedding(t, self.frequency_size, freq_shift=self.freq_shift))
         if self.class_table is not None:
             if y is None:  # an unconditional call of a conditional net: the null class
                 y = torch.full_like(t, self.num_classes, dtype=torch.long)
@@ -147,6 +150,9 @@ class DiT(nn.Module):
         context_dim: if set, every block cross-attends to a context (B, L, context_dim); set by latent diffusion
             from its conditioner.
         frequency_size: channels of the sinusoidal timestep features fed to the timestep MLP (256 in DiT).
+        time_freq_shift: 0 (DiT's and DDPM's frequencies max_period^(−k/half)) or 1 (diffusers'
+            ``downscale_freq_shift=1``, max_period^(−k/(half − 1)), which its ``DiTTransformer2DModel`` hard-codes:
+            a DiT trained with 1 exports to diffusers exactly, see ``difflab.tasks.export_dit``).
         checkpointing: activation checkpointing per DiT block in training (recomputed in the backward pass).
     Shapes: x (B, in_channels, H, W), t (B,) long, y (B,) long or None, context (B, L, context_dim) with
     context_mask (B, L) bool (True = real token) → (B, out_channels, H, W).
@@ -165,16 +171,19 @@ class DiT(nn.Module):
         num_classes: int | None = None,
         context_dim: int | None = None,
         frequency_size: int = 256,
+        time_freq_shift: int = 0,
         checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.checkpointing = bool(checkpointing)
         _validate(image_size, patch_size, hidden_size, depth, num_heads, mlp_ratio)
+        if time_freq_shift not in (0, 1):
+            raise ValueError(f"net.time_freq_shift={time_freq_shift}: expected 0 (DiT's) or 1 (diffusers')")
         self.in_channels, self.out_channels, self.image_size = in_channels, out_channels, image_size
         self.patch_size, self.num_classes, self.context_dim = patch_size, num_classes, context_dim
         self.patch_embed = PatchEmbed(in_channels, hidden_size, patch_size)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, image_size // patch_size), persistent=False)
-        self.embed = ConditionEmbed(hidden_size, num_classes, frequency_size)
+        self.embed = ConditionEmbed(hidden_size, num_classes, frequency_size, int(time_freq_shift))
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, context_dim) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, out_channels)
         self.initialize_weights()

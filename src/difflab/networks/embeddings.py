@@ -7,13 +7,15 @@ import math
 import torch
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Embed timesteps t: (B,) as (B, dim): [sin(t ω_k), cos(t ω_k)], ω_k = max_period^(−k/(dim/2)).
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: int = 0) -> torch.Tensor:
+    """Embed timesteps t: (B,) as (B, dim): [sin(t ω_k), cos(t ω_k)], ω_k = max_period^(−k/(dim/2 − freq_shift)).
 
-    Odd ``dim`` is zero-padded by one column.
+    ``freq_shift`` 0 is DDPM's, ADM's and DiT's; 1 is diffusers' ``downscale_freq_shift=1`` (its DiT's timestep
+    features, so that a DiT trained with it exports exactly). Odd ``dim`` is zero-padded by one column.
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    exponent = -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32)
+    freqs = torch.exp(exponent / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
     if dim % 2:

@@ -2,7 +2,9 @@
 another format (the one export command).
 
 - ``diffusers``: a ``DDPMPipeline`` folder (``difflab.tasks.export_diffusers``): ``DDPMPipeline.from_pretrained``
-  / ``DDIMPipeline.from_pretrained`` load it and sample our model.
+  / ``DDIMPipeline.from_pretrained`` load it and sample our model; a class-conditional UNet or a DiT
+  (``DiTTransformer2DModel``, ``difflab.tasks.export_dit``) as its parts with a README.md holding the sampling loop
+  (``approximate=true``: a DiT trained with DiT's timestep frequencies, see there).
 - ``safetensors``: ``model.safetensors`` (the network's weights as sampled: EMA when trained with it) and
   ``config.json`` (the run's resolved config, which rebuilds the net: ``instantiate(config["net"])``).
 - ``feature_net``: a ``ClassifierModule`` checkpoint as a shipped FID/IS feature network
@@ -58,7 +60,7 @@ def export(cfg: DictConfig) -> dict[str, str]:
     if cfg.format == "diffusers":
         from difflab.tasks.export_diffusers import export_diffusers
 
-        export_diffusers(module, record, out)
+        export_diffusers(module, record, out, approximate=bool(cfg.get("approximate", False)))
     else:
         export_safetensors(module, record, out)
     log.info("Exported %s as %s: %s", cfg.ckpt, cfg.format, out)

@@ -14,10 +14,13 @@ tensor for tensor (``load_state_dict(strict=True)`` checks that nothing is left 
 - attention: our ``qkv`` 1x1 conv holds q, k, v as three C-row blocks, heads contiguous inside each (as diffusers'
   ``to_q``/``to_k``/``to_v`` linears split them); ``proj_out`` → ``to_out.0``.
 
-What does not map (an error naming it): a UNet with cross-attention (latent diffusion's spatial transformers;
-``UNet2DConditionModel`` would need its own map), a DiT (``DiTTransformer2DModel``, not a DDPMPipeline UNet),
-several heads whose width changes between attention levels (``UNet2DModel`` has one ``attention_head_dim``), and a
-``num_groups`` that does not divide every width (we then use fewer groups; diffusers cannot).
+A DiT goes to ``DiTTransformer2DModel`` instead (``difflab.tasks.export_dit``).
+
+What does not map (an error naming it): a latent diffusion model (its samples are latents of difflab's autoencoder,
+which is not mapped onto diffusers' ``AutoencoderKL``), a UNet with cross-attention (latent diffusion's spatial
+transformers; ``UNet2DConditionModel`` would need its own map), several heads whose width changes between
+attention levels (``UNet2DModel`` has one ``attention_head_dim``), and a ``num_groups`` that does not divide every
+width (we then use fewer groups; diffusers cannot).
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ def unet2d_config(net: UNet, cfg: dict[str, Any]) -> dict[str, Any]:
     """``UNet2DModel`` keyword arguments of the same architecture as ``net`` (built from ``cfg``, its net config)."""
     if not isinstance(net, UNet):
         raise ValueError(
-            f"format=diffusers: only difflab's UNet maps onto diffusers (UNet2DModel), not {type(net).__name__}; "
+            f"format=diffusers: only difflab's UNet maps onto UNet2DModel (and a DiT onto DiTTransformer2DModel, "
+            f"see difflab.tasks.export_dit), not {type(net).__name__}; "
             "format=safetensors exports any network (weights + the config that rebuilds it)"
         )
     if net.context_dim:
@@ -194,18 +198,38 @@ with torch.no_grad():
 """
 
 
-def export_diffusers(module: Any, record: dict[str, Any], out: Path) -> Path:
+def export_diffusers(module: Any, record: dict[str, Any], out: Path, approximate: bool = False) -> Path:
     """Write ``out/`` as a ``DDPMPipeline`` (``model_index.json``, ``unet/`` safetensors, ``scheduler/``). A
     class-conditional UNet, which no diffusers pipeline drives, is written as ``unet/`` and ``scheduler/`` with a
-    README.md holding the sampling loop (class labels, the null class, guidance), and no ``model_index.json``."""
+    README.md holding the sampling loop (class labels, the null class, guidance), and no ``model_index.json``; a
+    DiT as ``transformer/`` and ``scheduler/`` with its loop (``export_dit``; ``approximate``: see there)."""
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from difflab.networks.dit import DiT
 
     if getattr(module.diffusion, "process_kind", "gaussian") == "sigma":
         raise ValueError(
             "format=diffusers: an EDM-family (σ process) model's network lives inside its preconditioning, which no "
             "diffusers scheduler applies; export it with format=safetensors"
         )
+    if getattr(module.diffusion, "process_kind", "gaussian") == "flow":
+        raise ValueError(
+            "format=diffusers: a rectified flow (model=rectified_flow) has no β for a DDPMScheduler, and this export "
+            "does not map it onto diffusers' flow-matching schedulers; export it with format=safetensors"
+        )
+    if getattr(module, "autoencoder", None) is not None:
+        raise ValueError(
+            "format=diffusers: a latent diffusion model (model=ldm) samples latents of difflab's autoencoder, which "
+            "this export does not map onto diffusers' AutoencoderKL, so no diffusers pipeline would decode them; "
+            "export it with format=safetensors"
+        )
     net = module.net
+    if isinstance(net, DiT):
+        from difflab.tasks.export_dit import export_dit
+
+        return export_dit(module, record, out, approximate)
+    if approximate:
+        raise ValueError("approximate=true: only a DiT's export can be approximate; this UNet maps exactly")
     net_cfg = dict((record.get("config") or {}).get("net") or {})
     config = unet2d_config(net, net_cfg)
     unet = UNet2DModel(**config)
