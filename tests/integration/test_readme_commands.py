@@ -22,6 +22,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
+from difflab.tasks.analytic import analytic
 from difflab.tasks.encode import encode
 from difflab.tasks.eval import evaluate
 from difflab.tasks.export import export
@@ -39,6 +40,7 @@ SCRIPTS = {"train.py": ("train", train), "sample.py": ("sample", sample), "eval.
 SCRIPTS["export.py"] = ("export", export)
 SCRIPTS["encode.py"] = ("encode", encode)
 SCRIPTS["stream.py"] = ("stream", stream)
+SCRIPTS["analytic.py"] = ("analytic", analytic)
 # Commands that are not run, with the reason (they are still composed where they are difflab commands).
 EXEMPT = {
     "make test": "the command that runs this test",
@@ -193,6 +195,9 @@ def checkpoints(tmp_path_factory, tiny_checkpoint, tiny_cfg_checkpoint, tiny_ups
         config, task = SCRIPTS[script]
         task(compose_config(overrides, out, config))
         made[kind] = str(out / kind)
+    # Analytic-DPM's Γ beside the unconditional checkpoint (what `python src/analytic.py ckpt=...` writes), so the
+    # `sampler.variance_type=analytic` commands do not depend on the order the commands run in
+    analytic(compose_config([f"ckpt={tiny_checkpoint}", "num_samples=4"], tmp_path_factory.mktemp("gamma"), "analytic"))
     # inputs of the editing modes (image=, mask=): a 20x12 image and a mask of its size
     inputs = tmp_path_factory.mktemp("inputs")
     rng = np.random.default_rng(0)

@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import safetensors.torch
 import torch
-from torch import nn
 from torch.utils.data import Dataset
 
 from difflab.data.transforms import BatchedDataset
+from difflab.utils.hashing import json_sha256, state_dict_sha256  # noqa: F401 (re-exported)
 from difflab.utils.paths import atomic_write
 
 FORMAT = "difflab-latent-cache"
@@ -51,20 +51,6 @@ _NUMPY = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "U8": np.uint8}
 
 
 # --------------------------------------------------------------------------------------------------- identities
-def state_dict_sha256(module: nn.Module) -> str:
-    """SHA-256 of a module's weights: every state-dict entry in sorted name order, as its name, dtype, shape and the
-    bytes of its CPU copy. Equal weights give equal hashes whatever device or file they came from."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(json.dumps([name, str(flat.dtype), list(tensor.shape)]).encode() + b"\0")
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def json_sha256(value: Any) -> str:
-    """SHA-256 of ``value`` as canonical JSON (sorted keys, no spaces)."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def data_identity(data_cfg: Mapping[str, Any]) -> dict[str, Any]:

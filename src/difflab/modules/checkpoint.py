@@ -20,6 +20,7 @@ from difflab.callbacks.ema import young_ema_warning
 from difflab.modules.autoencoder import LoadedCheckpoint
 from difflab.modules.diffusion import DiffusionModule
 from difflab.samplers import Sampler
+from difflab.samplers.analytic import verify_gamma_weights, with_gamma_path
 from difflab.utils.checkpoint_io import CheckpointError, load_checkpoint
 from difflab.utils.stored_config import check_stored_config
 
@@ -125,6 +126,13 @@ def _process_kinds(target: str) -> set[str]:
     return set(getattr(sampler_class, "process_kinds", ("gaussian",)))
 
 
+def _own_sampler(target: str) -> bool:
+    """Whether the module class ``target`` samples with its own sampler by default (few-step models, see
+    :class:`difflab.modules.teacher.FewStepMixin`): sample.py's default sampler does not replace it."""
+    module_class = get_method(target) if target else None
+    return bool(getattr(module_class, "own_sampler", False))
+
+
 def _sampler_arguments(target: str) -> set[str] | None:
     """Keyword arguments a config may give the sampler class ``target`` (None: not a sampler class)."""
     sampler_class = get_method(target) if target else None
@@ -160,7 +168,12 @@ def load_module(
     check_stored_config(record["config"]["model"], f"{key}={str(path)!r}", "difflab.config.model")
     model_cfg = OmegaConf.create(record["config"]["model"])
     if "sampler" in model_cfg:  # diffusion models (a classifier checkpoint has no sampler)
+        if sampler_fallback is not None and _own_sampler(model_cfg.get("_target_", "")):
+            sampler = sampler_fallback  # a few-step model: its own sampler (steps) unless the user chose one
         model_cfg.sampler = sampler_config(model_cfg.sampler, sampler, sampler_fallback)
+        # Analytic-DPM: Γ from beside the checkpoint unless sampler.gamma names a file
+        settings = _sampler_arguments(model_cfg.sampler.get("_target_", ""))
+        model_cfg.sampler = with_gamma_path(model_cfg.sampler, path, settings)
     elif sampler is not None and _sets_anything(sampler):  # eval.py's all-??? node sets nothing
         raise CheckpointError(f"{key}={str(path)!r}: a {model_cfg.get('_target_')} checkpoint takes no sampler")
     if model_cfg.get("teacher_ckpt"):  # reflow's warm start: the weights come from this checkpoint
@@ -182,6 +195,7 @@ def load_module(
             f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
     module.on_load_checkpoint(checkpoint)  # what modules keep beside the weights (latent scale, t-sampler state)
+    verify_gamma_weights(module, f"{key}={str(path)!r} (weights={weights})")  # Analytic-DPM's Γ is of these
     module.configure_model()  # model.compile applies to sampling too
     built = {"sampler": OmegaConf.to_container(model_cfg.sampler)} if "sampler" in model_cfg else {}
     return module.to(map_location).eval(), {**record, "global_step": checkpoint.get("global_step", 0), **built}

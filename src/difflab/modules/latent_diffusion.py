@@ -13,11 +13,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from difflab.data.latent_cache import LatentDataset, state_dict_sha256
+from difflab.data.latent_cache import LatentDataset
 from difflab.modules.autoencoder import LoadedCheckpoint, load_autoencoder
 from difflab.modules.diffusion import DiffusionModule
 from difflab.networks.conditioners import Conditioner
 from difflab.samplers.guidance import classifier_free_guidance
+from difflab.utils.hashing import state_dict_sha256
 
 
 class LatentCache(Dataset):

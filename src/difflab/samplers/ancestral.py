@@ -3,21 +3,40 @@
 x_{s} = μ̃(x_t, x̂_0) + σ z,  z ~ N(0, I), no noise at the last step, where s is the previous kept timestep.
 For s = t − 1 this is Algorithm 2. For K < T the jump t → s uses β_{t|s} = 1 − ᾱ_t/ᾱ_s, which is how
 Nichol & Dhariwal (§4) respace a model so that learned variances stay valid.
+With ``variance_type=analytic`` σ² is Analytic-DPM's σ*² of each jump (Bao et al. 2022, eq. 7 with λ² = β̃_{t|s},
+"Analytic-DDPM"; :mod:`difflab.samplers.analytic`), the mean unchanged.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from difflab.samplers.analytic import AnalyticVariance
 from difflab.samplers.base import Sampler, SamplerOutput
 from difflab.schedules import model_log_variance, posterior_terms
 
 
-class AncestralSampler(Sampler):
-    """Algorithm 2 with σ_t² = β̃_t (``fixed_small``), β_t (``fixed_large``) or the learned range.
+class AncestralSampler(AnalyticVariance, Sampler):
+    """Algorithm 2 with σ_t² = β̃_t (``fixed_small``), β_t (``fixed_large``), the learned range or Analytic-DPM's
+    σ*² (``analytic``).
 
     ``variance_type`` overrides the model's choice for fixed-variance models (DDPM found both equally good).
+    ``gamma``: Γ for ``analytic`` (a file written by ``src/analytic.py``, or a (T,) tensor; null: sample.py and
+    eval.py take the one beside the checkpoint); ``analytic_clip_pixels``: the bound on the noise of the step into
+    x_{τ_1} in 2/255 levels (null: the paper's, 2 on the linear schedule, 1 otherwise; ``inf``: none).
     """
+
+    def __init__(
+        self,
+        *args,
+        gamma: str | Path | torch.Tensor | None = None,
+        analytic_clip_pixels: float | None = None,
+        **kwargs,
+    ) -> None:
+        self._init_analytic(gamma, analytic_clip_pixels)
+        super().__init__(*args, **kwargs)
 
     def _on_set_timesteps(self, ascending: torch.Tensor) -> None:
         ab = self.diffusion.alphas_cumprod_64[ascending]
@@ -33,9 +52,14 @@ class AncestralSampler(Sampler):
             "log_variance_large": log_large.float(),
             "log_betas": log_betas.float(),  # learned_range's upper end, unclipped (see model_log_variance)
         }
+        if self.analytic:  # eq. 7 with λ² = β̃_{t|s}; entry 0 (no noise) is log 0
+            sigma2 = self.analytic_sigma2(ascending, ab, ab_prev, terms["variance"])
+            self._table["log_variance_analytic"] = torch.log(sigma2).float()
 
     def log_variance(self, index: int, var_output: torch.Tensor | None) -> torch.Tensor:
-        """log σ² at step ``index`` (the respaced β̃ and β, see :func:`model_log_variance`)."""
+        """log σ² at step ``index`` (the respaced β̃ and β, see :func:`model_log_variance`; Analytic-DPM's σ*²)."""
+        if self.analytic:
+            return self._table["log_variance_analytic"][index]
         return model_log_variance(
             self.variance_type,
             self._table["log_variance_small"][index],

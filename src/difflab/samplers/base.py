@@ -120,7 +120,8 @@ class Sampler(abc.ABC):
         parameterization: what the network outputs (``eps`` | ``x0`` | ``v``); set by the model.
         model_variance_type: the model's variance (``fixed_small`` | ``fixed_large`` | ``learned_range``); set by
             the model.
-        variance_type: optional override from the sampler config (only between the two fixed variances).
+        variance_type: optional override from the sampler config: between the two fixed variances, or ``analytic``
+            (Analytic-DPM, :mod:`difflab.samplers.analytic`) in the samplers that have it (DDPM, DDIM).
         clip_denoised: clamp x̂_0 to [-1, 1] before it is used (static thresholding).
         dynamic_threshold: if set, Imagen's dynamic thresholding of x̂_0 at this percentile (e.g. 0.995), applied
             instead of the static clip.
@@ -164,19 +165,26 @@ class Sampler(abc.ABC):
         dynamic_threshold: float | None = None,
         spacing: str | Spacing = Spacing.EVEN,
     ) -> None:
+        process = getattr(diffusion, "process_kind", "gaussian")
+        if str(variance_type).lower() == VarianceType.ANALYTIC.value and process != "gaussian":
+            raise ValueError(
+                f"sampler.variance_type=analytic: Analytic-DPM's optimal variance is that of the discrete Gaussian "
+                f"(DDPM) chain's reverse steps; this model's process is a {process} ({type(diffusion).__name__}), "
+                "which has none"
+            )
         self.check_process_kind(diffusion)
         self.diffusion = diffusion
         self.parameterization = parse_enum(Parameterization, parameterization, "model.parameterization")
         model_variance = parse_enum(VarianceType, model_variance_type, "model.variance_type")
+        if not model_variance.trainable:
+            raise ValueError(
+                "model.variance_type=analytic: Analytic-DPM's variance is a sampling choice, not a training one: train "
+                "with fixed_small (or fixed_large), then sample with sampler.variance_type=analytic"
+            )
         self.variance_type = model_variance
         if variance_type is not None:
             self.variance_type = parse_enum(VarianceType, variance_type, "sampler.variance_type")
-            if model_variance.learned or self.variance_type.learned:
-                raise ValueError(
-                    f"sampler.variance_type={self.variance_type.value!r}: a model trained with "
-                    f"model.variance_type={model_variance.value!r} must sample with its own variance; "
-                    "only fixed_small and fixed_large can replace each other"
-                )
+            self._check_variance_override(model_variance)
         self.clip_denoised = clip_denoised
         self.spacing = parse_enum(Spacing, spacing, "sampler.spacing")
         self.dynamic_threshold = dynamic_threshold
@@ -188,6 +196,25 @@ class Sampler(abc.ABC):
         self.timesteps = torch.empty(0, dtype=torch.long)
         self.nfe = 0  # network evaluations of the current chain, counted by sample_loop
         self.set_timesteps(self.num_steps)
+
+    def _check_variance_override(self, model_variance: VarianceType) -> None:
+        """fixed_small and fixed_large replace each other; ``analytic`` (Analytic-DPM) replaces either, in the
+        samplers that have it (DDPM, DDIM); a learned variance is neither replaced nor a replacement."""
+        chosen = self.variance_type
+        if chosen is VarianceType.ANALYTIC and not model_variance.learned:
+            if not getattr(self, "supports_analytic", False):
+                raise ValueError(
+                    f"sampler.variance_type=analytic: {type(self).__name__} has no reverse variance to set; "
+                    "Analytic-DPM samples with sampler=ddpm or sampler=ddim"
+                )
+            return
+        if model_variance.learned or chosen.learned or chosen is VarianceType.ANALYTIC:
+            raise ValueError(
+                f"sampler.variance_type={chosen.value!r}: a model trained with "
+                f"model.variance_type={model_variance.value!r} must sample with its own variance (Σ_θ); "
+                "only fixed_small, fixed_large and analytic can replace each other (analytic: for fixed-variance "
+                "models)"
+            )
 
     def check_process_kind(self, diffusion) -> None:
         """A sampler of one process (Gaussian diffusion, flow) refuses a model of the other, naming the fix."""

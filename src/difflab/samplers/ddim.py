@@ -10,14 +10,18 @@ respaced chain (the authors' code, ``ddpm_steps``):
 x_{τ_{i−1}} = μ̃_{τ_i}(x_{τ_i}, x̂_0) + σ̂_{τ_i} z,  μ̃ the posterior mean of the jump τ_i → τ_{i−1} (Ho et al. eq. 7),
 i.e. :class:`AncestralSampler` with ``fixed_large`` on the same τ (same numbers from the same x_t, ε̂ and z).
 Indices are 0-based: τ = T−1 is the paper's t = T; before τ_1 comes ᾱ = 1 and no noise is added.
+``variance_type=analytic`` keeps eq. 12's mean with λ = σ_{τ_i}(η) and adds noise of Analytic-DPM's σ*² (Bao et al.
+2022, eq. 7 with λ² = η² β̃: "Analytic-DDIM", noisy even at η = 0; :mod:`difflab.samplers.analytic`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+from difflab.samplers.analytic import AnalyticVariance
 from difflab.samplers.base import Sampler, SamplerOutput
 from difflab.schedules import posterior_terms
 from difflab.utils.enums import StrEnumChoice, parse_enum
@@ -28,27 +32,45 @@ class DDIMSigma(StrEnumChoice):
     HAT = "hat"  # σ̂ = sqrt(1 − ᾱ_t/ᾱ_prev) around the posterior mean (DDPM with σ² = β on τ), η unused
 
 
-class DDIMSampler(Sampler):
-    """DDIM with ``eta`` (η ≥ 0) and ``sigma`` (``eta`` | ``hat``); the other arguments as :class:`Sampler`."""
+class DDIMSampler(AnalyticVariance, Sampler):
+    """DDIM with ``eta`` (η ≥ 0) and ``sigma`` (``eta`` | ``hat``); ``gamma`` and ``analytic_clip_pixels`` for
+    ``variance_type=analytic`` as :class:`AncestralSampler` (clip default 1, the paper's Analytic-DDIM); the other
+    arguments as :class:`Sampler`."""
 
-    def __init__(self, *args, eta: float = 0.0, sigma: str | DDIMSigma = DDIMSigma.ETA, **kwargs) -> None:
+    markov = False  # Analytic-DDIM: λ² = η² β̃
+
+    def __init__(
+        self,
+        *args,
+        eta: float = 0.0,
+        sigma: str | DDIMSigma = DDIMSigma.ETA,
+        gamma: str | Path | torch.Tensor | None = None,
+        analytic_clip_pixels: float | None = None,
+        **kwargs,
+    ) -> None:
         if eta < 0:
             raise ValueError(f"sampler.eta={eta}: expected >= 0")
         self.eta = float(eta)
         self.sigma_type = parse_enum(DDIMSigma, sigma, "sampler.sigma")
+        self._init_analytic(gamma, analytic_clip_pixels)
         super().__init__(*args, **kwargs)
 
     @property
     def deterministic(self) -> bool:
         """Whether every step is the η = 0 map (no noise drawn): what inversion, interpolation and encode-decode
         need, and what makes repeated draws from one start identical."""
-        return self.eta == 0 and self.sigma_type is DDIMSigma.ETA
+        return self.eta == 0 and self.sigma_type is DDIMSigma.ETA and not self.analytic
 
     def _on_set_timesteps(self, ascending: torch.Tensor) -> None:
         ab = self.diffusion.alphas_cumprod_64[ascending]
         ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
         jump = 1.0 - ab / ab_prev
         if self.sigma_type is DDIMSigma.HAT:
+            if self.analytic:
+                raise ValueError(
+                    "sampler.variance_type=analytic with sampler.sigma=hat: σ̂ fixes the variance; Analytic-DDIM "
+                    "takes sigma=eta (any η), Analytic-DDPM sampler=ddpm"
+                )
             sigma = jump.sqrt()
             # x_prev = coef_x0 x̂_0 + coef_xt x_t + σ̂ z: the posterior mean of the jump (see the module docstring)
             post = posterior_terms(ab, ab_prev)
@@ -58,6 +80,8 @@ class DDIMSampler(Sampler):
             # eq. 12: x_prev = sqrt(ᾱ_prev) x̂_0 + sqrt(1 − ᾱ_prev − σ²) ε̂ + σ z (σ ≤ sqrt(1 − ᾱ_prev) for η ≤ 1)
             coef_x0, coef_xt = ab_prev.sqrt(), torch.zeros_like(ab)
             coef_eps = (1.0 - ab_prev - sigma**2).clamp(min=0.0).sqrt()
+            if self.analytic:  # eq. 12's mean with λ = σ(η), Analytic-DPM's noise σ*(λ)
+                sigma = self.analytic_sigma2(ascending, ab, ab_prev, sigma**2).sqrt()
         sigma[0] = 0.0  # the last step adds no noise
         self._table = {
             "sqrt_ab": ab.sqrt().float(),

@@ -82,9 +82,12 @@ def draw_samples(module: Any, cfg: DictConfig, names: list[str] | None, progress
 
 def final_sampler(module: Any, cfg: DictConfig) -> Any:
     """The sampler of the samples written after fit: ``cfg.samples.sampler`` (sample.py's default) completed by the
-    model; None (the model's own, ``cfg.sampler``) when it is null or integrates another process (a flow's)."""
+    model; None (the model's own, ``cfg.sampler``) when it is null, integrates another process (a flow's) or the
+    model is a few-step one, which samples at the step count it was trained for (``own_sampler``)."""
     given = cfg.samples.get("sampler")
     if given is None or cfg.get("sampler") is None or not hasattr(module, "build_sampler"):
+        return None
+    if getattr(module, "own_sampler", False):
         return None
     chosen = sampler_config(cfg.sampler, given, fallback={})  # another process: the model's own
     if chosen.get("_target_") != given.get("_target_"):
