@@ -20,6 +20,8 @@ FLOW_OVERRIDES = {
     "ve": lambda tmp: ["model=ncsn"],
     "reflow_pairs": lambda tmp: ["model=rectified_flow", f"+model.teacher_ckpt={write_flow_teacher(tmp)}"],
     "reflow": lambda tmp: ["net=unet_s", f"model.teacher_ckpt={write_flow_teacher(tmp)}"],
+    # without a teacher (an error only at fit) the latent student needs its stage 1 named
+    "latent_consistency": lambda tmp: ["model.autoencoder_ckpt=shipped:ae_kl_f4_fmnist"],
 }
 GROUPS = ["data", "model", "net", "schedule", "sampler", "trainer", "logger", "callbacks", "autoencoder", "conditioner"]
 

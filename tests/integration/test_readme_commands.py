@@ -86,6 +86,8 @@ TINY_SIZES = {
     "conditioner.width": "16",
     "data.num_pairs": "48",  # experiment=reflow: 48 pairs of a 2-step teacher ODE
     "data.teacher_steps": "2",
+    "model.start_steps": "8",  # experiment=progressive_distill: 8 → 4 → 2 steps (within the tiny T = 20), one
+    "model.steps_per_round": "1",  # optimizer step per round (trainer.max_steps=2 runs both rounds)
     "model.aug_levels": "10",  # the upscaler's augmentation levels must fit in the tiny T = 20
     "model.sample_aug_level": "2",
 }
@@ -198,12 +200,33 @@ def checkpoints(tmp_path_factory, tiny_checkpoint, tiny_cfg_checkpoint, tiny_ups
     # Analytic-DPM's Γ beside the unconditional checkpoint (what `python src/analytic.py ckpt=...` writes), so the
     # `sampler.variance_type=analytic` commands do not depend on the order the commands run in
     analytic(compose_config([f"ckpt={tiny_checkpoint}", "num_samples=4"], tmp_path_factory.mktemp("gamma"), "analytic"))
+    # few-step students of the tiny DDPM (README's ckpt=logs/progressive_distill/... and logs/consistency_distill/...)
+    made.update(few_step_students(tmp_path_factory, tiny_checkpoint, made["text"], common))
     # inputs of the editing modes (image=, mask=): a 20x12 image and a mask of its size
     inputs = tmp_path_factory.mktemp("inputs")
     rng = np.random.default_rng(0)
     for name, pixels in {"image": rng.random((12, 20)) * 255, "mask": (rng.random((12, 20)) > 0.5) * 255}.items():
         Image.fromarray(pixels.astype(np.uint8)).save(inputs / f"{name}.png")
         made[name] = str(inputs / f"{name}.png")
+    return made
+
+
+def few_step_students(tmp_path_factory, teacher: str, latent_teacher: str, common: list[str]) -> dict[str, str]:
+    """A progressive-distillation round checkpoint and a consistency-distillation checkpoint of ``teacher`` (the tiny
+    DDPM), a latent consistency student of ``latent_teacher`` (the tiny text LDM)."""
+    made = {}
+    for kind, extra in {
+        "progressive": ["experiment=progressive_distill", "model.start_steps=8", "model.steps_per_round=1"],
+        "consistency": ["experiment=consistency_distill"],
+        "latent_consistency": ["experiment=latent_consistency", "model.skip=2"],
+    }.items():
+        out = tmp_path_factory.mktemp(kind)
+        taught = latent_teacher if kind == "latent_consistency" else teacher
+        overrides = [*common, *extra, f"model.teacher_ckpt={taught}", "samples.num_samples=2"]
+        overrides = [o for o in overrides if not o.startswith(("net", "schedule.", "data.image_size"))]  # the teacher's
+        checkpoint = train(compose_config(overrides, out))["checkpoint"]
+        rounds = sorted(Path(checkpoint).parent.glob("round_*steps.ckpt"))
+        made[kind] = str(rounds[-1] if rounds else checkpoint)
     return made
 
 
@@ -216,6 +239,9 @@ def substitute(script: str, args: list[str], checkpoints: dict[str, str]) -> lis
         kind = "flow"
     if "ckpt=edm.ckpt" in args:  # the README's name for an EDM-family checkpoint
         kind = "edm"
+    for student in ("progressive_", "consistency_", "latent_consistency/"):  # ckpt=logs/<experiment>/runs/...
+        if any(a.startswith(("ckpt=", "ckpt_path=")) and f"/{student}" in a for a in args):
+            kind = student.strip("_/")
     if any(a.startswith("metrics=") and "ssim" in a for a in args) and not any(a.startswith("sampler=") for a in args):
         kind = "autoencoder"  # reconstruction metrics without a DDIM sampler: an autoencoder's
     out = []
@@ -233,9 +259,14 @@ def substitute(script: str, args: list[str], checkpoints: dict[str, str]) -> lis
             arg = "compile=none"
         elif key in ("ckpt", "ckpt_path"):
             arg = f"{key}={checkpoints[kind]}"
-        elif key == "model.teacher_ckpt":  # reflow's teacher: the tiny flow (digits, 16x16, the tiny UNet)
+        elif key == "model.teacher_ckpt" and "experiment=reflow" in args:  # the tiny flow (digits, the tiny UNet)
             arg = f"{key}={checkpoints['flow']}"
             out += ["data.image_size=16", "net=unet_s"]  # the student is the teacher's size and net
+        elif key == "model.teacher_ckpt" and "experiment=latent_consistency" in args:  # the tiny text LDM (T = 20)
+            arg = f"{key}={checkpoints['text']}"
+            out.append("model.skip=2")  # k <= T/2: a 10-point grid
+        elif key == "model.teacher_ckpt":  # a few-step student's teacher: the tiny DDPM (it takes its net and size)
+            arg = f"{key}={checkpoints['ddpm']}"
         elif key == "classifier_ckpt":  # a noisy classifier of the tiny models' data, size and schedule
             arg = f"{key}={checkpoints['classifier']}"
         elif key == "upscaler_ckpt":
@@ -285,18 +316,21 @@ def training_args(args: list[str], tmp_path: Path) -> list[str]:
     jobs = sweep_jobs(args)
     composed = compose_config(jobs[0], tmp_path)
     extra = []
+    # a few-step student takes its (tiny) teacher's net, image size and schedule: none of those are set here
+    student = any(a.startswith("model.teacher_ckpt=") for a in args) and "experiment=reflow" not in args
     if "FashionMNIST" in composed.data._target_ or "ImageFolder" in composed.data._target_:
-        extra += ["data=digits", f"data.image_size={composed.data.image_size}"]
+        extra += ["data=digits"] if student else ["data=digits", f"data.image_size={composed.data.image_size}"]
     configs = [compose_config([*job, *extra], tmp_path) for job in jobs]
     absent = object()
 
     def everywhere(key: str) -> bool:
         return all(OmegaConf.select(c, key, default=absent) is not absent for c in configs)
 
-    extra += [f"{k}={v}" for k, v in TINY_SIZES.items() if everywhere(k)]
+    teachers = ("net.", "schedule.") if student else ()
+    extra += [f"{k}={v}" for k, v in TINY_SIZES.items() if everywhere(k) and not k.startswith(teachers or "\0")]
     if all(OmegaConf.select(c, "model.loss.disc_start") is not None for c in configs):
         extra.append("model.loss.disc_start=1")
-    if all(OmegaConf.select(c, "net.attention_resolutions") is not None for c in configs):  # the second level
+    if not student and all(OmegaConf.select(c, "net.attention_resolutions") is not None for c in configs):
         composed = configs[0]
         size = composed.data.image_size // (4 if "autoencoder_ckpt" in composed.model else 1)  # f = 4 latents
         extra.append(f"net.attention_resolutions=[{size // 2}]")

@@ -2,7 +2,8 @@
 
 A distilling module (progressive distillation, consistency distillation, latent consistency) holds its teacher as a
 frozen :class:`DiffusionModule` loaded from ``model.teacher_ckpt`` with :func:`load_teacher`. The teacher is kept
-out of the student's state dict (a plain attribute, not a submodule): checkpoints hold the student only, and a
+out of the student's state dict (in a :class:`Shared` holder, not a submodule, which the EMA callback's copy of the
+module shares instead of duplicating): checkpoints hold the student only, and a
 checkpoint rebuilds without the teacher's file (``load_module`` nulls ``teacher_ckpt``), so ``sample.py`` needs the
 student's checkpoint alone.
 
@@ -48,6 +49,20 @@ def load_teacher(path: str | Path, key: str = "model.teacher_ckpt") -> tuple[Dif
     return teacher, {**info, "config": record["config"]["model"]}
 
 
+class Shared:
+    """A reference that copies of a module share: ``copy.deepcopy`` returns the holder itself. The EMA callback
+    deep-copies the whole LightningModule for its averaged model; a teacher (or a target network) held here is then
+    neither duplicated in memory nor part of the average."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any = None) -> None:
+        self.value = value
+
+    def __deepcopy__(self, memo: dict) -> Shared:
+        return self
+
+
 class FewStepMixin:
     """For the LightningModules of few-step models (mixed in before :class:`DiffusionModule`).
 
@@ -60,19 +75,25 @@ class FewStepMixin:
     own_sampler = True
     few_step_method = "few_step"
 
+    @property
+    def teacher(self) -> DiffusionModule | None:
+        """The frozen teacher, or None (held in a :class:`Shared`: not a submodule, not copied with the module)."""
+        holder = self.__dict__.get("_teacher")
+        return None if holder is None else holder.value
+
     def attach_teacher(self, teacher_ckpt: str | None, key: str = "model.teacher_ckpt") -> None:
         """Load the teacher from ``teacher_ckpt`` (None: no teacher) into ``self.teacher`` and its record."""
-        self.__dict__["teacher"] = None  # set through __dict__: nn.Module.__setattr__ would register a submodule
+        self._teacher = Shared()
         self.teacher_record: dict[str, Any] | None = None
         if teacher_ckpt:
             teacher, info = load_teacher(teacher_ckpt, key)
-            self.__dict__["teacher"] = teacher
+            self._teacher.value = teacher
             self.teacher_record = {k: v for k, v in info.items() if k != "config"}
             self.teacher_config = info["config"]
 
     def teacher_to_device(self) -> None:
         """Move the teacher to the student's device (Lightning moves submodules only)."""
-        teacher = self.__dict__.get("teacher")
+        teacher = self.teacher
         if teacher is not None:
             teacher.to(self.device)
 

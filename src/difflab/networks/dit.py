@@ -22,7 +22,7 @@ from torch import nn
 
 from difflab.networks.attention import Attention
 from difflab.networks.blocks import run_block
-from difflab.networks.embeddings import timestep_embedding
+from difflab.networks.embeddings import GuidanceEmbedding, add_guidance, timestep_embedding
 
 
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
@@ -60,15 +60,21 @@ class PatchEmbed(nn.Module):
 
 
 class ConditionEmbed(nn.Module):
-    """c = MLP(sinusoid(t)) + E[y]: t (B,) long, y (B,) long or None → (B, D).
+    """c = MLP(sinusoid(t) [+ P·sinusoid(1000 w)]) + E[y]: t (B,) long, y (B,) long or None, w (B,) or None → (B, D).
 
     The timestep MLP is Linear(256 → D), SiLU, Linear(D → D) on the sinusoid of ``timestep_embedding`` with
     ``freq_shift``; the class table has ``num_classes + 1`` rows, the last being the null class of classifier-free
-    guidance (used when y is None).
+    guidance (used when y is None). With ``guidance_dim`` the guidance scale w is an input (LCM's w-conditioning): its
+    features through a zero-initialised linear P (:class:`GuidanceEmbedding`) join the timestep sinusoid.
     """
 
     def __init__(
-        self, hidden_size: int, num_classes: int | None, frequency_size: int = 256, freq_shift: int = 0
+        self,
+        hidden_size: int,
+        num_classes: int | None,
+        frequency_size: int = 256,
+        freq_shift: int = 0,
+        guidance_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.frequency_size, self.num_classes, self.freq_shift = frequency_size, num_classes, freq_shift
@@ -76,9 +82,11 @@ class ConditionEmbed(nn.Module):
             nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
         )
         self.class_table = nn.Embedding(num_classes + 1, hidden_size) if num_classes else None
+        self.guidance_embed = GuidanceEmbedding(frequency_size, guidance_dim) if guidance_dim else None
 
-    def forward(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        c = self.time_mlp(timestep_embedding(t, self.frequency_size, freq_shift=self.freq_shift))
+    def forward(self, t: torch.Tensor, y: torch.Tensor | None, w: torch.Tensor | None = None) -> torch.Tensor:
+        features = timestep_embedding(t, self.frequency_size, freq_shift=self.freq_shift)
+        c = self.time_mlp(add_guidance(features, self.guidance_embed, w))
         if self.class_table is not None:
             if y is None:  # an unconditional call of a conditional net: the null class
                 y = torch.full_like(t, self.num_classes, dtype=torch.long)
@@ -154,8 +162,12 @@ class DiT(nn.Module):
             ``downscale_freq_shift=1``, max_period^(−k/(half − 1)), which its ``DiTTransformer2DModel`` hard-codes:
             a DiT trained with 1 exports to diffusers exactly, see ``difflab.tasks.export_dit``).
         checkpointing: activation checkpointing per DiT block in training (recomputed in the backward pass).
+        guidance_embed: take the guidance scale w as an input (latent consistency models): its sinusoid of
+            ``guidance_embed_dim`` features through a zero-initialised linear map, added to the timestep features
+            (off by default: no parameters, the network and its state dict unchanged); set by the model.
     Shapes: x (B, in_channels, H, W), t (B,) long, y (B,) long or None, context (B, L, context_dim) with
-    context_mask (B, L) bool (True = real token) → (B, out_channels, H, W).
+    context_mask (B, L) bool (True = real token), w (B,) float or None (w = 0; only with guidance_embed)
+    → (B, out_channels, H, W).
     """
 
     def __init__(
@@ -173,6 +185,8 @@ class DiT(nn.Module):
         frequency_size: int = 256,
         time_freq_shift: int = 0,
         checkpointing: bool = False,
+        guidance_embed: bool = False,
+        guidance_embed_dim: int = 256,
     ) -> None:
         super().__init__()
         self.checkpointing = bool(checkpointing)
@@ -183,7 +197,8 @@ class DiT(nn.Module):
         self.patch_size, self.num_classes, self.context_dim = patch_size, num_classes, context_dim
         self.patch_embed = PatchEmbed(in_channels, hidden_size, patch_size)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, image_size // patch_size), persistent=False)
-        self.embed = ConditionEmbed(hidden_size, num_classes, frequency_size, int(time_freq_shift))
+        guidance_dim = int(guidance_embed_dim) if guidance_embed else None
+        self.embed = ConditionEmbed(hidden_size, num_classes, frequency_size, int(time_freq_shift), guidance_dim)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, context_dim) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, out_channels)
         self.initialize_weights()
@@ -207,6 +222,8 @@ class DiT(nn.Module):
         if self.embed.class_table is not None:
             nn.init.normal_(self.embed.class_table.weight, std=0.02)
         zeroed = [self.final_layer.modulation[-1], self.final_layer.linear]
+        if self.embed.guidance_embed is not None:  # zero again after the Xavier pass: the w input starts inert
+            nn.init.zeros_(self.embed.guidance_embed.proj.weight)
         for block in self.blocks:
             zeroed.append(block.modulation[-1])
             if block.cross_attn is not None:
@@ -228,13 +245,14 @@ class DiT(nn.Module):
         y: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        w: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.context_dim and context is None:
             raise ValueError("this DiT has cross-attention (net.context_dim is set): it needs a context")
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             raise ValueError(f"DiT built for {self.image_size}x{self.image_size} inputs, got {tuple(x.shape[-2:])}")
         tokens = self.patch_embed(x) + self.pos_embed  # (B, N, D)
-        c = self.embed(t, y)  # (B, D)
+        c = self.embed(t, y, w)  # (B, D)
         for block in self.blocks:
             tokens = run_block(block, self.checkpointing, tokens, c, context, context_mask)
         return self.unpatchify(self.final_layer(tokens, c))

@@ -3,7 +3,8 @@
 Presets live in ``conf/net/``: ``unet_s`` (tiny, for CPU) and ``unet_m`` (the DDPM CIFAR-10 shape).
 Conditioning: ``num_classes`` adds a learned class embedding (index ``num_classes`` is the null class used by
 classifier-free guidance) to the time embedding; ``context_dim`` replaces self-attention at
-``attention_resolutions`` by spatial transformers that cross-attend to a context sequence (latent diffusion).
+``attention_resolutions`` by spatial transformers that cross-attend to a context sequence (latent diffusion);
+``guidance_embed`` makes the guidance scale w an input (LCM's w-conditioning, :class:`GuidanceEmbedding`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from difflab.networks.blocks import (
     run_block,
     zero_module,
 )
-from difflab.networks.embeddings import timestep_embedding
+from difflab.networks.embeddings import GuidanceEmbedding, add_guidance, timestep_embedding
 
 
 class EmbedSequential(nn.Sequential):
@@ -57,8 +58,12 @@ class UNet(nn.Module):
         num_classes: if set, a class embedding (+1 null class) is added to the time embedding.
         context_dim: if set, attention layers become :class:`SpatialTransformer`s (self- and cross-attention to a
             context (B, L, context_dim)) of ``transformer_depth`` blocks; set by the model from its conditioner.
+        guidance_embed: take the guidance scale w as an input (latent consistency models): its sinusoid of
+            ``guidance_embed_dim`` features through a zero-initialised linear map, added to the timestep features
+            (off by default: no parameters, the network and its state dict unchanged); set by the model.
     Shapes: x (B, in_channels, H, W), t (B,) long, y (B,) long or None, context (B, L, context_dim) with
-    context_mask (B, L) bool (True = real token) → (B, out_channels, H, W).
+    context_mask (B, L) bool (True = real token), w (B,) float or None (w = 0; only with guidance_embed)
+    → (B, out_channels, H, W).
     """
 
     def __init__(
@@ -79,6 +84,8 @@ class UNet(nn.Module):
         context_dim: int | None = None,
         transformer_depth: int = 1,
         checkpointing: bool = False,
+        guidance_embed: bool = False,
+        guidance_embed_dim: int = 256,
     ) -> None:
         super().__init__()
         self.checkpointing = bool(checkpointing)
@@ -89,6 +96,7 @@ class UNet(nn.Module):
         emb_dim = 4 * model_channels
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        self.guidance_embed = GuidanceEmbedding(model_channels, guidance_embed_dim) if guidance_embed else None
 
         def res(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, emb_dim, dropout, use_scale_shift_norm, num_groups)
@@ -129,9 +137,11 @@ class UNet(nn.Module):
             group_norm(ch, num_groups), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1))
         )
 
-    def embed(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """Time embedding (B, 4·model_channels), plus the class embedding when the net is class-conditional."""
-        emb = self.time_embed(timestep_embedding(t, self.model_channels))
+    def embed(self, t: torch.Tensor, y: torch.Tensor | None, w: torch.Tensor | None = None) -> torch.Tensor:
+        """Time embedding (B, 4·model_channels) (of the timestep features plus w's with ``guidance_embed``), plus the
+        class embedding when the net is class-conditional."""
+        features = add_guidance(timestep_embedding(t, self.model_channels), self.guidance_embed, w)
+        emb = self.time_embed(features)
         if self.class_embed is not None:
             if y is None:  # unconditional call of a conditional net: the null class
                 y = torch.full_like(t, self.num_classes, dtype=torch.long)
@@ -145,8 +155,9 @@ class UNet(nn.Module):
         y: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        w: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        emb = self.embed(t, y)
+        emb = self.embed(t, y, w)
         h, skips = x, []
         for block in self.input_blocks:
             h = run_block(block, self.checkpointing, h, emb, context, context_mask)

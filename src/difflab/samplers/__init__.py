@@ -2,6 +2,7 @@
 
 from difflab.samplers.ancestral import AncestralSampler
 from difflab.samplers.base import Sampler, SamplerOutput, Spacing, spaced_timesteps
+from difflab.samplers.consistency import ConsistencySampler
 from difflab.samplers.continuous import ContinuousSampler, SigmaSchedule, solver_sigmas
 from difflab.samplers.ddim import DDIMSampler, DDIMSigma
 from difflab.samplers.dpmpp import DPMSolverMultistepSampler
@@ -13,6 +14,7 @@ from difflab.samplers.euler_maruyama import EulerMaruyamaSampler
 from difflab.samplers.flow import FlowEulerSampler, FlowHeunSampler, FlowSampler
 from difflab.samplers.heun import HeunSampler
 from difflab.samplers.langevin import AnnealedLangevinSampler, PredictorCorrectorSampler
+from difflab.samplers.lcm import LCMSampler
 from difflab.samplers.loop import sample_loop
 from difflab.samplers.ode import FlowODESampler, ODESampler
 from difflab.samplers.pndm import PNDMSampler
@@ -21,6 +23,7 @@ from difflab.samplers.unipc import UniPCSampler
 __all__ = [
     "AnnealedLangevinSampler",
     "AncestralSampler",
+    "ConsistencySampler",
     "ContinuousSampler",
     "DDIMSampler",
     "DDIMSigma",
@@ -30,6 +33,7 @@ __all__ = [
     "EulerAncestralSampler",
     "EulerMaruyamaSampler",
     "EulerSampler",
+    "LCMSampler",
     "FlowEulerSampler",
     "FlowHeunSampler",
     "FlowODESampler",

@@ -19,7 +19,7 @@ def classifier_free_guidance(
     model_fn: LabelledModelFn,
     y: torch.Tensor,
     null_label: int | torch.Tensor,
-    guidance_scale: float,
+    guidance_scale: float | torch.Tensor,
     mean_channels: int | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Return ``fn(x_t, t)`` giving the guided output for conditions ``y`` (labels (B,), or any (B, ...) tensor).
@@ -29,19 +29,22 @@ def classifier_free_guidance(
 
     Guidance is linear in the network output, so it is the same for ε, x_0 and v parameterisations.
     With a learned variance only the first ``mean_channels`` channels are guided; the variance channels are
-    the conditional ones (as in GLIDE).
+    the conditional ones (as in GLIDE). ``guidance_scale`` may be a tensor (B,): one w per example (latent
+    consistency distillation draws w per example, Luo et al. 2023 §4.2).
     """
-    if guidance_scale < 0:
+    per_example = isinstance(guidance_scale, torch.Tensor)
+    if not per_example and guidance_scale < 0:  # a tensor's w are the caller's to check (no device sync here)
         raise ValueError(f"guidance_scale={guidance_scale}: expected >= 0 (0 = conditional sampling)")
 
     def guided(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if guidance_scale == 0:
+        if not per_example and guidance_scale == 0:
             return model_fn(x_t, t, y)
         null = torch.full_like(y, null_label) if isinstance(null_label, int) else null_label.to(y.device)
         both = model_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]))
         cond, uncond = both.chunk(2, dim=0)
         channels = mean_channels or cond.shape[1]
-        mean = (1 + guidance_scale) * cond[:, :channels] - guidance_scale * uncond[:, :channels]
+        w = guidance_scale.to(cond).reshape(-1, *([1] * (cond.ndim - 1))) if per_example else guidance_scale
+        mean = (1 + w) * cond[:, :channels] - w * uncond[:, :channels]
         return torch.cat([mean, cond[:, channels:]], dim=1)
 
     return guided

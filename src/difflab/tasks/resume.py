@@ -27,6 +27,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from difflab.utils.stored_config import check_stored_config
@@ -163,6 +164,28 @@ def teacher_config(cfg: DictConfig, record: dict[str, Any], where: str) -> DictC
         if value is not None and not _explicit(f"data.{key}") and key in cfg.data:
             cfg.data[key] = value
             taken.append(f"data.{key}={value}")
+    taken += _teacher_model_keys(cfg, taught, where)
     if taken:
         log.info("%s: the student takes the teacher's %s", where, ", ".join(taken))
     return cfg
+
+
+def _teacher_model_keys(cfg: DictConfig, taught: dict[str, Any], where: str) -> list[str]:
+    """The ``model`` keys the student's module class takes from its teacher (its ``teacher_model_keys``, e.g. a
+    consistency student's ``schedule``, ``parameterization``, ``num_classes``) unless the command line sets them;
+    ``model.schedule`` also replaces the top-level ``schedule`` node it interpolates."""
+    target = OmegaConf.select(cfg, "model._target_")
+    module_class = get_method(target) if target else None
+    taken = []
+    for key in getattr(module_class, "teacher_model_keys", ()):
+        value = (taught.get("model") or {}).get(key)
+        explicit = _explicit(f"model.{key}") or (key == "schedule" and _explicit("schedule"))
+        if key not in (taught.get("model") or {}) or explicit:
+            continue
+        if isinstance(value, dict):  # built from the teacher's file (a schedule, a conditioner): allow-listed only
+            check_stored_config(value, where, f"difflab.config.model.{key}")
+        if key == "schedule":
+            cfg.schedule = value
+        cfg.model[key] = value
+        taken.append(f"model.{key}")
+    return taken

@@ -40,6 +40,9 @@ STORED_TARGETS = frozenset(
         "difflab.modules.ClassifierModule",
         "difflab.modules.NoisyClassifierModule",
         "difflab.modules.UpscalerModule",
+        "difflab.modules.ConsistencyModule",
+        "difflab.modules.LatentConsistencyModule",
+        "difflab.modules.ProgressiveDistillationModule",
         "difflab.modules.optim.linear_warmup",
         # networks
         "difflab.networks.UNet",
@@ -62,6 +65,8 @@ STORED_TARGETS = frozenset(
         "difflab.samplers.AncestralSampler",
         "difflab.samplers.DDIMSampler",
         "difflab.samplers.PNDMSampler",
+        "difflab.samplers.ConsistencySampler",
+        "difflab.samplers.LCMSampler",
         "difflab.samplers.EulerSampler",
         "difflab.samplers.HeunSampler",
         "difflab.samplers.EulerAncestralSampler",
