@@ -55,3 +55,24 @@ def test_pndm_needs_four_steps_and_the_plan_order():
     x = pattern(SHAPE, seed=1)
     with pytest.raises(ValueError, match="timestep 800: PNDM expected 900"):
         sampler.step(x, 800, x)
+
+
+def test_plms_from_t_equals_T_on_the_cosine_schedule_stays_on_the_data():
+    """From t = T of the cosine schedule (ᾱ ≈ 2e-9) the combined ε of PLMS's averaged first step is not the model's
+    at x, and its x̂_0 = (x − sqrt(1 − ᾱ) ε)/sqrt(ᾱ) carries that difference times 1/sqrt(ᾱ) ≈ 2e4: thresholded as
+    DDIM's (clip_denoised), a 20-step PLMS chain ends near a 200-step DDIM chain from the same x_T (it diverged
+    before the transfer clipped x̂_0: samples far outside [-1, 1])."""
+    diffusion = make_diffusion("cosine")
+    model = AnalyticModel(diffusion.alphas_cumprod_64, "eps")
+    x_T = pattern(SHAPE, seed=3)
+
+    def run(sampler):
+        x = x_T.clone()
+        for t in sampler.timesteps:
+            x = sampler.step(model(x, int(t)), int(t), x).prev_sample
+        return x
+
+    plms = run(PNDMSampler(diffusion, "eps", steps=20, spacing="trailing"))
+    ddim = run(DDIMSampler(diffusion, "eps", steps=200, spacing="trailing"))
+    assert plms.abs().max() <= 1.0 + 1e-5
+    assert (plms - ddim).abs().mean() < 0.05, (plms - ddim).abs().mean()

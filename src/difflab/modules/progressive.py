@@ -254,8 +254,8 @@ class ProgressiveDistillationModule(FewStepMixin, DiffusionModule):
         super().on_fit_start()
         total, max_steps = self.rounds * self.steps_per_round, self.trainer.max_steps
         if max_steps == -1 or max_steps > total:
-            # the run ends with the last round (set before Lightning restores its loops on resume: a mid-epoch
-            # resume under max_steps=-1 is off by one batch, see the lead's note)
+            # the run ends with the last round; set here, before Lightning restores its loops on resume: a mid-epoch
+            # resume that reaches the loop restore with max_steps=-1 (and max_epochs=-1) skipped one batch in testing
             self.trainer.fit_loop.epoch_loop.max_steps = total
         elif max_steps < total:
             log.warning(

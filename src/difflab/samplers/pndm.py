@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from difflab.samplers.base import Sampler, SamplerOutput
+from difflab.samplers.thresholding import dynamic_threshold
 
 # Adams–Bashforth coefficients on ε̂ (newest first) by the length of the history
 _MULTISTEP = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
@@ -68,9 +69,17 @@ class PNDMSampler(Sampler):
         self._counter, self._history, self._start, self._rk_sum = 0, [], None, None
 
     def transfer(self, x: torch.Tensor, eps: torch.Tensor, t_from: int, t_to: int) -> tuple[torch.Tensor, ...]:
-        """φ(x, ε, t_from → t_to) (eq. 11) and the x̂_0 it passes through."""
+        """φ(x, ε, t_from → t_to) (eq. 11) and the x̂_0 it passes through, thresholded as DDIM's
+        (``clip_denoised`` / ``dynamic_threshold``, ε recomputed from the thresholded x̂_0). The combined ε of a
+        multistep or averaged step is not the network's at x, so its x̂_0 = (x − sqrt(1 − ᾱ) ε)/sqrt(ᾱ) carries the
+        combination's error times 1/sqrt(ᾱ): 4·10⁴ at the cosine schedule's t = T, where an unclipped PLMS diverges."""
         a, a_to = self._sqrt_ab[t_from], self._sqrt_ab[t_to]
         x0 = (x - (1.0 - a * a) ** 0.5 * eps) / a
+        if self.clip_denoised:
+            thresholded = dynamic_threshold(x0, self.dynamic_threshold) if self.dynamic_threshold else x0.clamp(-1, 1)
+            if a < 1.0:
+                eps = (x - a * thresholded) / (1.0 - a * a) ** 0.5
+            x0 = thresholded
         return a_to * x0 + (1.0 - a_to * a_to) ** 0.5 * eps, x0
 
     def step(

@@ -1,0 +1,291 @@
+"""Few-step generation: FID against NFE (1, 2, 4, 8) for the teacher's solvers and for the models made from it.
+
+    python experiments/few_step/run.py                         # the CPU run recorded in RESULTS.md (every part)
+    python experiments/few_step/run.py --part solvers          # one part; results_<tag>.json collects the parts
+
+One teacher: the cosine L_simple Fashion-MNIST model of experiments/sampler_nfe (``TEACHER``: ε-prediction, fixed
+variance, cosine schedule, T = 1000, 16x16, unet_s, 1,500 steps). Parts:
+
+- ``solvers``: the teacher with DDIM (η = 0), DPM-Solver++(2M), PLMS and Analytic-DPM (DDPM and DDIM with the optimal
+  variance, Γ estimated by ``src/analytic.py``) at each NFE;
+- ``progressive``: progressive distillation (Salimans & Ho 2022) from ``--pd-start`` steps down to 1, each round's
+  checkpoint sampled at its own step count;
+- ``cd``: consistency distillation (Song et al. 2023) from the teacher, sampled with 1, 2, 4 and 8 steps;
+- ``ct``: improved consistency training (Song & Dhariwal 2023), no teacher, same sampling.
+
+Every cell: ``--num-samples`` samples per noise seed (``--seeds``: batch b starts from the generator seeded
+seed·1000 + b, the same initial noise for every method at a seed), FID on ``fmnist_cls_v2`` and ``fmnist_cls`` (v1)
+against ``--num-real`` Fashion-MNIST test images (offline proxies, NOT Inception numbers). Training cost: the images
+each method's training saw (its own run plus, for distillation, the teacher's) and its wall time on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
+
+from experiments.common import (  # noqa: E402
+    ROOT,
+    ensure_checkpoint,
+    hardware,
+    load,
+    markdown_table,
+    real_metrics,
+    sampling_precision,
+    write_json,
+)
+from experiments.sampler_nfe.run import sampler_factory  # noqa: E402
+
+OUT = Path(__file__).parent
+LOGS = ROOT / "logs" / "few_step"
+NFE = [1, 2, 4, 8]
+FEATURE_NETS = ("fmnist_cls_v2", "fmnist_cls")
+# the sampler_nfe study's model (experiments/iddpm_nll's CPU L_simple run), EMA as recorded there
+TEACHER = "experiment=quickstart trainer.max_steps=1500 callbacks.ema.warmup=false model=ddpm schedule=cosine"
+SOLVERS = {  # row name → (conf/sampler file, overrides)
+    "DDIM (η = 0)": ("ddim", {}),
+    "DPM-Solver++(2M)": ("dpmpp_2m", {}),
+    "PLMS": ("plms", {}),
+    "Analytic-DPM (DDPM)": ("ddpm", {"variance_type": "analytic", "spacing": "trailing"}),
+    "Analytic-DDIM (η = 0)": ("ddim", {"variance_type": "analytic"}),
+}
+
+
+def steps_for(sampler, nfe: int) -> int | None:
+    """The most steps whose network evaluations fit in ``nfe`` (None when none does: PNDM's warm-up, a multistep
+    solver's minimum number of steps)."""
+    for steps in range(nfe, 0, -1):
+        try:
+            if sampler.num_evaluations(steps) <= nfe:
+                sampler.set_timesteps(steps)
+                return steps
+        except ValueError:
+            continue
+    return None
+
+
+def generate(module, sampler, steps: int | None, num: int, batch: int, device, seed: int) -> tuple[torch.Tensor, float]:
+    """``num`` samples; batch b starts from the generator seeded seed·1000 + b. Returns (images, seconds)."""
+    start, chunks = time.time(), []
+    for b, first in enumerate(range(0, num, batch)):
+        g = torch.Generator(device).manual_seed(seed * 1000 + b)
+        with sampling_precision(device):
+            chunks.append(module.sample(min(batch, num - first), g, sampler, steps))
+    return torch.cat(chunks), time.time() - start
+
+
+class Scorer:
+    """FID of generated images on each feature net, against the real statistics of the teacher's test set."""
+
+    def __init__(self, test, record, args, device) -> None:
+        key = {"data": record["config"]["data"]}
+        self.metrics = {net: real_metrics(test, args.num_real, ("fid",), net, device, key) for net in FEATURE_NETS}
+
+    def __call__(self, images: torch.Tensor) -> dict[str, float]:
+        scores = {}
+        for net, gm in self.metrics.items():
+            gm.update_fake(images)
+            scores[f"fid_{net}"] = float(gm.compute()[f"fid_{net}"])
+        return scores
+
+
+def cell(method: str, module, sampler, steps: int | None, nfe: int, score: Scorer, args, device) -> list[dict]:
+    """One (method, NFE) cell at every seed (each row also saved as it is made: ``args.save``)."""
+    rows = []
+    for seed in args.seeds:
+        images, seconds = generate(module, sampler, steps, args.num_samples, args.batch_size, device, seed)
+        row = {"method": method, "nfe": nfe, "steps": steps, "seed": seed, "seconds": round(seconds, 1)}
+        row.update(score(images))
+        print(row, flush=True)
+        rows.append(row)
+        args.save([row])
+    return rows
+
+
+def part_solvers(teacher, score, args, device) -> list[dict]:
+    rows = []
+    for method, (name, overrides) in SOLVERS.items():
+        if args.solvers and name not in args.solvers and method not in args.solvers:
+            continue
+        if overrides.get("variance_type") == "analytic":  # Γ beside the teacher (python src/analytic.py ckpt=...)
+            overrides = {**overrides, "gamma": str(Path(args.teacher_ckpt).with_suffix(".analytic.safetensors"))}
+        try:  # steps=None (T) at construction: the cells set their own
+            sampler = teacher.build_sampler(sampler_factory(name, **{"steps": None, **overrides}))
+        except (ValueError, FileNotFoundError) as error:  # e.g. no Γ file yet: src/analytic.py writes it
+            print(f"skip {method}: {error}", flush=True)
+            continue
+        for nfe in args.nfe:
+            steps = steps_for(sampler, nfe)
+            if steps is None:
+                print(f"skip {method} at {nfe} NFE: its first step needs more evaluations", flush=True)
+                continue
+            rows += cell(method, teacher, sampler, steps, sampler.num_evaluations(steps), score, args, device)
+    return rows
+
+
+# the students' runs: the teacher's data, batch and EMA; a validation pass every 500 steps on 2 batches
+STUDENT = [
+    "trainer=cpu",
+    "data.batch_size=64",
+    "data.val_size=512",
+    "trainer.val_check_interval=500",
+    "trainer.check_val_every_n_epoch=null",
+    "trainer.limit_val_batches=2",
+    "callbacks.ema.decay=0.995",
+]
+TRAIN = {  # part → src/train.py overrides (the teacher checkpoint appended where needed)
+    # 16 → 8 → 4 → 2 → 1 DDIM steps, 400 optimizer steps per round
+    "progressive": ["experiment=progressive_distill", "model.start_steps=16", "model.rounds=4"],
+    "cd": ["experiment=consistency_distill", "trainer.max_steps=1500"],
+    # no teacher: the teacher's network (unet_s, attention at 4x4) and image size, trained from scratch
+    "ct": ["experiment=consistency_training", "trainer.max_steps=3000", "net=unet_s", "net.attention_resolutions=[4]"],
+}
+PD_STEPS_PER_ROUND = 400
+
+
+def student_checkpoint(part: str, teacher_ckpt: Path, args) -> Path:
+    """Train (once) the student of ``part`` into logs/few_step/<part>; its last checkpoint."""
+    overrides = [*TRAIN[part], *STUDENT, "task_name=few_step"]
+    if part == "progressive":
+        overrides.append(f"model.steps_per_round={args.pd_steps_per_round}")
+    if part == "ct":
+        overrides += ["data.image_size=16"]
+    else:
+        overrides.append(f"model.teacher_ckpt={teacher_ckpt}")
+    return ensure_checkpoint(LOGS / part, overrides)
+
+
+def part_progressive(teacher, score, args, device) -> list[dict]:
+    """Each round's checkpoint at its own step count (DDIM η = 0, trailing)."""
+    student_checkpoint("progressive", Path(args.teacher_ckpt), args)
+    rows = []
+    for ckpt in sorted((LOGS / "progressive" / "checkpoints").glob("round_*steps.ckpt")):
+        module, _, _ = load(ckpt, device)
+        steps = module.sampler.num_steps
+        if steps in args.nfe:
+            rows += cell("progressive distillation", module, None, steps, steps, score, args, device)
+    return rows
+
+
+def consistency_part(part: str, method: str):
+    def run(teacher, score, args, device) -> list[dict]:
+        module, _, _ = load(student_checkpoint(part, Path(args.teacher_ckpt), args), device)
+        return [r for nfe in args.nfe for r in cell(method, module, None, nfe, nfe, score, args, device)]
+
+    return run
+
+
+def training_cost(run_dir: Path) -> dict[str, Any]:
+    """Images seen and wall time of a training run (its run_summary.json)."""
+    summary_file = run_dir / "run_summary.json"
+    if not summary_file.is_file():
+        return {}
+    summary = json.loads(summary_file.read_text())
+    return {"train_images": summary.get("train_images"), "train_seconds": round(summary.get("wall_time_s", 0.0))}
+
+
+def merge(result: dict, part: str, new: list[dict]) -> None:
+    """Add ``new`` rows to ``result[part]``, replacing rows of the same (method, nfe, seed)."""
+    key = lambda r: (r["method"], r["nfe"], r["seed"])  # noqa: E731
+    done = {key(r) for r in new}
+    result[part] = [r for r in result.get(part, []) if key(r) not in done] + new
+
+
+def tables(result: dict) -> None:
+    rows = [r for part in ("solvers", "progressive", "cd", "ct") for r in result.get(part, [])]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for net in FEATURE_NETS:
+        by = {}
+        for r in rows:
+            by.setdefault((r["method"], r["nfe"]), []).append(r[f"fid_{net}"])
+        body = [
+            [m, *(" / ".join(f"{v:.2f}" for v in by[(m, n)]) if (m, n) in by else "—" for n in NFE)] for m in methods
+        ]
+        print(markdown_table([f"FID {net} (seeds) \\ NFE", *map(str, NFE)], body))
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for part in ("solvers", "progressive", "cd", "ct") for r in result.get(part, [])]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for k, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+        cells = {}
+        for r in rows:
+            if r["method"] == method:
+                cells.setdefault(r["nfe"], []).append(r["fid_fmnist_cls_v2"])
+        nfe = sorted(cells)
+        style = {"linestyle": "--"} if any(method.startswith(s.split()[0]) for s in SOLVERS) else {"linewidth": 2.2}
+        ax.plot(nfe, [sum(cells[n]) / len(cells[n]) for n in nfe], marker="os^vDP*Xph"[k % 10], label=method, **style)
+    ax.set(xscale="log", yscale="log", xlabel="network evaluations (NFE)", ylabel="FID (fmnist_cls_v2), mean of seeds")
+    ax.set_xticks(NFE, labels=[str(n) for n in NFE])
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", nargs="+", choices=["solvers", "progressive", "cd", "ct"], default=["solvers"])
+    p.add_argument("--replot", action="store_true", help="only redraw the plot and tables from results_<tag>.json")
+    p.add_argument("--teacher", default=TEACHER, help="src/train.py overrides of the teacher")
+    p.add_argument("--teacher-dir", default=str(LOGS / "teacher"))
+    p.add_argument("--nfe", type=int, nargs="+", default=NFE)
+    p.add_argument("--solvers", nargs="+", default=None, help="part solvers: only these rows (or sampler files)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--pd-steps-per-round", type=int, default=PD_STEPS_PER_ROUND)
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--num-real", type=int, default=10000)
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tag", default="cpu", help="results_<tag>.json and fid_vs_nfe_<tag>.png")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    out = OUT / f"results_{args.tag}.json"
+    result: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
+    if not args.replot:
+        ckpt = ensure_checkpoint(Path(args.teacher_dir), [*args.teacher.split(), "task_name=few_step"])
+        teacher, record, test = load(ckpt, device)
+        score = Scorer(test, record, args, device)
+        result.update(hardware=hardware(), teacher=str(ckpt), teacher_step=record["global_step"])
+        args.teacher_ckpt = str(ckpt)
+        costs = result.setdefault("costs", {})
+        costs["teacher"] = training_cost(Path(args.teacher_dir))
+        for part in args.part:
+
+            def save(rows: list[dict], part: str = part) -> None:
+                on_disk = json.loads(out.read_text()) if out.is_file() else {}  # another part may run beside
+                for name in PARTS:
+                    merge(result, name, on_disk.get(name, []) if name != part else [])
+                merge(result, part, rows)
+                write_json(out, result)
+
+            args.save = save
+            PARTS[part](teacher, score, args, device)
+            if part != "solvers":
+                costs[part] = training_cost(LOGS / part)
+                write_json(out, result)
+    plot(result, OUT / f"fid_vs_nfe_{args.tag}.png")
+    tables(result)
+
+
+PARTS = {
+    "solvers": part_solvers,
+    "progressive": part_progressive,
+    "cd": consistency_part("cd", "consistency distillation"),
+    "ct": consistency_part("ct", "consistency training"),
+}
+
+if __name__ == "__main__":
+    main()
