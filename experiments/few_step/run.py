@@ -153,21 +153,21 @@ PD_STEPS_PER_ROUND = 400
 
 def student_checkpoint(part: str, teacher_ckpt: Path, args) -> Path:
     """Train (once) the student of ``part`` into logs/few_step/<part>; its last checkpoint."""
-    overrides = [*TRAIN[part], *STUDENT, "task_name=few_step"]
+    overrides = [*TRAIN[part], *STUDENT, "task_name=few_step", *args.student_extra]
     if part == "progressive":
         overrides.append(f"model.steps_per_round={args.pd_steps_per_round}")
     if part == "ct":
         overrides += ["data.image_size=16"]
     else:
         overrides.append(f"model.teacher_ckpt={teacher_ckpt}")
-    return ensure_checkpoint(LOGS / part, overrides)
+    return ensure_checkpoint(args.logs / part, overrides)
 
 
 def part_progressive(teacher, score, args, device) -> list[dict]:
     """Each round's checkpoint at its own step count (DDIM η = 0, trailing)."""
     student_checkpoint("progressive", Path(args.teacher_ckpt), args)
     rows = []
-    for ckpt in sorted((LOGS / "progressive" / "checkpoints").glob("round_*steps.ckpt")):
+    for ckpt in sorted((args.logs / "progressive" / "checkpoints").glob("round_*steps.ckpt")):
         module, _, _ = load(ckpt, device)
         steps = module.sampler.num_steps
         if steps in args.nfe:
@@ -217,6 +217,7 @@ def plot(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     rows = [r for part in ("solvers", "progressive", "cd", "ct") for r in result.get(part, [])]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -230,6 +231,7 @@ def plot(result: dict, path: Path) -> None:
         ax.plot(nfe, [sum(cells[n]) / len(cells[n]) for n in nfe], marker="os^vDP*Xph"[k % 10], label=method, **style)
     ax.set(xscale="log", yscale="log", xlabel="network evaluations (NFE)", ylabel="FID (fmnist_cls_v2), mean of seeds")
     ax.set_xticks(NFE, labels=[str(n) for n in NFE])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -240,7 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--part", nargs="+", choices=["solvers", "progressive", "cd", "ct"], default=["solvers"])
     p.add_argument("--replot", action="store_true", help="only redraw the plot and tables from results_<tag>.json")
     p.add_argument("--teacher", default=TEACHER, help="src/train.py overrides of the teacher")
-    p.add_argument("--teacher-dir", default=str(LOGS / "teacher"))
+    p.add_argument("--teacher-dir", default=None, help="the teacher's run dir (default: <logs>/teacher)")
+    p.add_argument("--logs", type=Path, default=None, help="where the runs go (default: logs/few_step)")
+    p.add_argument("--student-extra", nargs="*", default=[], help="src/train.py overrides added to every student")
     p.add_argument("--nfe", type=int, nargs="+", default=NFE)
     p.add_argument("--solvers", nargs="+", default=None, help="part solvers: only these rows (or sampler files)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -251,6 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tag", default="cpu", help="results_<tag>.json and fid_vs_nfe_<tag>.png")
     args = p.parse_args(argv)
+    args.logs = args.logs or LOGS
+    args.teacher_dir = args.teacher_dir or str(args.logs / "teacher")
     device = torch.device(args.device)
     out = OUT / f"results_{args.tag}.json"
     result: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
@@ -274,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
             args.save = save
             PARTS[part](teacher, score, args, device)
             if part != "solvers":
-                costs[part] = training_cost(LOGS / part)
+                costs[part] = training_cost(args.logs / part)
                 write_json(out, result)
     plot(result, OUT / f"fid_vs_nfe_{args.tag}.png")
     tables(result)
