@@ -38,7 +38,7 @@ def test_a_training_run_with_every_logger_prints_none_of_the_noise(tmp_path):
 def test_help_lists_groups_and_what_they_set(script, tmp_path):
     text = cli_ok(run_cli(script, "--help", cwd=tmp_path)).stdout
     assert "== Configuration groups (group=option) ==" in text, script
-    assert "sampler: ddim, ddpm, dpmpp_2m" in text  # the options of the groups the script chooses from
+    assert "sampler: consistency, ddim, ddpm, dpmpp_2m" in text  # the options of the groups the script chooses from
     assert "the ODE/SDE solvers (sigma_schedule" in text  # the README's description of a group
     # only its own groups: sample.py and eval.py train nothing (Hydra listed every group, data= and net= too)
     listed_net = "\nnet: unet_s, unet_m" in text  # the README row of the net group
