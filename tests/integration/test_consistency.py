@@ -95,7 +95,7 @@ def test_consistency_distillation_beats_the_teachers_few_steps(teacher, tmp_path
         assert ours < 0.5 * its
 
 
-@pytest.mark.slow  # ~50 s: CT learns from scratch (100 steps are not enough on this size)
+# ~25 s on one core (the teacher fixture shared): CT learns from scratch (100 steps are not enough on this size)
 def test_consistency_training_beats_the_teachers_few_steps(teacher, tmp_path):
     run = ["experiment=consistency_training", "trainer.max_steps=150", "net.dropout=0.0", *FIT]
     result = train(compose_config([*BASE, *run], tmp_path))
