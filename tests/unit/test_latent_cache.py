@@ -15,12 +15,12 @@ from difflab.data.latent_cache import (
     SafetensorsFile,
     data_identity,
     read_manifest,
-    state_dict_sha256,
     write_safetensors,
 )
 from difflab.modules import load_autoencoder
 from difflab.networks import Autoencoder
 from difflab.tasks.encode import encode
+from difflab.utils.hashing import state_dict_sha256
 from tests.conftest import compose_config
 
 AE_NET = {"embed_dim": 3, "z_channels": 3, "ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "num_groups": 4}

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from difflab.data.transforms import BatchedDataset
-from difflab.utils.hashing import json_sha256, state_dict_sha256  # noqa: F401 (re-exported)
+from difflab.utils.hashing import json_sha256
 from difflab.utils.paths import atomic_write
 
 FORMAT = "difflab-latent-cache"

@@ -35,7 +35,6 @@ from difflab.data.latent_cache import (
     identity_differences,
     read_manifest,
     shard_name,
-    state_dict_sha256,
     write_safetensors,
 )
 from difflab.data.latents import LatentDataModule
@@ -45,6 +44,7 @@ from difflab.modules.autoencoder import load_autoencoder
 from difflab.networks.autoencoder import Autoencoder
 from difflab.tasks.sample import resolve_device
 from difflab.utils.checkpoint_io import trusted_checkpoints
+from difflab.utils.hashing import state_dict_sha256
 from difflab.utils.paths import write_text_atomic
 from difflab.utils.progress import progress_iter
 
