@@ -101,6 +101,19 @@ def test_resume_from_a_periodic_checkpoint_of_a_longer_run_is_exact(uninterrupte
     assert first["checkpoint"] and max(max_abs_diff(uninterrupted()["checkpoint"], resumed["checkpoint"]).values()) == 0
 
 
+def test_an_epoch_cut_short_by_max_steps_continues_in_a_run_without_a_step_limit(tmp_path):
+    """Stopped by max_steps at step 4 of a 6-step epoch, resumed with max_steps=-1 and max_epochs=2: Lightning
+    counts the cut epoch as processed, so it would skip its last two batches and start epoch 1 (a data order the
+    uninterrupted run never saw; weights 1e-3 off), and an iteration-based resume would stop one epoch early
+    (difflab.callbacks.CutEpochRestore marks the epoch unfinished). Ends at step 12 with the same weights."""
+    by_epochs = ("trainer.max_steps=-1", "trainer.max_epochs=2")
+    uninterrupted = fit(tmp_path / "full", *by_epochs)
+    first = fit(tmp_path / "first", "trainer.max_steps=4")
+    resumed = fit(tmp_path / "resumed", *by_epochs, f"ckpt_path={first['checkpoint']}")
+    assert torch.load(resumed["checkpoint"], weights_only=True)["global_step"] == 12
+    assert max(max_abs_diff(uninterrupted["checkpoint"], resumed["checkpoint"]).values()) == 0
+
+
 def test_a_checkpoint_without_random_state_resumes_with_a_warning(tmp_path):
     """Checkpoints written before the random state was saved still resume: reproducibly, not bit-exactly."""
     first = fit(tmp_path / "first", "trainer.max_steps=2")

@@ -4,6 +4,7 @@ metrics, throughput."""
 from difflab.callbacks.checkpoint import ModelCheckpoint
 from difflab.callbacks.ema import EMA
 from difflab.callbacks.generative_metrics import GenerativeMetricsCallback
+from difflab.callbacks.loop_restore import CutEpochRestore
 from difflab.callbacks.nll import NLLCallback
 from difflab.callbacks.nonfinite import NonFiniteError, NonFiniteGuard
 from difflab.callbacks.progress import ProgressLines
@@ -18,6 +19,7 @@ __all__ = [
     "EMA",
     "FinalValidation",
     "GenerativeMetricsCallback",
+    "CutEpochRestore",
     "ModelCheckpoint",
     "NLLCallback",
     "NonFiniteError",

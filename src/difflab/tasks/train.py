@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from difflab.callbacks import (
     EMA,
+    CutEpochRestore,
     FinalValidation,
     NonFiniteError,
     NonFiniteGuard,
@@ -198,7 +199,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     size = network_size(model)  # before fit: eager, on the CPU
     throughput, final = TrainThroughput(), FinalValidation(search_objective(cfg, choices))
     callbacks = [*instantiate_group(cfg.get("callbacks")), RunRecord(run_config, choices)]
-    callbacks += [TrainingRandomState(cfg.seed), throughput, final]
+    callbacks += [TrainingRandomState(cfg.seed), CutEpochRestore(), throughput, final]
     loggers = instantiate_group(cfg.get("logger"), logger_overrides, "logger")
     trainer = build_trainer(cfg, model, callbacks, loggers, size)
     for logger in loggers:
