@@ -11,12 +11,17 @@ variance, cosine schedule, T = 1000, 16x16, unet_s, 1,500 steps). Parts:
 - ``progressive``: progressive distillation (Salimans & Ho 2022) from ``--pd-start`` steps down to 1, each round's
   checkpoint sampled at its own step count;
 - ``cd``: consistency distillation (Song et al. 2023) from the teacher, sampled with 1, 2, 4 and 8 steps;
-- ``ct``: improved consistency training (Song & Dhariwal 2023), no teacher, same sampling.
+- ``ct``: improved consistency training (Song & Dhariwal 2023), no teacher, same sampling;
+- ``rf``: the 2-rectified flow of the teacher's probability-flow ODE (reflow, Liu et al. 2022; from a diffusion model
+  as InstaFlow, Liu et al. 2023): ``experiment=reflow`` on ``--rf-pairs`` couplings (ε, x̂_0 = DPM-Solver++(2M) at 20
+  steps from x_T = ε), the flow student starting from the teacher's network, sampled with Euler at each NFE; and its
+  one-step distillation (reflow with the k = 1 regression on the 2-RF's own 20-step Euler pairs), sampled at 1 NFE.
 
 Every cell: ``--num-samples`` samples per noise seed (``--seeds``: batch b starts from the generator seeded
 seed·1000 + b, the same initial noise for every method at a seed), FID on ``fmnist_cls_v2`` and ``fmnist_cls`` (v1)
 against ``--num-real`` Fashion-MNIST test images (offline proxies, NOT Inception numbers). Training cost: the images
-each method's training saw (its own run plus, for distillation, the teacher's) and its wall time on this machine.
+each method's training saw (its own run plus, for distillation, the teacher's), the network evaluations that made
+reflow's pairs (part of its run's wall time) and its wall time on this machine.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
+from difflab.utils.checkpoint_io import load_checkpoint  # noqa: E402
 from experiments.common import (  # noqa: E402
     ROOT,
     ensure_checkpoint,
@@ -141,14 +147,28 @@ STUDENT = [
     "trainer.limit_val_batches=2",
     "callbacks.ema.decay=0.995",
 ]
+REFLOW = [
+    "experiment=reflow",
+    "trainer.max_steps=1500",
+    "model.optimizer.lr=2e-4",
+    "model.lr_scheduler.warmup_steps=100",
+]
 TRAIN = {  # part → src/train.py overrides (the teacher checkpoint appended where needed)
     # 16 → 8 → 4 → 2 → 1 DDIM steps, 400 optimizer steps per round
     "progressive": ["experiment=progressive_distill", "model.start_steps=16", "model.rounds=4"],
     "cd": ["experiment=consistency_distill", "trainer.max_steps=1500"],
     # no teacher: the teacher's network (unet_s, attention at 4x4) and image size, trained from scratch
     "ct": ["experiment=consistency_training", "trainer.max_steps=3000", "net=unet_s", "net.attention_resolutions=[4]"],
+    # 2-rectified flow: a flow student from the teacher's net on its DPM-Solver++(2M) ODE solutions (20 steps: the
+    # teacher's best solver in part solvers); then its one-step distillation on its own 20-step Euler solutions.
+    # lr 2e-4 (Liu et al.'s) after the teacher's 100 warm-up steps (the DDPM default's 5,000 would cap it at 6e-5)
+    "rf": [*REFLOW, "data.teacher_sampler=dpmpp_2m", "data.teacher_steps=20"],
+    "rf_distill": [*REFLOW, "model.timestep_sampler.distribution=one_step", "data.teacher_steps=20"],
 }
 PD_STEPS_PER_ROUND = 400
+RF_PAIRS = 8192
+PAIRS_FILE = "reflow_pairs.pt"  # reflow's couplings, in the run's folder (their generation cost is read back)
+RF, RF_DISTILL = "2-rectified flow (reflow of the ODE)", "2-RF + one-step distillation"
 
 
 def student_checkpoint(part: str, teacher_ckpt: Path, args) -> Path:
@@ -156,6 +176,8 @@ def student_checkpoint(part: str, teacher_ckpt: Path, args) -> Path:
     overrides = [*TRAIN[part], *STUDENT, "task_name=few_step", *args.student_extra]
     if part == "progressive":
         overrides.append(f"model.steps_per_round={args.pd_steps_per_round}")
+    if part.startswith("rf"):
+        overrides += [f"data.num_pairs={args.rf_pairs}", f"data.cache_path={args.logs / part / PAIRS_FILE}"]
     if part == "ct":
         overrides += ["data.image_size=16"]
     else:
@@ -183,13 +205,71 @@ def consistency_part(part: str, method: str):
     return run
 
 
+def part_rf(teacher, score, args, device) -> list[dict]:
+    """The 2-RF at each NFE (Euler steps = NFE) and its one-step distillation at 1 NFE (a one-step map: no other)."""
+    rf_ckpt = student_checkpoint("rf", Path(args.teacher_ckpt), args)
+    distilled_ckpt = student_checkpoint("rf_distill", rf_ckpt, args)
+    rows = []
+    for method, ckpt, nfes in ((RF, rf_ckpt, args.nfe), (RF_DISTILL, distilled_ckpt, [n for n in args.nfe if n == 1])):
+        module, _, _ = load(ckpt, device)
+        euler = module.build_sampler(sampler_factory("flow_euler"))
+        rows += [r for nfe in nfes for r in cell(method, module, euler, nfe, nfe, score, args, device)]
+    return rows
+
+
 def training_cost(run_dir: Path) -> dict[str, Any]:
-    """Images seen and wall time of a training run (its run_summary.json)."""
+    """Images seen and wall time of a training run (its run_summary.json); for reflow also the network evaluations
+    and seconds that made its pairs (recorded in its pairs file; the wall time includes them)."""
     summary_file = run_dir / "run_summary.json"
     if not summary_file.is_file():
         return {}
     summary = json.loads(summary_file.read_text())
-    return {"train_images": summary.get("train_images"), "train_seconds": round(summary.get("wall_time_s", 0.0))}
+    cost = {"train_images": summary.get("train_images"), "train_seconds": round(summary.get("wall_time_s", 0.0))}
+    if (run_dir / PAIRS_FILE).is_file():
+        generation = load_checkpoint(run_dir / PAIRS_FILE, "pairs").get("generation") or {}
+        cost["pair_evaluations"] = generation.get("network_evaluations")
+        cost["pair_seconds"] = round(generation.get("seconds", 0.0))
+    return cost
+
+
+# costs key → (row of the cost table, the runs its model is made from)
+COST_ROWS = {
+    "teacher": ("teacher", []),
+    "progressive": ("progressive distillation", ["teacher"]),
+    "cd": ("consistency distillation", ["teacher"]),
+    "ct": ("consistency training (no teacher)", []),
+    "rf": (RF, ["teacher"]),
+    "rf_distill": (RF_DISTILL, ["teacher", "rf"]),
+}
+
+
+def cost_table(costs: dict[str, dict]) -> str:
+    """The training costs as a markdown table: images seen, network evaluations of reflow's pairs, the same summed
+    over the runs it is made from, wall time (pairs included) and CPU-hours on 2 cores."""
+    count = lambda n: f"{n:,}" if n else "—"  # noqa: E731
+    body = []
+    for key, (name, upstream) in COST_ROWS.items():
+        cost = costs.get(key)
+        if not cost:
+            continue
+        before = [costs.get(u) or {} for u in upstream]
+        images = sum(c.get("train_images") or 0 for c in before)
+        pairs = sum(c.get("pair_evaluations") or 0 for c in before)
+        pair_cell = (
+            f"{count(cost.get('pair_evaluations'))} ({cost['pair_seconds']:,} s)" if "pair_seconds" in cost else "—"
+        )
+        body.append(
+            [
+                name,
+                count(cost.get("train_images")),
+                pair_cell,
+                f"{count(images)} / {count(pairs)}" if upstream else "—",
+                f"{cost.get('train_seconds', 0):,}",
+                f"{cost.get('train_seconds', 0) * 2 / 3600:.2f}",
+            ]
+        )
+    header = ["method", "images seen", "pair generation: NFE (s)", "+ upstream: images / pair NFE", "wall (s)", "CPU-h"]
+    return markdown_table(header, body)
 
 
 def merge(result: dict, part: str, new: list[dict]) -> None:
@@ -200,7 +280,7 @@ def merge(result: dict, part: str, new: list[dict]) -> None:
 
 
 def tables(result: dict) -> None:
-    rows = [r for part in ("solvers", "progressive", "cd", "ct") for r in result.get(part, [])]
+    rows = [r for part in PARTS for r in result.get(part, [])]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     for net in FEATURE_NETS:
         by = {}
@@ -210,6 +290,7 @@ def tables(result: dict) -> None:
             [m, *(" / ".join(f"{v:.2f}" for v in by[(m, n)]) if (m, n) in by else "—" for n in NFE)] for m in methods
         ]
         print(markdown_table([f"FID {net} (seeds) \\ NFE", *map(str, NFE)], body))
+    print(cost_table(result.get("costs", {})))
 
 
 def plot(result: dict, path: Path) -> None:
@@ -219,7 +300,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
 
-    rows = [r for part in ("solvers", "progressive", "cd", "ct") for r in result.get(part, [])]
+    rows = [r for part in PARTS for r in result.get(part, [])]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for k, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
         cells = {}
@@ -228,6 +309,8 @@ def plot(result: dict, path: Path) -> None:
                 cells.setdefault(r["nfe"], []).append(r["fid_fmnist_cls_v2"])
         nfe = sorted(cells)
         style = {"linestyle": "--"} if any(method.startswith(s.split()[0]) for s in SOLVERS) else {"linewidth": 2.2}
+        if len(nfe) == 1:  # a single cell (a one-step model): a marker, no line
+            style = {"linestyle": "none", "markersize": 9}
         ax.plot(nfe, [sum(cells[n]) / len(cells[n]) for n in nfe], marker="os^vDP*Xph"[k % 10], label=method, **style)
     ax.set(xscale="log", yscale="log", xlabel="network evaluations (NFE)", ylabel="FID (fmnist_cls_v2), mean of seeds")
     ax.set_xticks(NFE, labels=[str(n) for n in NFE])
@@ -239,7 +322,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", nargs="+", choices=["solvers", "progressive", "cd", "ct"], default=["solvers"])
+    p.add_argument("--part", nargs="+", choices=list(PARTS), default=["solvers"])
     p.add_argument("--replot", action="store_true", help="only redraw the plot and tables from results_<tag>.json")
     p.add_argument("--teacher", default=TEACHER, help="src/train.py overrides of the teacher")
     p.add_argument("--teacher-dir", default=None, help="the teacher's run dir (default: <logs>/teacher)")
@@ -249,6 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--solvers", nargs="+", default=None, help="part solvers: only these rows (or sampler files)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--pd-steps-per-round", type=int, default=PD_STEPS_PER_ROUND)
+    p.add_argument("--rf-pairs", type=int, default=RF_PAIRS, help="part rf: the couplings of each reflow")
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--num-real", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=500)
@@ -279,9 +363,9 @@ def main(argv: list[str] | None = None) -> None:
 
             args.save = save
             PARTS[part](teacher, score, args, device)
-            if part != "solvers":
-                costs[part] = training_cost(args.logs / part)
-                write_json(out, result)
+            for run in RUNS.get(part, [part]):
+                costs[run] = training_cost(args.logs / run)
+            write_json(out, result)
     plot(result, OUT / f"fid_vs_nfe_{args.tag}.png")
     tables(result)
 
@@ -291,7 +375,9 @@ PARTS = {
     "progressive": part_progressive,
     "cd": consistency_part("cd", "consistency distillation"),
     "ct": consistency_part("ct", "consistency training"),
+    "rf": part_rf,
 }
+RUNS = {"solvers": [], "rf": ["rf", "rf_distill"]}  # the training runs of a part (default: the part's name)
 
 if __name__ == "__main__":
     main()

@@ -259,8 +259,9 @@ def substitute(script: str, args: list[str], checkpoints: dict[str, str]) -> lis
             arg = "compile=none"
         elif key in ("ckpt", "ckpt_path"):
             arg = f"{key}={checkpoints[kind]}"
-        elif key == "model.teacher_ckpt" and "experiment=reflow" in args:  # the tiny flow (digits, the tiny UNet)
-            arg = f"{key}={checkpoints['flow']}"
+        elif key == "model.teacher_ckpt" and "experiment=reflow" in args:  # the tiny flow (digits, the tiny UNet),
+            diffusion = any(a.startswith("data.teacher_sampler=") and "=flow_" not in a for a in args)
+            arg = f"{key}={checkpoints['ddpm' if diffusion else 'flow']}"  # or the tiny DDPM with an ODE solver
             out += ["data.image_size=16", "net=unet_s"]  # the student is the teacher's size and net
         elif key == "model.teacher_ckpt" and "experiment=latent_consistency" in args:  # the tiny text LDM (T = 20)
             arg = f"{key}={checkpoints['text']}"

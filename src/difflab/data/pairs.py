@@ -1,16 +1,21 @@
-"""Reflow's training data: K fixed (noise, sample) couplings of a trained flow (Liu et al. 2022, §2.3 "Reflow").
+"""Reflow's training data: K fixed (noise, sample) couplings of a trained teacher (Liu et al. 2022, §2.3 "Reflow";
+from a diffusion teacher, InstaFlow: Liu et al. 2023).
 
-The teacher (a checkpoint of ``model=rectified_flow``) integrates its ODE from K seeded noises ε_k with its own sampler
-(``teacher_steps`` steps); the pairs (x̂_0,k = ODE(ε_k), ε_k) are cached in one ``.pt`` file (plain tensors, read
-with ``weights_only``) and reused by every later run with the same settings. Batches are ``(x_0, y, ε)``: the
-DiffusionModule trains on the coupling (x_τ = (1 − τ) x̂_0 + τ ε) instead of fresh noise. ``val`` holds the last
-``val_size`` pairs (the loss on held-out couplings); ``test`` is the teacher's real test set, so FID in ``eval.py``
-and the metric callbacks compares with real images, never with the teacher's samples.
+The teacher (a rectified flow, ``model=rectified_flow``, or a pixel-space Gaussian diffusion, ``model=ddpm | iddpm |
+cfg``) integrates its ODE from K seeded noises ε_k with a deterministic sampler (``teacher_sampler``: a
+``conf/sampler`` name, null for the checkpoint's own; ``teacher_steps`` steps; see :mod:`difflab.data.teacher_sampler`
+for the checks and the noise convention x_T = ε_k); the pairs (x̂_0,k = ODE(ε_k), ε_k) are cached in one ``.pt`` file
+(plain tensors, read with ``weights_only``) with what made them (``settings``, checked when read) and what they cost
+(``generation``: network evaluations and seconds), and reused by every later run with the same settings. Batches are
+``(x_0, y, ε)``: the DiffusionModule trains on the coupling (x_τ = (1 − τ) x̂_0 + τ ε) instead of fresh noise. ``val``
+holds the last ``val_size`` pairs (the loss on held-out couplings); ``test`` is the teacher's real test set, so FID in
+``eval.py`` and the metric callbacks compares with real images, never with the teacher's samples.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +24,10 @@ from hydra.utils import instantiate
 from torch.utils.data import Dataset
 
 from difflab.data.base import ImageDataModule, _check_int
+from difflab.data.teacher_sampler import check_teacher, choose_sampler
 from difflab.samplers import sample_loop
 from difflab.utils.checkpoint_io import AtomicCheckpointIO, CheckpointError, load_checkpoint
+from difflab.utils.hashing import json_sha256
 from difflab.utils.stored_config import check_stored_config
 
 log = logging.getLogger(__name__)
@@ -41,37 +48,56 @@ class PairDataset(Dataset):
 
 @torch.no_grad()
 def generate_pairs(
-    teacher: Any, num_pairs: int, steps: int, seed: int, batch_size: int, device: torch.device | str = "cpu"
-) -> dict[str, torch.Tensor]:
-    """K = ``num_pairs`` couplings of ``teacher`` (a flow's DiffusionModule): ``noise`` (K, C, H, W) from the CPU
-    generator seeded ``seed`` (the same pairs on any device), ``x_start`` = the teacher's ODE solution from it (its
-    sampler, ``steps`` steps, its default guidance), ``labels`` (K,) (all classes in turn; zeros if unconditional)."""
+    teacher: Any, num_pairs: int, steps: int | None, seed: int, batch_size: int, device: torch.device | str = "cpu"
+) -> dict[str, Any]:
+    """K = ``num_pairs`` couplings of ``teacher`` (a DiffusionModule of a flow or a Gaussian diffusion, with the
+    sampler to use built in): ``noise`` (K, C, H, W) from the CPU generator seeded ``seed`` (the same pairs on any
+    device), ``x_start`` (K, C, H, W) = the sampler's solution from x_T = ε (``steps`` steps, the teacher's default
+    guidance), ``labels`` (K,) (all classes in turn; zeros if unconditional), and ``generation``: the cost
+    (``network_evaluations``: per image, a guided 2B batch counting twice; ``seconds``; ``nfe_per_pair``)."""
     noise = torch.randn((num_pairs, *teacher.image_shape), generator=torch.Generator().manual_seed(seed))
     classes = teacher.num_classes or 0
     labels = torch.arange(num_pairs) % classes if classes else torch.zeros(num_pairs, dtype=torch.long)
-    sampler, chunks = teacher.sampler, []
+    sampler, chunks, evaluations = teacher.sampler, [], 0
+    sampler.set_timesteps(steps)
+    if sampler.init_noise_sigma != 1.0:  # the VP and flow samplers start from N(0, I): x_T = ε
+        raise ValueError(f"{type(sampler).__name__} starts from N(0, {sampler.init_noise_sigma}²): not x_T = ε")
+    guided = 2 if classes and teacher.guidance_scale else 1
     teacher.eval()
-    for start in range(0, num_pairs, batch_size):
-        eps = noise[start : start + batch_size].to(device)
-        y = labels[start : start + batch_size].to(device) if classes else None
+    start = time.perf_counter()
+    for first in range(0, num_pairs, batch_size):
+        eps = noise[first : first + batch_size].to(device)
+        y = labels[first : first + batch_size].to(device) if classes else None
         with teacher.sampling_precision():
             chunks.append(
                 sample_loop(
                     teacher.model_fn(y, teacher.guidance_scale), sampler, eps.shape, num_steps=steps, noise=eps
                 ).cpu()
             )
-    return {"x_start": torch.cat(chunks).float(), "noise": noise, "labels": labels}
+        evaluations += sampler.nfe * len(eps) * guided
+    generation = {
+        "network_evaluations": evaluations,
+        "nfe_per_pair": evaluations / num_pairs,
+        "seconds": time.perf_counter() - start,
+    }
+    return {"x_start": torch.cat(chunks).float(), "noise": noise, "labels": labels, "generation": generation}
 
 
 class PairsDataModule(ImageDataModule):
     """Reflow couplings of ``teacher_ckpt`` as a data module (batches (x_0, y, ε); see the module docstring).
 
     Args:
-        teacher_ckpt: a flow checkpoint (``python src/train.py model=rectified_flow``).
+        teacher_ckpt: a rectified flow's checkpoint (``python src/train.py model=rectified_flow``) or a pixel-space
+            Gaussian diffusion's (``model=ddpm | iddpm | cfg``).
         num_pairs: K, the couplings generated (``val_size`` of them held out for the validation loss).
-        teacher_steps: steps of the teacher's own sampler (its ``sampler.steps`` when null).
-        cache_path: the ``.pt`` of the pairs (null: ``<teacher dir>/reflow_pairs_<K>_<steps>_<seed>.pt``); an existing
-            file made with other settings is an error.
+        teacher_steps: steps of the teacher's sampler (its ``steps`` when null).
+        teacher_sampler: the solver, a ``conf/sampler`` file name (``ddim``, ``dpmpp_2m``, ``flow_heun``, ...); null:
+            the checkpoint's own sampler. It must be deterministic (checked here: an ODE solver, not DDPM, DDIM with
+            η > 0 nor an SDE solver).
+        teacher_sampler_options: that sampler's settings (``{eta: 0.0, sigma_schedule: model}``).
+        cache_path: the ``.pt`` of the pairs (null: ``<teacher dir>/reflow_pairs_<K>_<steps>_<seed>.pt``, with
+            ``_<sampler>`` and a hash of its config after K when a sampler is chosen); an existing file made with
+            other settings is an error.
         generate_batch_size: batch of the teacher while generating.
         image_size, channels: must equal the teacher's data (the model config reads them from here).
         The other arguments as :class:`ImageDataModule`.
@@ -86,6 +112,8 @@ class PairsDataModule(ImageDataModule):
         teacher_steps: int | None = None,
         cache_path: str | None = None,
         generate_batch_size: int = 256,
+        teacher_sampler: str | None = None,
+        teacher_sampler_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("data_dir", ".")
@@ -93,16 +121,13 @@ class PairsDataModule(ImageDataModule):
         from difflab.modules import read_run_record  # modules import data; data needs modules only for the teacher
 
         self.teacher_ckpt = str(teacher_ckpt)
+        where = f"model.teacher_ckpt={self.teacher_ckpt!r}"
         record = read_run_record(self.teacher_ckpt, "model.teacher_ckpt")
         self.teacher_data = record["config"]["data"]
-        check_stored_config(self.teacher_data, f"model.teacher_ckpt={self.teacher_ckpt!r}", "difflab.config.data")
-        if "Latent" in str(record["config"]["model"].get("_target_", "")):  # its pairs would be latents, not images
-            raise ValueError(
-                f"model.teacher_ckpt={self.teacher_ckpt}: a latent rectified flow; reflow here trains a pixel-space "
-                "student on the teacher's images, and a latent teacher's ODE ends in latents: use a pixel-space "
-                "teacher (python src/train.py model=rectified_flow)"
-            )
-        self.num_classes = record["config"]["model"].get("num_classes")
+        check_stored_config(self.teacher_data, where, "difflab.config.data")
+        model_cfg = record["config"]["model"]
+        process = check_teacher(model_cfg, where)
+        self.num_classes = model_cfg.get("num_classes")
         taught = (int(self.teacher_data["channels"]), int(self.teacher_data["image_size"]))
         if taught != (self.channels, self.image_size):
             raise ValueError(
@@ -112,23 +137,34 @@ class PairsDataModule(ImageDataModule):
         self.num_pairs = _check_int("num_pairs", num_pairs, self.val_size + self.batch_size)
         self.teacher_steps = None if teacher_steps is None else _check_int("teacher_steps", teacher_steps, 1)
         self.generate_batch_size = _check_int("generate_batch_size", generate_batch_size, 1)
+        self.teacher_sampler = teacher_sampler
+        self.sampler_config = choose_sampler(
+            model_cfg, process, teacher_sampler, teacher_sampler_options, self.teacher_steps, where
+        )
         self._cache = cache_path
 
     @property
     def settings(self) -> dict[str, Any]:
-        """What the cached pairs depend on (stored in the file and checked when it is read)."""
-        return {
+        """What the cached pairs depend on (stored in the file and checked when it is read); ``sampler`` only when
+        one is chosen (the files of the checkpoint's own sampler keep the settings they had)."""
+        settings = {
             "teacher_ckpt": self.teacher_ckpt,
             "num_pairs": self.num_pairs,
             "steps": self.teacher_steps,
             "seed": self.seed,
         }
+        if self.sampler_config is not None:
+            settings["sampler"] = self.sampler_config
+        return settings
 
     @property
     def cache_path(self) -> Path:
         if self._cache:
             return Path(self._cache)
-        name = f"reflow_pairs_{self.num_pairs}_{self.teacher_steps or 'own'}_{self.seed}.pt"
+        solver = ""
+        if self.sampler_config is not None:  # the sampler and a hash of its whole config: no two solvers share a file
+            solver = f"_{self.teacher_sampler or 'own'}-{json_sha256(self.sampler_config)[:8]}"
+        name = f"reflow_pairs_{self.num_pairs}{solver}_{self.teacher_steps or 'own'}_{self.seed}.pt"
         return Path(self.teacher_ckpt).parent / name
 
     def prepare_data(self) -> None:
@@ -139,16 +175,24 @@ class PairsDataModule(ImageDataModule):
 
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        teacher, _ = load_module(self.teacher_ckpt, map_location=device, key="model.teacher_ckpt")
-        if getattr(teacher.diffusion, "process_kind", "gaussian") != "flow":
-            raise ValueError(
-                f"model.teacher_ckpt={self.teacher_ckpt}: reflow needs a rectified flow's checkpoint "
-                "(python src/train.py model=rectified_flow)"
-            )
-        log.info("Reflow: generating %d pairs with the teacher %s", self.num_pairs, self.teacher_ckpt)
+        teacher, built = load_module(
+            self.teacher_ckpt, sampler=self.sampler_config, map_location=device, key="model.teacher_ckpt"
+        )
+        log.info(
+            "Reflow: generating %d pairs with the teacher %s (%s)",
+            self.num_pairs,
+            self.teacher_ckpt,
+            built["sampler"]["_target_"].rsplit(".", 1)[-1],
+        )
         pairs = generate_pairs(teacher, self.num_pairs, self.teacher_steps, self.seed, self.generate_batch_size, device)
         AtomicCheckpointIO().save_checkpoint({**pairs, "settings": self.settings}, self.cache_path)
-        log.info("Reflow pairs cached in %s", self.cache_path)
+        cost = pairs["generation"]
+        log.info(
+            "Reflow pairs cached in %s (%d network evaluations, %.0f s)",
+            self.cache_path,
+            cost["network_evaluations"],
+            cost["seconds"],
+        )
 
     def load_pairs(self) -> dict[str, torch.Tensor]:
         """The cached pairs (generated first if missing), checked against this module's settings."""

@@ -52,8 +52,9 @@ class DiffusionModule(pl.LightningModule):
             ``load_module`` for sampling.
         channels_last: keep the network's weights and inputs in channels_last memory format (faster convolutions
             on tensor-core GPUs, especially under bf16).
-        teacher_ckpt: reflow (``experiment=reflow``): the flow checkpoint whose couplings the data module trains on; the
-            network starts from its (EMA) weights, as Liu et al.'s k-rectified flows start from the (k−1)-th.
+        teacher_ckpt: reflow (``experiment=reflow``): the flow (or pixel-space diffusion, InstaFlow) checkpoint whose
+            couplings the data module trains on; the network starts from its (EMA) weights, as Liu et al.'s
+            k-rectified flows start from the (k−1)-th.
             ``load_module`` ignores it (a trained checkpoint carries its own weights).
         sample_precision: a trainer precision (``32-true``, ``bf16-mixed``, ``16-mixed``, ...): the network runs under
             that autocast in ``sample()`` (grids, metrics, ``sample.py``); the sampler's arithmetic and the NLL stay

@@ -15,7 +15,7 @@ from difflab.samplers.flow import FlowEulerSampler, FlowHeunSampler, FlowSampler
 from difflab.samplers.heun import HeunSampler
 from difflab.samplers.langevin import AnnealedLangevinSampler, PredictorCorrectorSampler
 from difflab.samplers.lcm import LCMSampler
-from difflab.samplers.loop import sample_loop
+from difflab.samplers.loop import draws_noise, sample_loop
 from difflab.samplers.ode import FlowODESampler, ODESampler
 from difflab.samplers.pndm import PNDMSampler
 from difflab.samplers.unipc import UniPCSampler
@@ -47,6 +47,7 @@ __all__ = [
     "SigmaSchedule",
     "Spacing",
     "UniPCSampler",
+    "draws_noise",
     "sample_loop",
     "solver_sigmas",
     "spaced_timesteps",

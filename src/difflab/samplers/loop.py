@@ -44,3 +44,29 @@ def sample_loop(
         if on_step is not None:
             on_step(sampler.nfe)
     return x
+
+
+@torch.no_grad()
+def draws_noise(
+    sampler: Sampler, image_shape: tuple[int, ...], out_channels: int | None = None, num_steps: int | None = None
+) -> bool:
+    """Whether a chain of ``sampler`` (``num_steps`` steps) draws random numbers after its start x_T, i.e. whether
+    x_0 is NOT a deterministic function of x_T (ancestral DDPM, DDIM with η > 0, the SDE and Langevin solvers, EDM's
+    churn, multistep consistency sampling). A behavioural probe, not a list of classes, so a new sampler is judged by
+    what it does: the chain runs from x_T = 0 of ``image_shape`` (C, H, W), batch 1, with a network that returns
+    zeros of ``out_channels`` channels (default C; 2C for a learned variance), under a fresh generator; any draw from
+    that generator or from torch's global one counts. A chain whose noisy steps all have zero variance (one DDPM step
+    from t = T) is deterministic, and reported so."""
+    channels, *size = image_shape
+    out_channels = out_channels or channels
+    zeros = lambda x, t: torch.zeros((x.shape[0], out_channels, *size))  # noqa: E731
+    generator = torch.Generator().manual_seed(0)
+    before, global_before = generator.get_state(), torch.random.get_rng_state()
+    try:
+        sample_loop(
+            zeros, sampler, (1, *image_shape), generator, num_steps=num_steps, noise=torch.zeros(1, *image_shape)
+        )
+    finally:
+        drew_global = not torch.equal(global_before, torch.random.get_rng_state())
+        torch.random.set_rng_state(global_before)
+    return drew_global or not torch.equal(before, generator.get_state())
