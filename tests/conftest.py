@@ -65,6 +65,15 @@ TINY_GENERATIVE_METRICS = [
 # The same with net=dit_tiny at half its width (2 blocks of width 32, 2 heads, 2x2 patches).
 TINY_DIT = [o for o in TINY if not o.startswith("net")] + ["net=dit_tiny", "net.hidden_size=32", "net.num_heads=2"]
 
+# 8x8 digits, the tiny UNet, quiet (no validation, sample grids or final samples); no schedule: the few-step tests'
+# teacher takes the cosine schedule at T = 1000 (T costs nothing; the tiny T = 20 linear schedule reaches only σ ≈ 0.5)
+DIGITS_8 = [o for o in TINY if not o.startswith("schedule.")] + [
+    "data.image_size=8",
+    "trainer.limit_val_batches=0",
+    "callbacks.sample_grid.every_n_epochs=1000",
+    "samples.num_samples=0",
+]
+
 # A 16 → 32 upscaler (model=upscaler) on digits, with augmentation levels that fit the tiny T = 20.
 TINY_UPSCALER = [
     *TINY,
@@ -244,6 +253,14 @@ def tiny_cfg_checkpoint(tmp_path_factory) -> str:
     """The ``last.ckpt`` of the tiny class-conditional model (``TINY`` + ``model=cfg``) trained 2 steps."""
     run = ["model=cfg", "trainer.max_steps=2", "trainer.limit_train_batches=2"]
     return _train_once(tmp_path_factory, "tiny_cfg", [*TINY, *run])
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory) -> str:
+    """The few-step acceptance tests' teacher (consistency distillation and training, progressive distillation): a
+    cosine-schedule (T = 1000) ε-prediction DDPM on 8x8 digits (``DIGITS_8``), 120 steps (~6-12 s on one core)."""
+    run = ["schedule=cosine", "trainer.max_steps=120", "model.lr_scheduler.warmup_steps=1", "model.optimizer.lr=2e-3"]
+    return _train_once(tmp_path_factory, "digits_teacher", [*DIGITS_8, *run, "callbacks.ema.decay=0.99"])
 
 
 @pytest.fixture(scope="session")

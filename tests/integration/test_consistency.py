@@ -18,16 +18,11 @@ from difflab.samplers import sample_loop
 from difflab.tasks.sample import sample
 from difflab.tasks.train import train
 from difflab.utils.checkpoint_io import load_checkpoint
-from tests.conftest import TINY, compose_config, raises_in_config
+from tests.conftest import DIGITS_8, compose_config, raises_in_config
 
-# 8x8 digits, the tiny UNet; the tiny T = 20 linear schedule reaches only σ ≈ 0.5, so the teacher is the study's
-# cosine schedule at T = 1000 (T costs nothing)
-BASE = [o for o in TINY if not o.startswith("schedule.")] + [
-    "data.image_size=8",
-    "trainer.limit_val_batches=0",
-    "callbacks.sample_grid.every_n_epochs=1000",
-    "samples.num_samples=0",
-]
+# 8x8 digits, the tiny UNet; the teacher (tests/conftest.py's ``digits_teacher``, shared with progressive
+# distillation's acceptance test) is the study's cosine schedule at T = 1000
+BASE = DIGITS_8
 SIGMA_MAX = 10.0  # the tiny teacher's ε̂ is poor at σ = 80 (x̂_0 = x̃ − σ ε̂ amplifies it): every chain starts at 10
 FIT = [
     "model.optimizer.lr=1e-3",
@@ -38,12 +33,9 @@ FIT = [
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> str:
-    """A cosine-schedule ε-prediction DDPM on 8x8 digits, 120 steps (~12 s on one core)."""
-    run = ["schedule=cosine", "trainer.max_steps=120", "model.lr_scheduler.warmup_steps=1", "model.optimizer.lr=2e-3"]
-    return train(compose_config([*BASE, *run, "callbacks.ema.decay=0.99"], tmp_path_factory.mktemp("teacher")))[
-        "checkpoint"
-    ]
+def teacher(digits_teacher) -> str:
+    """A cosine-schedule ε-prediction DDPM on 8x8 digits, 120 steps (the session's ``digits_teacher``)."""
+    return digits_teacher
 
 
 def distill(out: Path, teacher: str, *extra: str) -> dict:

@@ -201,7 +201,7 @@ def checkpoints(tmp_path_factory, tiny_checkpoint, tiny_cfg_checkpoint, tiny_ups
     # `sampler.variance_type=analytic` commands do not depend on the order the commands run in
     analytic(compose_config([f"ckpt={tiny_checkpoint}", "num_samples=4"], tmp_path_factory.mktemp("gamma"), "analytic"))
     # few-step students of the tiny DDPM (README's ckpt=logs/progressive_distill/... and logs/consistency_distill/...)
-    made.update(few_step_students(tmp_path_factory, tiny_checkpoint, made["text"], common))
+    made.update(few_step_students(tmp_path_factory, tiny_checkpoint, made["text"], tiny_cfg_checkpoint, common))
     # inputs of the editing modes (image=, mask=): a 20x12 image and a mask of its size
     inputs = tmp_path_factory.mktemp("inputs")
     rng = np.random.default_rng(0)
@@ -211,17 +211,22 @@ def checkpoints(tmp_path_factory, tiny_checkpoint, tiny_cfg_checkpoint, tiny_ups
     return made
 
 
-def few_step_students(tmp_path_factory, teacher: str, latent_teacher: str, common: list[str]) -> dict[str, str]:
+def few_step_students(
+    tmp_path_factory, teacher: str, latent_teacher: str, cfg_teacher: str, common: list[str]
+) -> dict[str, str]:
     """A progressive-distillation round checkpoint and a consistency-distillation checkpoint of ``teacher`` (the tiny
-    DDPM), a latent consistency student of ``latent_teacher`` (the tiny text LDM)."""
+    DDPM), a latent consistency student of ``latent_teacher`` (the tiny text LDM), a guidance-distilled round
+    checkpoint of ``cfg_teacher`` (the tiny class-conditional model)."""
     made = {}
+    rounds = ["model.start_steps=8", "model.steps_per_round=1"]
     for kind, extra in {
-        "progressive": ["experiment=progressive_distill", "model.start_steps=8", "model.steps_per_round=1"],
+        "progressive": ["experiment=progressive_distill", *rounds],
         "consistency": ["experiment=consistency_distill"],
         "latent_consistency": ["experiment=latent_consistency", "model.skip=2"],
+        "guidance": ["experiment=guidance_distill", *rounds, "model.guidance_steps=1"],  # stage one, round 0
     }.items():
         out = tmp_path_factory.mktemp(kind)
-        taught = latent_teacher if kind == "latent_consistency" else teacher
+        taught = {"latent_consistency": latent_teacher, "guidance": cfg_teacher}.get(kind, teacher)
         overrides = [*common, *extra, f"model.teacher_ckpt={taught}", "samples.num_samples=2"]
         overrides = [o for o in overrides if not o.startswith(("net", "schedule.", "data.image_size"))]  # the teacher's
         checkpoint = train(compose_config(overrides, out))["checkpoint"]
@@ -239,7 +244,7 @@ def substitute(script: str, args: list[str], checkpoints: dict[str, str]) -> lis
         kind = "flow"
     if "ckpt=edm.ckpt" in args:  # the README's name for an EDM-family checkpoint
         kind = "edm"
-    for student in ("progressive_", "consistency_", "latent_consistency/"):  # ckpt=logs/<experiment>/runs/...
+    for student in ("progressive_", "consistency_", "latent_consistency/", "guidance_"):  # ckpt=logs/<experiment>/...
         if any(a.startswith(("ckpt=", "ckpt_path=")) and f"/{student}" in a for a in args):
             kind = student.strip("_/")
     if any(a.startswith("metrics=") and "ssim" in a for a in args) and not any(a.startswith("sampler=") for a in args):
@@ -266,6 +271,9 @@ def substitute(script: str, args: list[str], checkpoints: dict[str, str]) -> lis
         elif key == "model.teacher_ckpt" and "experiment=latent_consistency" in args:  # the tiny text LDM (T = 20)
             arg = f"{key}={checkpoints['text']}"
             out.append("model.skip=2")  # k <= T/2: a 10-point grid
+        elif key == "model.teacher_ckpt" and "experiment=guidance_distill" in args:  # the tiny class-conditional model
+            arg = f"{key}={checkpoints['cfg']}"
+            out.append("model.guidance_steps=1")  # one step of stage one, then the rounds
         elif key == "model.teacher_ckpt":  # a few-step student's teacher: the tiny DDPM (it takes its net and size)
             arg = f"{key}={checkpoints['ddpm']}"
         elif key == "classifier_ckpt":  # a noisy classifier of the tiny models' data, size and schedule

@@ -3,11 +3,13 @@ teacher's two, the grids nest, the truncated-SNR weight, the v/ε/x0 conversions
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
 import torch
 
+from difflab.modules import DiffusionModule
 from difflab.modules.progressive import (
     ProgressiveDistillationModule,
     ddim_step,
@@ -19,7 +21,7 @@ from difflab.modules.progressive import (
 from difflab.samplers import AncestralSampler, DDIMSampler
 from difflab.samplers.base import spaced_timesteps
 from difflab.schedules import GaussianDiffusion, Parameterization, output_from_x0_eps, x0_eps_from_output
-from tests.conftest import TINY_NETS
+from tests.conftest import TINY_NETS, perturb_weights
 
 
 def test_eq10_target_is_the_exact_inverse_of_one_ddim_step_onto_the_teachers_two():
@@ -135,3 +137,25 @@ def test_without_a_teacher_it_builds_for_sampling_but_does_not_train():
     assert student.teacher is None and student.sampler.num_steps == 4
     with pytest.raises(ValueError, match="model.teacher_ckpt"):
         student.on_fit_start()
+
+
+def test_after_the_first_round_the_teacher_is_the_previous_student_in_the_students_parameterization():
+    """Round 1's teacher is round 0's student: its x̂ at (z, t) is the one the student samples with (its v output read
+    as v), whatever the first teacher's parameterisation (ε here); round 0's teacher is the checkpoint's, read as ε."""
+    student = _student(start_steps=8, rounds=2, sampler=functools.partial(DDIMSampler, eta=0.0, spacing="trailing"))
+    teacher = DiffusionModule(TINY_NETS["unet"], GaussianDiffusion("cosine", 20), torch.optim.Adam, (1, 8, 8))  # ε
+    perturb_weights(student.net, seed=1)
+    student._teacher.value = teacher
+    student._round_teacher.value = copy.deepcopy(student.net).requires_grad_(False).eval()  # η ← θ
+    z, t = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([19, 14, 9])
+    at = level_of(student.diffusion.alphas_cumprod_64[t].float().reshape(-1, 1, 1, 1))
+    student.use_round(0)
+    fn, parameterization = student.teacher_fn(None)
+    assert parameterization is Parameterization.EPS and torch.equal(fn(z, t), teacher(z, t))
+    student.use_round(1)
+    fn, parameterization = student.teacher_fn(None)
+    assert parameterization is Parameterization.V
+    with torch.no_grad():
+        x0_teacher = x0_eps_from_output(parameterization, fn(z, t), z, at)[0]
+        x0_student = student.student_x0(z, t, None, None, at)
+    torch.testing.assert_close(x0_teacher, x0_student, rtol=0, atol=0)

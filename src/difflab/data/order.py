@@ -97,8 +97,9 @@ class EpochSampler(DistributedSampler):
     ``epoch`` returns the epoch about to be iterated (``trainer.current_epoch``), read when an iteration starts.
     Lightning's ``set_epoch`` is not used: it passes the count of epochs *processed*, which Lightning's checkpoint of
     an epoch cut short by ``max_steps`` counts one ahead while a resumed run continues that epoch (corrected on load
-    by :class:`difflab.callbacks.CutEpochRestore`, but the order does not rely on it). A ``DistributedSampler`` so that Lightning leaves it in place under DDP instead of wrapping it in its
-    own (it is one: each rank takes a disjoint share, of equal size). Yields :data:`ItemKey` s. ``shuffle=False``:
+    by :class:`difflab.callbacks.CutEpochRestore`, but the order does not rely on it). A ``DistributedSampler`` so
+    that Lightning leaves it in place under DDP instead of wrapping it in its own (it is one: each rank takes a
+    disjoint share, of equal size). Yields :data:`ItemKey` s. ``shuffle=False``:
     the stored order (:func:`epoch_order`).
     """
 

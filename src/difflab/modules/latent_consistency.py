@@ -12,21 +12,29 @@ What LCM changes in CD, and where it lives here:
   (its ``model_fn``: ε̃ = (1 + w) ε_c − w ε_∅, *the same convention as LCM's ω*: ε_c + ω (ε_c − ε_∅), so w = ω;
   diffusers' pipelines take guidance_scale = ω + 1 and subtract 1), and the student gets w as a network input
   (``net.guidance_embed``, zero-initialised: it starts as the teacher's conditional network);
-- sampling evaluates the network once per step with w as its input (no CFG doubling): :meth:`model_fn`.
-The condition the loss carries is the pair (c, w) (:class:`GuidedCondition`; LCM's f_θ(z, ω, c, t)).
+- sampling evaluates the network once per step with w as its input (no CFG doubling).
+The condition the loss carries is the pair (c, w) (:class:`GuidedCondition`; LCM's f_θ(z, ω, c, t)). The w input's
+plumbing is shared with guidance distillation (:mod:`difflab.modules.guided`); a sampling w outside the trained range
+warns here (LCM extrapolates) where guidance distillation refuses it.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from difflab.modules.autoencoder import LoadedCheckpoint
 from difflab.modules.consistency import ConsistencyMode, ConsistencyModule
+from difflab.modules.guided import (
+    GuidanceInputMixin,
+    GuidedCondition,
+    check_w_range,
+    load_teacher_net,
+    with_guidance_input,
+)
 from difflab.modules.latent_diffusion import LatentDiffusionModule
 from difflab.samplers import Sampler
 from difflab.samplers.lcm import LCMSampler
@@ -37,12 +45,7 @@ from difflab.utils.hashing import state_dict_sha256
 
 log = logging.getLogger(__name__)
 
-
-class GuidedCondition(NamedTuple):
-    """The student's condition: ``cond`` (the conditioner's condition (B, …), None: the null one) and w (B,)."""
-
-    cond: torch.Tensor | None
-    w: torch.Tensor
+__all__ = ["GuidedCondition", "LatentConsistencyModule", "latent_teacher_checkpoint"]
 
 
 def latent_teacher_checkpoint(path: str) -> LoadedCheckpoint:
@@ -58,7 +61,7 @@ def latent_teacher_checkpoint(path: str) -> LoadedCheckpoint:
     return LoadedCheckpoint(str(path), content)
 
 
-class LatentConsistencyModule(ConsistencyModule, LatentDiffusionModule):
+class LatentConsistencyModule(GuidanceInputMixin, ConsistencyModule, LatentDiffusionModule):
     """``model=latent_consistency`` (``experiment=latent_consistency model.teacher_ckpt=<an LDM checkpoint>``).
 
     Args (LatentDiffusionModule's and ConsistencyModule's ``target_decay``, ``metric``, ``huber_c``; the others of
@@ -96,10 +99,11 @@ class LatentConsistencyModule(ConsistencyModule, LatentDiffusionModule):
         if autoencoder_ckpt is None:  # the teacher's own stage 1, from its checkpoint (read here once, checked)
             autoencoder_ckpt = latent_teacher_checkpoint(teacher_ckpt)
         if conditional:  # the w input, zero-initialised (the teacher's weights load around it)
-            net = functools.partial(net, guidance_embed=True, guidance_embed_dim=int(guidance_embed_dim))
+            net = with_guidance_input(net, guidance_embed_dim)
         schedule = kwargs.get("schedule")
         grid = skipping_grid(schedule.num_timesteps, int(skip)) if schedule is not None else None  # checked first
         self.__dict__.update(boundary=LCMBoundary(timestep_scaling, sigma_data), skip=int(skip), guided=conditional)
+        self.__dict__["w_range"] = check_w_range(w_min, w_max)
         super().__init__(
             net,
             *args,
@@ -110,7 +114,6 @@ class LatentConsistencyModule(ConsistencyModule, LatentDiffusionModule):
         )
         self.few_step_method = "latent_consistency"
         self.grid_points = skipping_grid(self.diffusion.num_timesteps, self.skip) if grid is None else grid
-        self.w_range = (float(w_min), float(w_max))
         self.sampler = self.build_sampler_bound(self.sampler)
         self._warned: set[float] = set()
 
@@ -129,8 +132,7 @@ class LatentConsistencyModule(ConsistencyModule, LatentDiffusionModule):
                 "model.teacher_guidance_scale / model.mode: latent consistency distillation draws the teacher's w "
                 "per example from [model.w_min, model.w_max] and has no training mode"
             )
-        if not 0.0 <= w_min <= w_max:
-            raise ValueError(f"model.w_min={w_min}, model.w_max={w_max}: expected 0 <= w_min <= w_max")
+        check_w_range(w_min, w_max)
         default_w = kwargs.get("guidance_scale", 0.0)
         if conditional and not w_min <= default_w <= w_max:
             raise ValueError(
@@ -162,13 +164,7 @@ class LatentConsistencyModule(ConsistencyModule, LatentDiffusionModule):
         """θ (and θ⁻) start as the teacher's network, the w input at zero; the conditioner and the latent scale are
         the teacher's."""
         teacher, where = self.teacher, f"model.teacher_ckpt={self.teacher_record['ckpt']!r}"
-        missing, unexpected = self.net.load_state_dict(teacher.net.state_dict(), strict=False)
-        missing = [k for k in missing if "guidance_embed." not in k]
-        if missing or unexpected:
-            raise ValueError(
-                f"{where}: its network does not match the student's net (missing {missing[:3]}, unexpected "
-                f"{unexpected[:3]}); leave net to the teacher"
-            )
+        load_teacher_net(self.net, teacher.net, where)
         if self.conditioner is not None:
             try:
                 self.conditioner.load_state_dict(teacher.conditioner.state_dict())
@@ -235,8 +231,7 @@ class LatentConsistencyModule(ConsistencyModule, LatentDiffusionModule):
 
     def training_condition(self, y: torch.Tensor) -> GuidedCondition:
         """(the conditioner's condition, w ~ U[w_min, w_max] (B,)) (LCM Alg. 1, line 3)."""
-        lo, hi = self.w_range
-        return GuidedCondition(super().training_condition(y), lo + (hi - lo) * torch.rand(y.shape[0], device=y.device))
+        return GuidedCondition(super().training_condition(y), self.draw_w(y.shape[0], y.device))
 
     def _eval_loss(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         """The loss at w = (w_min + w_max)/2 (comparable curves)."""
@@ -250,22 +245,15 @@ class LatentConsistencyModule(ConsistencyModule, LatentDiffusionModule):
         LatentDiffusionModule.setup(self, stage)  # model.cache_latents
 
     # ------------------------------------------------------------------ sampling
-    def model_fn(self, y: torch.Tensor | None, guidance_scale: float = 0.0) -> Callable[..., torch.Tensor]:
-        """``fn(x_t, t)``: one network evaluation with w = ``guidance_scale`` as the network's input (no CFG
-        doubling); a w outside the trained [w_min, w_max] is an extrapolation of the w input: a warning."""
-        if not self.guided:
-            return super().model_fn(y, guidance_scale)
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale={guidance_scale}: expected >= 0 (0 = conditional sampling)")
+    def check_guidance_scale(self, w: float) -> None:
+        """A sampling w outside the trained [w_min, w_max] extrapolates the w input: a warning (once per w)."""
         lo, hi = self.w_range
-        if not lo <= guidance_scale <= hi and guidance_scale not in self._warned:
-            self._warned.add(guidance_scale)
+        if not lo <= w <= hi and w not in self._warned:
+            self._warned.add(w)
             log.warning(
                 "guidance_scale=%s is outside the range this latent consistency model was trained on "
                 "[model.w_min, model.w_max] = [%s, %s]: its w input extrapolates",
-                guidance_scale,
+                w,
                 lo,
                 hi,
             )
-        w = torch.tensor(float(guidance_scale))
-        return lambda x, t: self(x, t, GuidedCondition(y, w.to(x.device).expand(x.shape[0])))
