@@ -136,6 +136,8 @@ def test_reflow_pairs_are_seeded_cached_and_checked(teacher, tmp_path):
     for key in ("x_start", "noise", "labels"):
         torch.testing.assert_close(first[key], again[key], rtol=0, atol=1e-5)
     assert first["labels"].tolist()[:12] == [i % 10 for i in range(12)]  # the teacher's classes in turn
+    sample_noise = torch.randn(first["noise"].shape, generator=torch.Generator().manual_seed(0))  # sample.py seed=0
+    assert (first["noise"] - sample_noise).abs().max() > 1  # never the noises of the couplings it trains on
     other = pairs_module(1, "b.pt").load_pairs()
     assert not torch.allclose(first["noise"], other["noise"])
     loaded = torch.load(tmp_path / "a.pt", weights_only=True)  # plain tensors: safe to open

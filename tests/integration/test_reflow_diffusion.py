@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from difflab.data import PairsDataModule
+from difflab.data.pairs import noise_seed
 from difflab.data.teacher_sampler import sampler_preset
 from difflab.modules import load_module, read_run_record
 from difflab.tasks.resume import teacher_config
@@ -64,7 +65,8 @@ def pairs_module(teacher: str, tmp_path: Path, sampler: str | None = "ddim", **k
 
 @pytest.mark.parametrize("model", ["ddpm", "iddpm", "cfg"])
 def test_pairs_are_the_chosen_solvers_ode_solutions_from_the_same_noise(tmp_path, model):
-    """x̂_0,k = the teacher's sample with the chosen sampler from x_T = ε_k (the noise sample() draws from the seed):
+    """x̂_0,k = the teacher's sample with the chosen sampler from x_T = ε_k (the noise sample() draws from the pairs'
+    noise seed):
     for an ε-teacher, a learned-variance one (the solver reads its mean channels) and a guided class-conditional
     one (labels in turn, its default w)."""
     teacher = write_teacher(tmp_path, f"model={model}")
@@ -73,8 +75,9 @@ def test_pairs_are_the_chosen_solvers_ode_solutions_from_the_same_noise(tmp_path
         pairs = pairs_module(teacher, tmp_path, name).load_pairs()
         module, _ = load_module(teacher, sampler=sampler_preset(name))
         labels = torch.arange(24) % 10 if model == "cfg" else None
-        expected = module.sample(24, torch.Generator().manual_seed(0), num_steps=4, y=labels)
-        assert torch.equal(pairs["noise"], torch.randn(24, 1, 8, 8, generator=torch.Generator().manual_seed(0)))
+        stream = noise_seed(0)  # the pairs' own noise stream, not sample.py's seed 0
+        expected = module.sample(24, torch.Generator().manual_seed(stream), num_steps=4, y=labels)
+        assert torch.equal(pairs["noise"], torch.randn(24, 1, 8, 8, generator=torch.Generator().manual_seed(stream)))
         assert torch.equal(pairs["x_start"].clamp(-1, 1), expected)  # one batch of 24 in both: the same arithmetic
         guided = 2 if model == "cfg" else 1  # CFG: the conditional and the unconditional ε per step
         assert pairs["generation"]["network_evaluations"] == 24 * 4 * guided
@@ -91,7 +94,7 @@ def test_the_cache_is_keyed_by_the_solver(tmp_path):
     )
     leading = pairs_module(teacher, tmp_path, "ddim", teacher_sampler_options={"spacing": "leading"}, **default)
     names = {m.cache_path.name for m in (ddim, dpm, leading)}
-    assert len(names) == 3 and all(n.startswith("reflow_pairs_24_") and n.endswith("_4_0.pt") for n in names)
+    assert len(names) == 3 and all(n.startswith("reflow_pairs_24_") and n.endswith("_4_seed0.pt") for n in names)
     assert ddim.settings["sampler"]["_target_"] == "difflab.samplers.DDIMSampler"
     assert leading.settings["sampler"]["spacing"] == "leading" and ddim.settings["sampler"]["eta"] == 0.0
     ddim.load_pairs()
@@ -99,19 +102,20 @@ def test_the_cache_is_keyed_by_the_solver(tmp_path):
         pairs_module(teacher, tmp_path, "dpmpp_2m", cache_path=str(ddim.cache_path)).load_pairs()
 
 
-def test_a_flow_teacher_keeps_its_cache_name_and_may_choose_a_flow_solver(tmp_path):
-    """The flow path as before (its own sampler: the same settings and file name as existing caches), and a flow
+def test_a_flow_teacher_with_its_own_sampler_or_a_flow_solver(tmp_path):
+    """The flow path with its own sampler (no sampler in the settings or the file name), and a flow
     solver by name; a diffusion solver on a flow is refused naming the flow samplers."""
     from tests.integration.test_flow import write_flow_teacher
 
     flow = str(write_flow_teacher(tmp_path))
     common = {"num_pairs": 40, "teacher_steps": 2, "image_size": 32, "batch_size": 8, "val_size": 8}
     own = PairsDataModule(flow, **common)
-    assert own.cache_path.name == "reflow_pairs_40_2_0.pt" and set(own.settings) == {
+    assert own.cache_path.name == "reflow_pairs_40_2_seed0.pt" and set(own.settings) == {
         "teacher_ckpt",
         "num_pairs",
         "steps",
         "seed",
+        "noise_seed",
     }
     heun = PairsDataModule(flow, teacher_sampler="flow_heun", **common)
     assert heun.cache_path.name.startswith("reflow_pairs_40_flow_heun-") and heun.settings["sampler"]["steps"] == 10

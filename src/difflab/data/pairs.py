@@ -32,6 +32,17 @@ from difflab.utils.stored_config import check_stored_config
 
 log = logging.getLogger(__name__)
 
+# The pairs' noise comes from the generator seeded NOISE_STREAM + seed, not seed: sample.py, eval.py and the studies
+# seed theirs with small integers (seed + rank, seed·1000 + batch), and a reflowed model sampled from the very noises
+# it was trained on (its couplings' ε_k) would be scored on its training pairs. Below 2**32: torch's CPU generator
+# (mt19937) keeps only a seed's low 32 bits.
+NOISE_STREAM = 2_000_000_011
+
+
+def noise_seed(seed: int) -> int:
+    """The seed of the pairs' noise generator for ``data.seed`` (see NOISE_STREAM)."""
+    return (NOISE_STREAM + int(seed)) % 2**32
+
 
 class PairDataset(Dataset):
     """Items (x_0 (C, H, W) float32, y int64, noise (C, H, W) float32) of pairs held in memory."""
@@ -51,11 +62,11 @@ def generate_pairs(
     teacher: Any, num_pairs: int, steps: int | None, seed: int, batch_size: int, device: torch.device | str = "cpu"
 ) -> dict[str, Any]:
     """K = ``num_pairs`` couplings of ``teacher`` (a DiffusionModule of a flow or a Gaussian diffusion, with the
-    sampler to use built in): ``noise`` (K, C, H, W) from the CPU generator seeded ``seed`` (the same pairs on any
-    device), ``x_start`` (K, C, H, W) = the sampler's solution from x_T = ε (``steps`` steps, the teacher's default
-    guidance), ``labels`` (K,) (all classes in turn; zeros if unconditional), and ``generation``: the cost
-    (``network_evaluations``: per image, a guided 2B batch counting twice; ``seconds``; ``nfe_per_pair``)."""
-    noise = torch.randn((num_pairs, *teacher.image_shape), generator=torch.Generator().manual_seed(seed))
+    sampler to use built in): ``noise`` (K, C, H, W) from the CPU generator seeded ``noise_seed(seed)`` (the same
+    pairs on any device), ``x_start`` (K, C, H, W) = the sampler's solution from x_T = ε (``steps`` steps, the
+    teacher's default guidance), ``labels`` (K,) (all classes in turn; zeros if unconditional), and ``generation``:
+    the cost (``network_evaluations``: per image, a guided 2B batch counting twice; ``seconds``; ``nfe_per_pair``)."""
+    noise = torch.randn((num_pairs, *teacher.image_shape), generator=torch.Generator().manual_seed(noise_seed(seed)))
     classes = teacher.num_classes or 0
     labels = torch.arange(num_pairs) % classes if classes else torch.zeros(num_pairs, dtype=torch.long)
     sampler, chunks, evaluations = teacher.sampler, [], 0
@@ -95,7 +106,7 @@ class PairsDataModule(ImageDataModule):
             the checkpoint's own sampler. It must be deterministic (checked here: an ODE solver, not DDPM, DDIM with
             η > 0 nor an SDE solver).
         teacher_sampler_options: that sampler's settings (``{eta: 0.0, sigma_schedule: model}``).
-        cache_path: the ``.pt`` of the pairs (null: ``<teacher dir>/reflow_pairs_<K>_<steps>_<seed>.pt``, with
+        cache_path: the ``.pt`` of the pairs (null: ``<teacher dir>/reflow_pairs_<K>_<steps>_seed<seed>.pt``, with
             ``_<sampler>`` and a hash of its config after K when a sampler is chosen); an existing file made with
             other settings is an error.
         generate_batch_size: batch of the teacher while generating.
@@ -146,12 +157,13 @@ class PairsDataModule(ImageDataModule):
     @property
     def settings(self) -> dict[str, Any]:
         """What the cached pairs depend on (stored in the file and checked when it is read); ``sampler`` only when
-        one is chosen (the files of the checkpoint's own sampler keep the settings they had)."""
+        one is chosen; ``noise_seed``: the pairs' noise stream (files from before it are refused, naming the fix)."""
         settings = {
             "teacher_ckpt": self.teacher_ckpt,
             "num_pairs": self.num_pairs,
             "steps": self.teacher_steps,
             "seed": self.seed,
+            "noise_seed": noise_seed(self.seed),
         }
         if self.sampler_config is not None:
             settings["sampler"] = self.sampler_config
@@ -164,7 +176,7 @@ class PairsDataModule(ImageDataModule):
         solver = ""
         if self.sampler_config is not None:  # the sampler and a hash of its whole config: no two solvers share a file
             solver = f"_{self.teacher_sampler or 'own'}-{json_sha256(self.sampler_config)[:8]}"
-        name = f"reflow_pairs_{self.num_pairs}{solver}_{self.teacher_steps or 'own'}_{self.seed}.pt"
+        name = f"reflow_pairs_{self.num_pairs}{solver}_{self.teacher_steps or 'own'}_seed{self.seed}.pt"
         return Path(self.teacher_ckpt).parent / name
 
     def prepare_data(self) -> None:
