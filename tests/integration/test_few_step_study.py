@@ -11,6 +11,7 @@ from difflab.tasks.train import train
 from tests.conftest import TINY, compose_config, load_experiment
 
 study = load_experiment("few_step/run")
+grids = load_experiment("few_step/grids")
 SHORT = ["trainer.max_steps=2", "trainer.limit_train_batches=2", "trainer.limit_val_batches=0", "samples.num_samples=0"]
 STUDENTS = {  # part → overrides of a tiny student (the teacher's net and size come from its checkpoint)
     "progressive": ["experiment=progressive_distill", "model.start_steps=4", "model.steps_per_round=1"],
@@ -70,3 +71,5 @@ def test_the_study_runs_on_tiny_models(tmp_path, monkeypatch):
     table = study.cost_table(result["costs"])
     assert "| 2-RF + one-step distillation | 32 | 96 (" in table and "| 64 / 96 |" in table  # + teacher and 2-RF
     assert (tmp_path / "fid_vs_nfe_tiny.png").is_file()
+    grids.main(["--logs", str(logs), "--num", "2", "--out", str(tmp_path / "samples.png")])  # a row per method
+    assert (tmp_path / "samples.png").is_file()
