@@ -18,6 +18,7 @@ from difflab.modules import load_module
 from difflab.tasks.sample import sample
 from difflab.tasks.train import train
 from tests.conftest import DIGITS_8, TINY, compose_config, raises_in_config
+from tests.integration.test_progressive import round_weights
 
 pytestmark = pytest.mark.xdist_group("test_guidance_distill")  # module-scoped runs: one worker
 
@@ -141,13 +142,6 @@ def test_sample_py_draws_guided_samples_at_a_chosen_w_with_one_evaluation_per_st
         sample(compose_config([*overrides[:-1], "guidance_scale=4.5"], tmp_path / "outside", "sample"))
 
 
-def _weights(path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    checkpoint = torch.load(path, weights_only=True)
-    return {key: checkpoint[key] for key in ("state_dict", "current_model_state")} | {
-        "teacher": checkpoint["progressive_distillation"]["teacher_state_dict"]
-    }
-
-
 @pytest.mark.parametrize("stop", [2, 3, 4], ids=["mid_stage_one", "end_of_stage_one", "mid_round_0"])
 def test_resume_equals_the_uninterrupted_run_bit_for_bit(uninterrupted, tiny_cfg_checkpoint, tmp_path, stop):
     distill(tmp_path / "first", tiny_cfg_checkpoint, f"trainer.max_steps={stop}", "samples.num_samples=0")
@@ -155,8 +149,8 @@ def test_resume_equals_the_uninterrupted_run_bit_for_bit(uninterrupted, tiny_cfg
     resumed = [f"ckpt_path={last}", "trainer.max_steps=-1", "samples.num_samples=0"]
     distill(tmp_path / "resumed", tiny_cfg_checkpoint, *resumed)
     for name in ("round_0_4steps.ckpt", "round_1_2steps.ckpt", "last.ckpt"):
-        ours = _weights(tmp_path / "resumed" / "checkpoints" / name)
-        theirs = _weights(uninterrupted / "checkpoints" / name)
+        ours = round_weights(tmp_path / "resumed" / "checkpoints" / name)
+        theirs = round_weights(uninterrupted / "checkpoints" / name)
         for key in ours:
             assert all(torch.equal(ours[key][k], theirs[key][k]) for k in theirs[key]), (name, key)
 

@@ -82,7 +82,8 @@ def test_sample_py_samples_a_round_checkpoint_at_its_own_steps(uninterrupted, tm
     assert json.loads(Path(chosen["json"]).read_text())["sampler"]["steps"] == 3  # the command line still wins
 
 
-def _weights(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+def round_weights(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The EMA, the raw and the current round teacher's weights of a progressive distillation checkpoint."""
     checkpoint = torch.load(path, weights_only=True)
     return {key: checkpoint[key] for key in ("state_dict", "current_model_state")} | {
         "teacher": checkpoint["progressive_distillation"]["teacher_state_dict"]
@@ -97,8 +98,8 @@ def test_resume_equals_the_uninterrupted_run_bit_for_bit(uninterrupted, teacher,
     distill(tmp_path / "resumed", teacher, f"ckpt_path={last}", "trainer.max_steps=-1", "samples.num_samples=0")
     for name in ("round_1_2steps.ckpt", "last.ckpt"):
         ours, theirs = (
-            _weights(tmp_path / "resumed" / "checkpoints" / name),
-            _weights(uninterrupted / "checkpoints" / name),
+            round_weights(tmp_path / "resumed" / "checkpoints" / name),
+            round_weights(uninterrupted / "checkpoints" / name),
         )
         for key in ours:
             assert all(torch.equal(ours[key][k], theirs[key][k]) for k in theirs[key]), (name, key)
