@@ -172,7 +172,8 @@ RF, RF_DISTILL = "2-rectified flow (reflow of the ODE)", "2-RF + one-step distil
 
 
 def student_checkpoint(part: str, teacher_ckpt: Path, args) -> Path:
-    """Train (once) the student of ``part`` into logs/few_step/<part>; its last checkpoint."""
+    """Train (once) the student of ``part`` into logs/few_step/<part> (resuming a run stopped half-way); its last
+    checkpoint."""
     overrides = [*TRAIN[part], *STUDENT, "task_name=few_step", *args.student_extra]
     if part == "progressive":
         overrides.append(f"model.steps_per_round={args.pd_steps_per_round}")
@@ -182,7 +183,7 @@ def student_checkpoint(part: str, teacher_ckpt: Path, args) -> Path:
         overrides += ["data.image_size=16"]
     else:
         overrides.append(f"model.teacher_ckpt={teacher_ckpt}")
-    return ensure_checkpoint(args.logs / part, overrides)
+    return ensure_checkpoint(args.logs / part, overrides, resume_unfinished=True)  # a killed run goes on, bit-exact
 
 
 def part_progressive(teacher, score, args, device) -> list[dict]:
