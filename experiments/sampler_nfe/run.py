@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
+from difflab.data.teacher_sampler import sampler_preset  # noqa: E402
 from difflab.metrics import load_classifier  # noqa: E402
 from experiments.common import (  # noqa: E402
     ROOT,
@@ -79,9 +80,9 @@ CFG = "experiment=quickstart model=cfg net.use_scale_shift_norm=true trainer.max
 
 
 def sampler_factory(name: str, **overrides: Any):
-    """conf/sampler/<name>.yaml (a partial) with ``overrides``; the model completes it."""
-    cfg = OmegaConf.load(ROOT / "conf" / "sampler" / f"{name}.yaml")
-    return instantiate(OmegaConf.merge(cfg, overrides))
+    """conf/sampler/<name>.yaml (a partial; its ``defaults`` merged, its target allow-listed:
+    :func:`difflab.data.teacher_sampler.sampler_preset`) with ``overrides``; the model completes it."""
+    return instantiate(OmegaConf.merge(sampler_preset(name, key="sampler"), overrides))
 
 
 def steps_for(sampler, nfe: int) -> int:

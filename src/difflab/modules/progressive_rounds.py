@@ -119,8 +119,7 @@ class RoundsMixin:
         super().on_fit_start()
         total, max_steps = self.round_end(self.rounds - 1), self.trainer.max_steps
         if max_steps == -1 or max_steps > total:
-            # the run ends with the last round; set here, before Lightning restores its loops on resume: a mid-epoch
-            # resume that reaches the loop restore with max_steps=-1 (and max_epochs=-1) skipped one batch in testing
+            # the run ends with the last round (a resume mid-epoch stays exact whatever the limit: CutEpochRestore)
             self.trainer.fit_loop.epoch_loop.max_steps = total
         elif max_steps < total:
             log.warning(
